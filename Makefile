@@ -1,0 +1,37 @@
+# `make demo` and `make test` work on a fresh machine: each creates or reuses .venv,
+# installs the project and pulls the default model when needed, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup model demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	$(BIN)/consortium model pull
+
+demo: model
+	$(BIN)/consortium demo
+
+test: model
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: model
+	$(BIN)/python benchmarks/bench_single.py --out results/bench_single.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache results

@@ -1,0 +1,96 @@
+"""Single-node generation: the baseline every distributed run must equal."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from consortium.errors import InvalidRequestError
+from consortium.model.gguf_file import GGUFModel
+from consortium.model.model import Stage, StageSpec
+from consortium.model.sampling import SamplingParams, sample
+from consortium.model.tokenizer import GGUFTokenizer
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    tokens_per_second: float
+    time_to_first_token_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_request(prompt_ids: list[int], max_tokens: int, context_length: int) -> None:
+    if not prompt_ids:
+        raise InvalidRequestError("empty prompt")
+    if max_tokens <= 0:
+        raise InvalidRequestError(f"max-tokens must be positive, got {max_tokens}")
+    if len(prompt_ids) >= context_length:
+        raise InvalidRequestError(
+            f"prompt of {len(prompt_ids)} tokens does not fit the model's context of {context_length}"
+        )
+
+
+class TextStream:
+    """Turns a growing token list into text deltas (multi-byte characters arrive whole)."""
+
+    def __init__(self, tokenizer: GGUFTokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # incomplete UTF-8 sequence: wait for the next token
+            return ""
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
+
+def generate(
+    stage: Stage,
+    tokenizer: GGUFTokenizer,
+    prompt_ids: list[int],
+    max_tokens: int,
+    sampling: SamplingParams,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Prefill the prompt in one call, then decode one token per call until EOS or max_tokens."""
+    if not (stage.is_first and stage.is_last):
+        raise InvalidRequestError("single-node generation needs a stage holding every layer")
+    ctx = stage.args.context_length
+    check_request(prompt_ids, max_tokens, ctx)
+    max_tokens = min(max_tokens, ctx - len(prompt_ids))
+    cache = stage.new_cache(len(prompt_ids) + max_tokens)
+    stream = TextStream(tokenizer)
+    tokens: list[int] = []
+    t0 = time.perf_counter()
+    x = torch.tensor(prompt_ids, dtype=torch.long)
+    ttft = 0.0
+    for _ in range(max_tokens):
+        logits = stage(x, cache)
+        token = sample(logits[-1], sampling, position=cache.length)
+        if not tokens:
+            ttft = time.perf_counter() - t0
+        if token in tokenizer.stop_ids:
+            break
+        tokens.append(token)
+        if on_text is not None:
+            on_text(stream.push(token))
+        x = torch.tensor([token], dtype=torch.long)
+    elapsed = time.perf_counter() - t0
+    decode_time = elapsed - ttft
+    tps = (len(tokens) - 1) / decode_time if len(tokens) > 1 and decode_time > 0 else 0.0
+    return GenerationResult(tokens, tokenizer.decode(tokens), len(prompt_ids), tps, ttft)
+
+
+def load_single_node(model: str, device: str = "cpu", dtype: str = "fp32", packed: bool = False):
+    gguf = GGUFModel(model)
+    stage = Stage(gguf, StageSpec(0, gguf.args.n_layers, device=device, dtype=dtype, packed=packed))
+    return gguf, stage, GGUFTokenizer(gguf)

@@ -1,0 +1,212 @@
+"""Reading GGUF files: metadata -> ModelArgs, and tensors of a layer range only.
+
+The file is memory-mapped by `gguf.GGUFReader`; a tensor's bytes are touched only
+when `dequantize` or `raw` is called for it, so a stage never reads layers it does
+not run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from consortium.errors import ModelFileError, UnsupportedModelError
+
+SUPPORTED_ARCHS = ("llama",)
+Q = GGMLQuantizationType
+SUPPORTED_QUANTS = frozenset(
+    {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+)
+# Per-layer tensors of the Llama family, in GGUF naming.
+LAYER_TENSORS = (
+    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    kind: str = "none"  # none | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Hyper-parameters of a Llama-family model; derived fields are properties."""
+
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    context_length: int
+    norm_eps: float
+    rope_base: float
+    rope_dim: int
+    head_dim: int
+    tied_head: bool
+    rope_scaling: RopeScaling = RopeScaling()
+    arch: str = "llama"
+
+    @property
+    def n_rep(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+def _field(reader: GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+class GGUFModel:
+    """A memory-mapped GGUF file of a Llama-family model."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFileError(f"model file not found: {self.path}")
+        try:
+            self.reader = GGUFReader(self.path, "r")
+        except Exception as e:  # gguf raises ValueError/struct.error/... on garbage
+            raise ModelFileError(f"not a readable GGUF file: {self.path} ({e})") from e
+        self.tensors: dict[str, ReaderTensor] = {t.name: t for t in self.reader.tensors}
+        self.args = self._read_args()
+        self._check_quant_types()
+
+    def meta(self, key: str, default=None):
+        return _field(self.reader, key, default)
+
+    def _read_args(self) -> ModelArgs:
+        arch = self.meta("general.architecture")
+        if arch not in SUPPORTED_ARCHS:
+            raise UnsupportedModelError(
+                f"unsupported architecture {arch!r} in {self.path.name} (supported: {', '.join(SUPPORTED_ARCHS)})"
+            )
+
+        def req(key: str):
+            v = self.meta(f"{arch}.{key}")
+            if v is None:
+                raise ModelFileError(f"{self.path.name}: missing metadata key {arch}.{key}")
+            return v
+
+        dim, n_heads = int(req("embedding_length")), int(req("attention.head_count"))
+        head_dim = int(self.meta(f"{arch}.attention.key_length", dim // n_heads))
+        vocab = self.meta(f"{arch}.vocab_size")
+        if vocab is None:
+            vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        scaling = RopeScaling()
+        kind = self.meta(f"{arch}.rope.scaling.type", "none")
+        if kind == "linear":
+            scaling = RopeScaling("linear", float(self.meta(f"{arch}.rope.scaling.factor", 1.0)))
+        elif kind == "llama3" or self.meta(f"{arch}.rope.scaling.low_freq_factor") is not None:
+            scaling = RopeScaling(
+                "llama3",
+                float(self.meta(f"{arch}.rope.scaling.factor", 8.0)),
+                float(self.meta(f"{arch}.rope.scaling.low_freq_factor", 1.0)),
+                float(self.meta(f"{arch}.rope.scaling.high_freq_factor", 4.0)),
+                int(self.meta(f"{arch}.rope.scaling.original_context_length", 8192)),
+            )
+        elif kind not in ("none", "", None):
+            raise UnsupportedModelError(f"unsupported rope scaling {kind!r} in {self.path.name}")
+        args = ModelArgs(
+            n_layers=int(req("block_count")),
+            dim=dim,
+            n_heads=n_heads,
+            n_kv_heads=int(self.meta(f"{arch}.attention.head_count_kv", n_heads)),
+            ffn_dim=int(req("feed_forward_length")),
+            vocab_size=int(vocab),
+            context_length=int(req("context_length")),
+            norm_eps=float(self.meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_base=float(self.meta(f"{arch}.rope.freq_base", 10000.0)),
+            rope_dim=int(self.meta(f"{arch}.rope.dimension_count", head_dim)),
+            head_dim=head_dim,
+            tied_head="output.weight" not in self.tensors,
+            rope_scaling=scaling,
+            arch=arch,
+        )
+        if args.rope_dim != args.head_dim:
+            raise UnsupportedModelError(f"partial rotary embeddings (rope dim {args.rope_dim}) are not supported")
+        if args.n_heads % args.n_kv_heads:
+            raise UnsupportedModelError(f"{args.n_heads} heads are not a multiple of {args.n_kv_heads} KV heads")
+        return args
+
+    def _check_quant_types(self) -> None:
+        for t in self.tensors.values():
+            if t.tensor_type not in SUPPORTED_QUANTS:
+                raise UnsupportedModelError(
+                    f"unsupported quantization type {t.tensor_type.name} (tensor {t.name}) in {self.path.name}"
+                )
+
+    # --- tensors -------------------------------------------------------------------------
+
+    def tensor(self, name: str) -> ReaderTensor:
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelFileError(f"{self.path.name}: missing tensor {name}")
+        return t
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def dequantize(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Float32 array in PyTorch layout ([out, in] for matrices); optionally only some rows."""
+        t = self.tensor(name)
+        data = t.data if rows is None else t.data[rows]
+        out = dequantize(np.asarray(data), t.tensor_type)
+        shape = [int(s) for s in reversed(t.shape.tolist())]
+        if rows is not None:
+            shape[0] = len(rows)
+        out = out.reshape(shape).astype(np.float32, copy=False)
+        return out if out.flags.writeable else out.copy()  # F32 tensors come back as read-only memmap views
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes exactly as stored (quantized blocks)."""
+        return np.asarray(self.tensor(name).data)
+
+    def layer_names(self, layer: int) -> list[str]:
+        return [f"blk.{layer}.{n}.weight" for n in LAYER_TENSORS]
+
+    def layers_digest(self, start: int, end: int) -> str:
+        """SHA-256 over the stored bytes of layers [start, end): binds a stage to its exact weights."""
+        h = hashlib.sha256()
+        for i in range(start, end):
+            for name in self.layer_names(i):
+                t = self.tensor(name)
+                h.update(f"{name}:{t.tensor_type.name}:{list(t.shape)}".encode())
+                h.update(memoryview(np.ascontiguousarray(t.data)).cast("B"))
+        return h.hexdigest()
+
+    @cached_property
+    def digest(self) -> str:
+        """Identity of the model: SHA-256 of the whole file (computed once, streamed)."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def quant_summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        return counts

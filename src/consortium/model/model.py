@@ -1,0 +1,339 @@
+"""The Llama-family transformer, as a pipeline stage over a half-open layer range.
+
+One engine serves the single-node baseline, a worker's stage, the coordinator's own
+stage and an auditor's recomputation, so "distributed equals single-node" follows
+from the wiring. Weights come from GGUF (see gguf_file.py); attn_q/attn_k rows are
+stored in llama.cpp's interleaved RoPE layout, so RoPE here rotates adjacent pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
+from consortium.model.gguf_file import GGUFModel, ModelArgs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PACKABLE = {"Q4_0", "Q4_1", "Q4_K"}  # 4-bit affine formats the int4 kernel reproduces
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage runs: layers [start, end) of a model, on a device, in a dtype."""
+
+    start: int
+    end: int
+    device: str = "cpu"
+    dtype: str = "fp32"
+    packed: bool = False  # keep 4-bit weights packed (CPU int4 kernel, bf16 only)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda, mps or cpu; an unavailable device is a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConsortiumError("device 'cuda' requested but CUDA is not available here")
+        return name
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConsortiumError("device 'mps' requested but Apple MPS is not available here")
+        return name
+    raise ConsortiumError(f"unknown device {name!r} (use auto, cpu, cuda or mps)")
+
+
+# --- KV cache -------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of one session on one stage: [n_kv_heads, capacity, head_dim] per layer."""
+
+    def __init__(self, args: ModelArgs, n_layers: int, capacity: int, dtype: torch.dtype, device: str):
+        shape = (args.n_kv_heads, capacity, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.capacity = capacity
+        self.length = 0
+
+    @staticmethod
+    def nbytes_for(args: ModelArgs, n_layers: int, capacity: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * n_layers * args.n_kv_heads * capacity * args.head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (rollback); later writes overwrite them."""
+        if not 0 <= length <= self.length:
+            raise CacheError(f"cannot truncate cache of length {self.length} to {length}")
+        self.length = length
+
+
+# --- layers ---------------------------------------------------------------------------
+
+
+class Linear(nn.Module):
+    """y = x W^T with W dense, or packed 4-bit with per-32 scale/zero (CPU int4 kernel)."""
+
+    def __init__(self, weight: Tensor | None = None, packed: Tensor | None = None, sz: Tensor | None = None):
+        super().__init__()
+        self.weight, self.packed, self.sz = weight, packed, sz
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, 32, self.sz)
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: Tensor, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def apply_rope(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate adjacent pairs (GGUF/llama.cpp layout). x: [S, heads, head_dim]."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).to(x.dtype)
+
+
+def rope_freqs(args: ModelArgs, factors: np.ndarray | None = None) -> Tensor:
+    """Complex rotations [context_length, head_dim/2], with linear or Llama-3 scaling."""
+    d = args.rope_dim
+    inv = 1.0 / (args.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = args.rope_scaling
+    if factors is not None:  # rope_freqs.weight tensor (llama.cpp's way of storing Llama-3.1 scaling)
+        inv = inv / torch.from_numpy(factors.astype(np.float64)).reshape(-1)
+    elif rs.kind == "llama3":
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = rs.original_context / rs.low_freq_factor, rs.original_context / rs.high_freq_factor
+        smooth = (rs.original_context / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        scaled = torch.where(wavelen > low_wl, inv / rs.factor, inv)
+        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+        inv = torch.where(mid, (1 - smooth) * inv / rs.factor + smooth * inv, scaled)
+    t = torch.arange(args.context_length, dtype=torch.float64)
+    if rs.kind == "linear":
+        t = t / rs.factor
+    angles = torch.outer(t, inv)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
+        super().__init__()
+        self.args, self.wqkv, self.wo = args, wqkv, wo
+        self.split = [args.q_dim, args.kv_dim, args.kv_dim]
+        self.scale = 1.0 / math.sqrt(args.head_dim)
+
+    def forward(self, x: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        a, S = self.args, x.shape[0]
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = apply_rope(q.view(S, a.n_heads, a.head_dim), freqs_cis)
+        k = apply_rope(k.view(S, a.n_kv_heads, a.head_dim), freqs_cis)
+        T = pos + S
+        k_cache[:, pos:T] = k.transpose(0, 1)
+        v_cache[:, pos:T] = v.view(S, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        keys, values = k_cache[:, :T], v_cache[:, :T]
+        if S == 1:  # decode: group the query heads of each KV head; no mask, no K/V copies
+            scores = torch.bmm(q.view(a.n_kv_heads, a.n_rep, a.head_dim), keys.transpose(1, 2))
+            o = torch.bmm(torch.softmax(scores * self.scale, dim=-1, dtype=torch.float32).to(x.dtype), values)
+        else:
+            keys, values = keys.repeat_interleave(a.n_rep, 0), values.repeat_interleave(a.n_rep, 0)
+            mask = None
+            if pos:  # continuing a cache: query i sees keys 0..pos+i
+                mask = torch.arange(T, device=x.device)[None, :] <= torch.arange(pos, T, device=x.device)[:, None]
+            o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=not pos)
+            o = o.transpose(0, 1)
+        return self.wo(o.reshape(S, a.q_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, w13: Linear, w2: Linear):
+        super().__init__()
+        self.w13, self.w2 = w13, w2
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: FeedForward):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+
+    def forward(self, x: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        h = x + self.attn(self.attn_norm(x), freqs_cis, k_cache, v_cache, pos)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Embedding(nn.Module):
+    """Token rows dequantized on demand from the memory-mapped GGUF (never the whole table)."""
+
+    def __init__(self, gguf: GGUFModel, dtype: torch.dtype, device: str):
+        super().__init__()
+        self.gguf, self.dtype, self.device = gguf, dtype, device
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.gguf.dequantize("token_embd.weight", rows=ids.cpu().numpy())
+        return torch.from_numpy(rows).to(device=self.device, dtype=self.dtype)
+
+
+# --- weight loading -------------------------------------------------------------------
+
+
+def _nibbles(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """The 4-bit codes of Q4_0/Q4_1/Q4_K rows, in element order: uint8 [rows, cols]."""
+    rows = raw.shape[0]
+    if qtype in ("Q4_0", "Q4_1"):
+        head = 2 if qtype == "Q4_0" else 4
+        qs = raw.reshape(rows, -1, head + 16)[:, :, head:]
+        return np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, -1)
+    qs = raw.reshape(rows, -1, 144)[:, :, 16:].reshape(rows, -1, 4, 32)  # Q4_K: 4 chunks of 64 values
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, -1)
+
+
+def _pack_int4(gguf: GGUFModel, names: list[str]) -> tuple[Tensor, Tensor] | None:
+    """Pack rows of 4-bit GGUF tensors for the int4 kernel: w = (q - 8) * scale + zero per 32.
+
+    Scale and zero of each group are recovered exactly from the dequantized values (the
+    formats are affine in q), then checked; None if any tensor is not packable.
+    """
+    qs, szs = [], []
+    for name in names:
+        t = gguf.tensor(name)
+        if t.tensor_type.name not in PACKABLE:
+            return None
+        q = _nibbles(gguf.raw(name), t.tensor_type.name).astype(np.float64)
+        w = gguf.dequantize(name).astype(np.float64)
+        out, cols = w.shape
+        qg, wg = (q - 8).reshape(out, cols // 32, 32), w.reshape(out, cols // 32, 32)
+        qm, wm = qg.mean(-1, keepdims=True), wg.mean(-1, keepdims=True)
+        var = ((qg - qm) ** 2).sum(-1, keepdims=True)
+        scale = np.where(var > 0, ((qg - qm) * (wg - wm)).sum(-1, keepdims=True) / np.maximum(var, 1e-30), 0.0)
+        zero = wm - scale * qm
+        err = np.abs(qg * scale + zero - wg).max()
+        if err > 1e-5 * max(np.abs(w).max(), 1e-12):
+            return None
+        qs.append(q.astype(np.int32))
+        szs.append(np.stack([scale[..., 0], zero[..., 0]], axis=-1).transpose(1, 0, 2))  # [groups, out, 2]
+    q_all = torch.from_numpy(np.concatenate(qs, axis=0))
+    sz = torch.from_numpy(np.concatenate(szs, axis=1)).to(torch.bfloat16).contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_all, 1), sz
+
+
+def _linear(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Linear:
+    """One Linear over the row-concatenation of GGUF matrices (fused QKV / gate-up)."""
+    if spec.packed:
+        packed = _pack_int4(gguf, names)
+        if packed is not None:
+            return Linear(packed=packed[0], sz=packed[1])
+    w = np.concatenate([gguf.dequantize(n) for n in names], axis=0)
+    return Linear(weight=torch.from_numpy(w).to(device=spec.device, dtype=spec.torch_dtype))
+
+
+class Stage(nn.Module):
+    """Layers [start, end) of a model; the first stage embeds tokens, the last applies the head."""
+
+    def __init__(self, gguf: GGUFModel, spec: StageSpec):
+        super().__init__()
+        args = gguf.args
+        if not 0 <= spec.start < spec.end <= args.n_layers:
+            raise ConsortiumError(
+                f"invalid layer range {spec.start}-{spec.end} for a model of {args.n_layers} layers "
+                f"(half-open: 0 <= start < end <= {args.n_layers})"
+            )
+        if spec.dtype not in DTYPES:
+            raise ConsortiumError(f"unknown dtype {spec.dtype!r} (use {', '.join(DTYPES)})")
+        if spec.packed and (spec.device != "cpu" or spec.dtype != "bf16"):
+            raise ConsortiumError("packed int4 weights need --device cpu --dtype bf16")
+        if spec.packed and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            raise ConsortiumError(f"packed int4 weights need a newer PyTorch than {torch.__version__}")
+        self.args, self.spec, self.gguf = args, spec, gguf
+        dt, dev = spec.torch_dtype, spec.device
+
+        def vec(name: str) -> Tensor:
+            return torch.from_numpy(gguf.dequantize(name)).to(device=dev, dtype=dt)
+
+        self.embed = Embedding(gguf, dt, dev) if spec.start == 0 else None
+        blocks = []
+        for i in range(spec.start, spec.end):
+            p = f"blk.{i}."
+            attn = Attention(
+                args,
+                _linear(gguf, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], spec),
+                _linear(gguf, [p + "attn_output.weight"], spec),
+            )
+            ffn = FeedForward(
+                _linear(gguf, [p + "ffn_gate.weight", p + "ffn_up.weight"], spec),
+                _linear(gguf, [p + "ffn_down.weight"], spec),
+            )
+            blocks.append(
+                Block(RMSNorm(vec(p + "attn_norm.weight"), args.norm_eps), attn,
+                      RMSNorm(vec(p + "ffn_norm.weight"), args.norm_eps), ffn)
+            )  # fmt: skip
+        self.layers = nn.ModuleList(blocks)
+        self.is_last = spec.end == args.n_layers
+        if self.is_last:
+            self.norm = RMSNorm(vec("output_norm.weight"), args.norm_eps)
+            self.output = _linear(gguf, ["token_embd.weight" if args.tied_head else "output.weight"], spec)
+        factors = gguf.dequantize("rope_freqs.weight") if gguf.has("rope_freqs.weight") else None
+        self.freqs_cis = rope_freqs(args, factors).to(dev)
+
+    @property
+    def n_layers(self) -> int:
+        return self.spec.end - self.spec.start
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed is not None
+
+    def new_cache(self, capacity: int) -> KVCache:
+        if not 0 < capacity <= self.args.context_length:
+            raise CacheError(f"cache capacity {capacity} outside 1..{self.args.context_length} (model context)")
+        return KVCache(self.args, self.n_layers, capacity, self.spec.torch_dtype, self.spec.device)
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor, cache: KVCache, all_logits: bool = False) -> Tensor:
+        """x: token ids [S] (first stage) or hidden states [S, dim]. Returns hidden states
+        [S, dim], or fp32 logits ([S, vocab] if all_logits else [1, vocab]) on the last stage.
+        Positions are cache.length .. cache.length + S - 1."""
+        pos, S = cache.length, x.shape[0]
+        if S == 0:
+            raise InvalidRequestError("no positions to compute")
+        if pos + S > cache.capacity:
+            raise CacheError(f"positions {pos}..{pos + S - 1} exceed the session's cache capacity {cache.capacity}")
+        if self.embed is not None:
+            x = self.embed(x)
+        else:
+            x = x.to(device=self.spec.device, dtype=self.spec.torch_dtype)
+        freqs_cis = self.freqs_cis[pos : pos + S]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, freqs_cis, cache.k[i], cache.v[i], pos)
+        cache.length = pos + S
+        if not self.is_last:
+            return x
+        x = self.norm(x if all_logits else x[-1:])
+        return self.output(x).float()

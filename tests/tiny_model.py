@@ -53,7 +53,22 @@ class TinySpec:
     # quant type per matrix kind; layers cycle through `layer_quants`
     layer_quants: list[Q] = field(default_factory=lambda: [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.BF16, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F32])
     embed_quant: Q = Q.Q8_0
+    vocab_kind: str = "gpt2"  # gpt2 (byte-level BPE) | llama (SentencePiece-style)
+    tokenizer_model: str | None = None  # override the tokenizer.ggml.model name written
     extra_kv: dict = field(default_factory=dict)
+
+
+SP_PIECES = ["▁", *"abcdefghijklmnopqrstuvwxyz", "▁t", "he", "▁the", "in", "▁a", "er", "at", "▁c", "▁cat", "▁h"]
+
+
+def _sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
+    """Llama-2-style vocab: <unk> <s> </s>, 256 byte-fallback tokens, then scored pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SP_PIECES + SPECIALS[1:]
+    scores = [0.0] * 259 + [-float(i) if len(p) == 1 else 10.0 - i for i, p in enumerate(SP_PIECES)]
+    scores += [0.0] * (len(SPECIALS) - 1)
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    types += [TokenType.NORMAL] * len(SP_PIECES) + [TokenType.CONTROL] * (len(SPECIALS) - 1)
+    return tokens, scores, types
 
 
 def _random_k_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.ndarray:
@@ -82,10 +97,14 @@ def _matrix(rng: np.random.Generator, qtype: Q, rows: int, cols: int, std: float
 def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
     spec = spec or TinySpec()
     rng = np.random.default_rng(spec.seed)
-    tokens = byte_tokens() + [m.replace(" ", "") for m in MERGES] + SPECIALS
-    types = [TokenType.NORMAL] * (len(tokens) - len(SPECIALS)) + [TokenType.CONTROL] * len(SPECIALS)
+    if spec.vocab_kind == "llama":
+        tokens, scores, types = _sentencepiece_vocab()
+        bos, eos = 1, 2
+    else:
+        tokens = byte_tokens() + [m.replace(" ", "") for m in MERGES] + SPECIALS
+        types = [TokenType.NORMAL] * (len(tokens) - len(SPECIALS)) + [TokenType.CONTROL] * len(SPECIALS)
+        bos = eos = tokens.index("<|endoftext|>")
     vocab = len(tokens)
-    eos = tokens.index("<|endoftext|>")
     head_dim = spec.dim // spec.n_heads
 
     w = GGUFWriter(str(path), spec.arch)
@@ -100,14 +119,20 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
     w.add_rope_freq_base(spec.rope_base)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(eos)
+    if spec.vocab_kind == "llama":
+        w.add_tokenizer_model(spec.tokenizer_model or "llama")
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+    else:
+        w.add_tokenizer_model(spec.tokenizer_model or "gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_merges(MERGES)
+        w.add_add_bos_token(False)
+    w.add_bos_token_id(bos)
     w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
     for k, v in spec.extra_kv.items():
         if isinstance(v, str):
@@ -138,7 +163,7 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
             w.add_tensor(p + name + ".weight", data, raw_dtype=qt)
     w.add_tensor("output_norm.weight", np.ones(spec.dim, dtype=np.float32))
     if not spec.tied:
-        out, ot = _matrix(rng, Q.Q6_K if spec.dim % 256 == 0 else Q.F16, vocab, spec.dim, 1.0 / np.sqrt(spec.dim))
+        out, ot = _matrix(rng, Q.F16, vocab, spec.dim, 1.0 / np.sqrt(spec.dim))
         w.add_tensor("output.weight", out, raw_dtype=ot)
     w.write_header_to_file()
     w.write_kv_data_to_file()

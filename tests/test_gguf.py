@@ -1,0 +1,105 @@
+"""GGUF reading: metadata, every supported quant type, clear errors for what we can't run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+from tiny_model import TinySpec, write_tiny_gguf
+
+from consortium.errors import ModelFileError, UnsupportedModelError
+from consortium.model.gguf_file import SUPPORTED_QUANTS, GGUFModel
+
+
+def test_metadata(tiny_gguf):
+    g = GGUFModel(tiny_gguf)
+    a = g.args
+    assert (a.n_layers, a.dim, a.n_heads, a.n_kv_heads, a.ffn_dim) == (4, 256, 4, 2, 512)
+    assert (a.head_dim, a.n_rep, a.kv_dim, a.context_length) == (64, 2, 128, 128)
+    assert a.vocab_size == 269 and not a.tied_head
+    assert a.rope_scaling.kind == "none"
+
+
+def test_every_quant_type_is_present_and_dequantizes(tiny_gguf):
+    g = GGUFModel(tiny_gguf)
+    seen = set(g.quant_summary())
+    assert {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"} <= seen
+    for t in g.tensors.values():
+        w = g.dequantize(t.name)
+        assert w.dtype == np.float32 and np.isfinite(w).all()
+        assert list(w.shape) == [int(s) for s in reversed(t.shape.tolist())]
+
+
+def test_row_dequantization_matches_full(tiny_gguf):
+    g = GGUFModel(tiny_gguf)
+    full = g.dequantize("token_embd.weight")
+    rows = np.array([3, 0, 268, 3])
+    np.testing.assert_array_equal(g.dequantize("token_embd.weight", rows=rows), full[rows])
+
+
+def test_q4_1_reference_values():
+    """Q4_1 dequantizes as d * q + m per 32-block (independent of gguf-py's code path)."""
+    d, m = np.float16(0.5), np.float16(-1.25)
+    q = np.arange(32) % 16
+    block = np.concatenate([
+        np.array([d]).view(np.uint8), np.array([m]).view(np.uint8),
+        (q[:16] | (q[16:] << 4)).astype(np.uint8),
+    ])  # fmt: skip
+    out = dequantize(block.reshape(1, 20), Q.Q4_1)
+    np.testing.assert_array_equal(out.reshape(-1), np.float32(d) * q + np.float32(m))
+
+
+def test_layers_digest_binds_weights(tiny_gguf, tmp_path):
+    g = GGUFModel(tiny_gguf)
+    assert g.layers_digest(0, 2) == g.layers_digest(0, 2)
+    assert g.layers_digest(0, 2) != g.layers_digest(2, 4)
+    other = GGUFModel(write_tiny_gguf(tmp_path / "other.gguf", TinySpec(seed=1)))
+    assert other.layers_digest(0, 2) != g.layers_digest(0, 2)
+    assert other.digest != g.digest
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        GGUFModel(tmp_path / "nope.gguf")
+
+
+def test_corrupt_file(tmp_path, tiny_gguf):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a gguf file at all" * 10)
+    with pytest.raises(ModelFileError, match="not a readable GGUF"):
+        GGUFModel(bad)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf.read_bytes()[:5000])
+    with pytest.raises(ModelFileError):
+        GGUFModel(truncated)
+
+
+def test_unsupported_architecture(tmp_path):
+    p = write_tiny_gguf(tmp_path / "gpt.gguf", TinySpec(arch="falcon"))
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'falcon'"):
+        GGUFModel(p)
+
+
+def test_unsupported_quant_type(tmp_path):
+    assert Q.TQ2_0 not in SUPPORTED_QUANTS
+    p = write_tiny_gguf(tmp_path / "tq.gguf", TinySpec(layer_quants=[Q.TQ2_0]))
+    with pytest.raises(UnsupportedModelError, match="unsupported quantization type TQ2_0"):
+        GGUFModel(p)
+
+
+def test_rope_scaling_metadata(tmp_path):
+    p = write_tiny_gguf(
+        tmp_path / "l3.gguf",
+        TinySpec(extra_kv={"llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0,
+                           "llama.rope.scaling.low_freq_factor": 1.0, "llama.rope.scaling.high_freq_factor": 4.0,
+                           "llama.rope.scaling.original_context_length": 64}),
+    )  # fmt: skip
+    rs = GGUFModel(p).args.rope_scaling
+    assert (rs.kind, rs.factor, rs.original_context) == ("llama3", 8.0, 64)
+    p = write_tiny_gguf(tmp_path / "lin.gguf", TinySpec(extra_kv={"llama.rope.scaling.type": "linear",
+                                                                  "llama.rope.scaling.factor": 2.0}))  # fmt: skip
+    assert GGUFModel(p).args.rope_scaling.kind == "linear"
+    p = write_tiny_gguf(tmp_path / "yarn.gguf", TinySpec(extra_kv={"llama.rope.scaling.type": "yarn"}))
+    with pytest.raises(UnsupportedModelError, match="rope scaling 'yarn'"):
+        GGUFModel(p)

@@ -27,7 +27,11 @@ K_BLOCKS = {Q.Q4_K: (144, (0, 2)), Q.Q5_K: (176, (0, 2)), Q.Q6_K: (210, (208,))}
 
 def byte_tokens() -> list[str]:
     """GPT-2's printable stand-ins for the 256 bytes, in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -51,14 +55,29 @@ class TinySpec:
     tied: bool = False
     seed: int = 0
     # quant type per matrix kind; layers cycle through `layer_quants`
-    layer_quants: list[Q] = field(default_factory=lambda: [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.BF16, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F32])
+    layer_quants: list[Q] = field(
+        default_factory=lambda: [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.BF16, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F32]
+    )
     embed_quant: Q = Q.Q8_0
     vocab_kind: str = "gpt2"  # gpt2 (byte-level BPE) | llama (SentencePiece-style)
     tokenizer_model: str | None = None  # override the tokenizer.ggml.model name written
     extra_kv: dict = field(default_factory=dict)
 
 
-SP_PIECES = ["▁", *"abcdefghijklmnopqrstuvwxyz", "▁t", "he", "▁the", "in", "▁a", "er", "at", "▁c", "▁cat", "▁h"]
+SP_PIECES = [
+    "▁",
+    *"abcdefghijklmnopqrstuvwxyz",
+    "▁t",
+    "he",
+    "▁the",
+    "in",
+    "▁a",
+    "er",
+    "at",
+    "▁c",
+    "▁cat",
+    "▁h",
+]
 
 
 def _sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
@@ -75,7 +94,9 @@ def _random_k_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -
     size, scale_offsets = K_BLOCKS[qtype]
     blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
     for off in scale_offsets:  # keep the fp16 super-block scales small and finite
-        d = (rng.uniform(0.0005, 0.002, size=(rows, cols // 256)) * (1 if off != 2 else 0.5)).astype(np.float16)
+        d = (rng.uniform(0.0005, 0.002, size=(rows, cols // 256)) * (1 if off != 2 else 0.5)).astype(
+            np.float16
+        )
         blocks[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, cols // 256, 2)
     return blocks.reshape(rows, -1)
 
@@ -158,7 +179,9 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec | None = None) -> Path:
             ("ffn_up", spec.ffn_dim, spec.dim),
             ("ffn_down", spec.dim, spec.ffn_dim),
         ]:
-            data, qt = _matrix(rng, spec.layer_quants[qi % len(spec.layer_quants)], rows, cols, 0.5 / np.sqrt(cols))
+            data, qt = _matrix(
+                rng, spec.layer_quants[qi % len(spec.layer_quants)], rows, cols, 0.5 / np.sqrt(cols)
+            )
             qi += 1
             w.add_tensor(p + name + ".weight", data, raw_dtype=qt)
     w.add_tensor("output_norm.weight", np.ones(spec.dim, dtype=np.float32))

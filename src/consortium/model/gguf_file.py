@@ -145,9 +145,13 @@ class GGUFModel:
             arch=arch,
         )
         if args.rope_dim != args.head_dim:
-            raise UnsupportedModelError(f"partial rotary embeddings (rope dim {args.rope_dim}) are not supported")
+            raise UnsupportedModelError(
+                f"partial rotary embeddings (rope dim {args.rope_dim}) are not supported"
+            )
         if args.n_heads % args.n_kv_heads:
-            raise UnsupportedModelError(f"{args.n_heads} heads are not a multiple of {args.n_kv_heads} KV heads")
+            raise UnsupportedModelError(
+                f"{args.n_heads} heads are not a multiple of {args.n_kv_heads} KV heads"
+            )
         return args
 
     def _check_quant_types(self) -> None:

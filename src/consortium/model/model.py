@@ -129,7 +129,9 @@ def rope_freqs(args: ModelArgs, factors: np.ndarray | None = None) -> Tensor:
     elif rs.kind == "llama3":
         wavelen = 2 * math.pi / inv
         low_wl, high_wl = rs.original_context / rs.low_freq_factor, rs.original_context / rs.high_freq_factor
-        smooth = (rs.original_context / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smooth = (rs.original_context / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
         scaled = torch.where(wavelen > low_wl, inv / rs.factor, inv)
         mid = (wavelen <= low_wl) & (wavelen >= high_wl)
         inv = torch.where(mid, (1 - smooth) * inv / rs.factor + smooth * inv, scaled)
@@ -163,8 +165,13 @@ class Attention(nn.Module):
             keys, values = keys.repeat_interleave(a.n_rep, 0), values.repeat_interleave(a.n_rep, 0)
             mask = None
             if pos:  # continuing a cache: query i sees keys 0..pos+i
-                mask = torch.arange(T, device=x.device)[None, :] <= torch.arange(pos, T, device=x.device)[:, None]
-            o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=not pos)
+                mask = (
+                    torch.arange(T, device=x.device)[None, :]
+                    <= torch.arange(pos, T, device=x.device)[:, None]
+                )
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=not pos
+            )
             o = o.transpose(0, 1)
         return self.wo(o.reshape(S, a.q_dim))
 
@@ -232,7 +239,9 @@ def _pack_int4(gguf: GGUFModel, names: list[str]) -> tuple[Tensor, Tensor] | Non
         qg, wg = (q - 8).reshape(out, cols // 32, 32), w.reshape(out, cols // 32, 32)
         qm, wm = qg.mean(-1, keepdims=True), wg.mean(-1, keepdims=True)
         var = ((qg - qm) ** 2).sum(-1, keepdims=True)
-        scale = np.where(var > 0, ((qg - qm) * (wg - wm)).sum(-1, keepdims=True) / np.maximum(var, 1e-30), 0.0)
+        scale = np.where(
+            var > 0, ((qg - qm) * (wg - wm)).sum(-1, keepdims=True) / np.maximum(var, 1e-30), 0.0
+        )
         zero = wm - scale * qm
         err = np.abs(qg * scale + zero - wg).max()
         if err > 1e-5 * max(np.abs(w).max(), 1e-12):
@@ -312,7 +321,9 @@ class Stage(nn.Module):
 
     def new_cache(self, capacity: int) -> KVCache:
         if not 0 < capacity <= self.args.context_length:
-            raise CacheError(f"cache capacity {capacity} outside 1..{self.args.context_length} (model context)")
+            raise CacheError(
+                f"cache capacity {capacity} outside 1..{self.args.context_length} (model context)"
+            )
         return KVCache(self.args, self.n_layers, capacity, self.spec.torch_dtype, self.spec.device)
 
     @torch.inference_mode()
@@ -324,7 +335,9 @@ class Stage(nn.Module):
         if S == 0:
             raise InvalidRequestError("no positions to compute")
         if pos + S > cache.capacity:
-            raise CacheError(f"positions {pos}..{pos + S - 1} exceed the session's cache capacity {cache.capacity}")
+            raise CacheError(
+                f"positions {pos}..{pos + S - 1} exceed the session's cache capacity {cache.capacity}"
+            )
         if self.embed is not None:
             x = self.embed(x)
         else:

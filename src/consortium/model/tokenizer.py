@@ -64,7 +64,9 @@ class GGUFTokenizer:
         self.bos_id = gguf.meta("tokenizer.ggml.bos_token_id")
         self.eos_id = gguf.meta("tokenizer.ggml.eos_token_id")
         default_bos = kind == "llama"
-        self.add_bos = bool(gguf.meta("tokenizer.ggml.add_bos_token", default_bos)) and self.bos_id is not None
+        self.add_bos = (
+            bool(gguf.meta("tokenizer.ggml.add_bos_token", default_bos)) and self.bos_id is not None
+        )
         self.chat_template: str | None = gguf.meta("tokenizer.chat_template")
         # Stop on EOS and on end-of-turn tokens the chat template emits.
         eot = gguf.meta("tokenizer.ggml.eot_token_id")
@@ -154,13 +156,22 @@ def _sentencepiece_bpe(gguf: GGUFModel, tokens: list[str]) -> Tokenizer:
     unk = gguf.meta("tokenizer.ggml.unknown_token_id", 0)
     tok = Tokenizer(
         models.BPE(
-            vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=tokens[unk], fuse_unk=True, byte_fallback=True
+            vocab=vocab,
+            merges=[(a, b) for *_, a, b in merges],
+            unk_token=tokens[unk],
+            fuse_unk=True,
+            byte_fallback=True,
         )
     )
     add_prefix = bool(gguf.meta("tokenizer.ggml.add_space_prefix", True))
     norms = [normalizers.Prepend("▁")] if add_prefix else []
     tok.normalizer = normalizers.Sequence([*norms, normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1 if add_prefix else 0, 0)]
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1 if add_prefix else 0, 0),
+        ]
     )
     return tok

@@ -162,3 +162,20 @@ def test_tied_head(tmp_path):
     st = Stage(g, StageSpec(2, 4))
     out = st(torch.randn(3, 256), st.new_cache(8))
     assert out.shape == (1, g.args.vocab_size)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_packed_linear_reproduces_each_format(gguf, qtype):
+    """The int4 kernel computes the GGUF matrix itself (only bf16 rounding), for each packable format."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this PyTorch has no CPU int4 kernel")
+    from consortium.model.model import _pack_int4
+
+    name = next(t.name for t in gguf.tensors.values() if t.tensor_type.name == qtype and t.name.startswith("blk."))
+    lin = _pack_int4(gguf, [name])
+    assert lin is not None and lin.dup_input == (qtype == "Q8_0")
+    w = torch.from_numpy(gguf.dequantize(name))
+    x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
+    ref = x @ w.T
+    out = lin(x.to(torch.bfloat16)).float()
+    assert (out - ref).norm() / ref.norm() < 1e-2

@@ -20,7 +20,7 @@ from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.gguf_file import GGUFModel, ModelArgs
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PACKABLE = {"Q4_0", "Q4_1", "Q4_K"}  # 4-bit affine formats the int4 kernel reproduces
+PACKABLE = {"Q4_0", "Q4_1", "Q4_K"}  # 4-bit affine formats the int4 kernel reproduces (and Q8_0, split)
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,18 @@ class KVCache:
 
 
 class Linear(nn.Module):
-    """y = x W^T with W dense, or packed 4-bit with per-32 scale/zero (CPU int4 kernel)."""
+    """y = x W^T with W dense, or packed 4-bit codes with per-32 scale/zero (CPU int4 kernel)."""
 
-    def __init__(self, weight: Tensor | None = None, packed: Tensor | None = None, sz: Tensor | None = None):
+    def __init__(
+        self, weight: Tensor | None = None, packed: Tensor | None = None, sz: Tensor | None = None, dup_input=False
+    ):
         super().__init__()
-        self.weight, self.packed, self.sz = weight, packed, sz
+        self.weight, self.packed, self.sz, self.dup_input = weight, packed, sz, dup_input
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None:
+            if self.dup_input:  # Q8_0 as high and low nibbles: W' [x, x] = W_hi x + W_lo x
+                x = torch.cat([x, x], dim=-1)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, 32, self.sz)
         return F.linear(x, self.weight)
 
@@ -222,43 +226,54 @@ def _nibbles(raw: np.ndarray, qtype: str) -> np.ndarray:
     return np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, -1)
 
 
-def _pack_int4(gguf: GGUFModel, names: list[str]) -> tuple[Tensor, Tensor] | None:
-    """Pack rows of 4-bit GGUF tensors for the int4 kernel: w = (q - 8) * scale + zero per 32.
+def _int4_codes(gguf: GGUFModel, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes [out, K'], scale and zero [out, K'/32]) with w = (code - 8) * scale + zero exactly.
 
-    Scale and zero of each group are recovered exactly from the dequantized values (the
-    formats are affine in q), then checked; None if any tensor is not packable.
+    4-bit formats map one to one (K' = K); scale and zero of each group are recovered from
+    the dequantized values (the formats are affine in the code) and checked. Q8_0 splits
+    each int8 code into a high and a low nibble, q = 16 * hi + lo, as two K-wide halves
+    (K' = 2K) that a doubled input [x, x] sums back. None if the tensor does not fit.
     """
-    qs, szs = [], []
-    for name in names:
-        t = gguf.tensor(name)
-        if t.tensor_type.name not in PACKABLE:
-            return None
-        q = _nibbles(gguf.raw(name), t.tensor_type.name).astype(np.float64)
-        w = gguf.dequantize(name).astype(np.float64)
-        out, cols = w.shape
-        qg, wg = (q - 8).reshape(out, cols // 32, 32), w.reshape(out, cols // 32, 32)
-        qm, wm = qg.mean(-1, keepdims=True), wg.mean(-1, keepdims=True)
-        var = ((qg - qm) ** 2).sum(-1, keepdims=True)
-        scale = np.where(
-            var > 0, ((qg - qm) * (wg - wm)).sum(-1, keepdims=True) / np.maximum(var, 1e-30), 0.0
-        )
-        zero = wm - scale * qm
-        err = np.abs(qg * scale + zero - wg).max()
-        if err > 1e-5 * max(np.abs(w).max(), 1e-12):
-            return None
-        qs.append(q.astype(np.int32))
-        szs.append(np.stack([scale[..., 0], zero[..., 0]], axis=-1).transpose(1, 0, 2))  # [groups, out, 2]
-    q_all = torch.from_numpy(np.concatenate(qs, axis=0))
-    sz = torch.from_numpy(np.concatenate(szs, axis=1)).to(torch.bfloat16).contiguous()
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_all, 1), sz
+    kind, raw = gguf.tensor(name).tensor_type.name, gguf.raw(name)
+    rows = raw.shape[0]
+    if kind == "Q8_0":
+        blocks = raw.reshape(rows, -1, 34)
+        d = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float64)
+        q = blocks[:, :, 2:].view(np.int8).astype(np.int16)
+        codes = np.concatenate([((q >> 4) + 8).reshape(rows, -1), (q & 15).reshape(rows, -1)], axis=1)
+        return codes, np.concatenate([16 * d, d], axis=1), np.concatenate([np.zeros_like(d), 8 * d], axis=1)
+    if kind not in PACKABLE:
+        return None
+    codes = _nibbles(raw, kind)
+    w = gguf.dequantize(name).astype(np.float64)
+    out, cols = w.shape
+    qg, wg = (codes.astype(np.float64) - 8).reshape(out, cols // 32, 32), w.reshape(out, cols // 32, 32)
+    qm, wm = qg.mean(-1, keepdims=True), wg.mean(-1, keepdims=True)
+    var = ((qg - qm) ** 2).sum(-1, keepdims=True)
+    scale = np.where(var > 0, ((qg - qm) * (wg - wm)).sum(-1, keepdims=True) / np.maximum(var, 1e-30), 0.0)
+    zero = wm - scale * qm
+    if np.abs(qg * scale + zero - wg).max() > 1e-5 * max(np.abs(w).max(), 1e-12):
+        return None
+    return codes, scale[..., 0], zero[..., 0]
+
+
+def _pack_int4(gguf: GGUFModel, names: list[str]) -> Linear | None:
+    """The row-concatenation of GGUF matrices as one packed int4 Linear, or None."""
+    parts = [_int4_codes(gguf, n) for n in names]
+    if any(p is None for p in parts) or len({p[0].shape[1] for p in parts}) != 1:
+        return None
+    codes = torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.int32))
+    scale, zero = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
+    sz = torch.from_numpy(np.stack([scale.T, zero.T], axis=-1)).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+    in_features = gguf.dequantize(names[0], rows=np.array([0])).shape[1]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return Linear(packed=packed, sz=sz, dup_input=codes.shape[1] == 2 * in_features)
 
 
 def _linear(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Linear:
     """One Linear over the row-concatenation of GGUF matrices (fused QKV / gate-up)."""
-    if spec.packed:
-        packed = _pack_int4(gguf, names)
-        if packed is not None:
-            return Linear(packed=packed[0], sz=packed[1])
+    if spec.packed and (lin := _pack_int4(gguf, names)) is not None:
+        return lin
     w = np.concatenate([gguf.dequantize(n) for n in names], axis=0)
     return Linear(weight=torch.from_numpy(w).to(device=spec.device, dtype=spec.torch_dtype))
 

@@ -278,6 +278,28 @@ def _linear(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Linear:
     return Linear(weight=torch.from_numpy(w).to(device=spec.device, dtype=spec.torch_dtype))
 
 
+def _vector(gguf: GGUFModel, name: str, spec: StageSpec) -> Tensor:
+    return torch.from_numpy(gguf.dequantize(name)).to(device=spec.device, dtype=spec.torch_dtype)
+
+
+def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:
+    """Transformer block i with QKV and gate/up fused into single matmuls."""
+    p, args = f"blk.{i}.", gguf.args
+    attn = Attention(
+        args,
+        _linear(gguf, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], spec),
+        _linear(gguf, [p + "attn_output.weight"], spec),
+    )
+    ffn = FeedForward(
+        _linear(gguf, [p + "ffn_gate.weight", p + "ffn_up.weight"], spec),
+        _linear(gguf, [p + "ffn_down.weight"], spec),
+    )
+    return Block(
+        RMSNorm(_vector(gguf, p + "attn_norm.weight", spec), args.norm_eps), attn,
+        RMSNorm(_vector(gguf, p + "ffn_norm.weight", spec), args.norm_eps), ffn,
+    )  # fmt: skip
+
+
 class Stage(nn.Module):
     """Layers [start, end) of a model; the first stage embeds tokens, the last applies the head."""
 
@@ -298,30 +320,12 @@ class Stage(nn.Module):
         self.args, self.spec, self.gguf = args, spec, gguf
         dt, dev = spec.torch_dtype, spec.device
 
-        def vec(name: str) -> Tensor:
-            return torch.from_numpy(gguf.dequantize(name)).to(device=dev, dtype=dt)
-
         self.embed = Embedding(gguf, dt, dev) if spec.start == 0 else None
-        blocks = []
-        for i in range(spec.start, spec.end):
-            p = f"blk.{i}."
-            attn = Attention(
-                args,
-                _linear(gguf, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], spec),
-                _linear(gguf, [p + "attn_output.weight"], spec),
-            )
-            ffn = FeedForward(
-                _linear(gguf, [p + "ffn_gate.weight", p + "ffn_up.weight"], spec),
-                _linear(gguf, [p + "ffn_down.weight"], spec),
-            )
-            blocks.append(
-                Block(RMSNorm(vec(p + "attn_norm.weight"), args.norm_eps), attn,
-                      RMSNorm(vec(p + "ffn_norm.weight"), args.norm_eps), ffn)
-            )  # fmt: skip
+        blocks = [load_block(gguf, i, spec) for i in range(spec.start, spec.end)]
         self.layers = nn.ModuleList(blocks)
         self.is_last = spec.end == args.n_layers
         if self.is_last:
-            self.norm = RMSNorm(vec("output_norm.weight"), args.norm_eps)
+            self.norm = RMSNorm(_vector(gguf, "output_norm.weight", spec), args.norm_eps)
             self.output = _linear(gguf, ["token_embd.weight" if args.tied_head else "output.weight"], spec)
         factors = gguf.dequantize("rope_freqs.weight") if gguf.has("rope_freqs.weight") else None
         self.freqs_cis = rope_freqs(args, factors).to(dev)

@@ -1,0 +1,1 @@
+"""Verification: commitments, signed receipts, tolerance audits, calibration, test cheats."""

@@ -1,0 +1,352 @@
+"""Pipeline commands: `coordinator`, `worker`, `session` and `demo` (registered in main.py).
+
+Layer ranges are half-open everywhere: `--layers 10-20` means layers 10 .. 19.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from consortium.cli.main import Group, engine_options, model_option, sampling_options
+from consortium.core.config import (
+    ClientConfig,
+    CoordinatorConfig,
+    EngineConfig,
+    LayerRange,
+    SessionRequest,
+    WorkerConfig,
+    default_log_dir,
+)
+from consortium.errors import ConsortiumError
+
+log = logging.getLogger("consortium.cli")
+MB = 2**20
+DEMO_PROMPT = "Explain in one paragraph why the sky appears blue."
+
+
+def _layers(ctx, param, value: str | None) -> LayerRange | None:
+    try:
+        return LayerRange.parse(value) if value else None
+    except ConsortiumError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+def _model_path(model: str | None) -> Path:
+    from consortium.model.files import resolve_model
+
+    return resolve_model(model)
+
+
+def node_options(f):
+    """Options shared by `coordinator start` and `worker start`."""
+    f = click.option(
+        "--exit-with-parent", is_flag=True, hidden=True, help="Stop when the parent process dies."
+    )(f)
+    f = click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Log file (default: $CONSORTIUM_LOG_DIR or ~/.cache/consortium/logs/ROLE-PORT.log).")(f)  # fmt: skip
+    f = click.option("--max-message-mb", type=int, default=128, show_default=True, callback=_positive,
+                     help="Largest gRPC message sent or received.")(f)  # fmt: skip
+    f = click.option("--session-idle-timeout", type=float, default=600.0, show_default=True, callback=_positive,
+                     help="Seconds after which an idle session's KV cache is freed.")(f)  # fmt: skip
+    f = click.option("--kv-cache-mb", type=int, default=2048, show_default=True, callback=_positive,
+                     help="Memory budget of this node's KV caches (all sessions).")(f)  # fmt: skip
+    f = click.option("--threads", type=int, default=0, show_default=True,
+                     help="Torch intra-op threads (0 = torch's default; results do not depend on it).")(f)  # fmt: skip
+    f = click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")(f)
+    return f
+
+
+def _serve(node, role: str, banner, log_path: Path, exit_with_parent: bool) -> None:
+    """Starts `node`, prints its banner, and serves until SIGTERM/SIGINT (or the parent dies)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if exit_with_parent:
+        parent = os.getppid()
+
+        def watch() -> None:
+            while not stop.wait(1.0):
+                if os.getppid() != parent:
+                    log.warning("parent process %d is gone; stopping", parent)
+                    stop.set()
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    try:
+        try:
+            node.start()
+        except ConsortiumError as e:
+            log.error("%s failed to start: %s", role, e)
+            raise
+        click.echo(banner(node))
+        log.info("ready")
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping (SIGTERM)")
+    except KeyboardInterrupt:
+        log.info("stopping (SIGINT)")
+        raise
+    finally:
+        node.stop()
+        log.info("stopped")
+
+
+# --- coordinator -------------------------------------------------------------------------
+
+
+@click.group(cls=Group)
+def coordinator() -> None:
+    """Run or inspect a coordinator."""
+
+
+@coordinator.command("start")
+@model_option
+@click.option(
+    "--port", type=int, default=50051, show_default=True, help="Port to listen on (0 = any free port)."
+)
+@click.option("--layers", callback=_layers, default=None, metavar="A-B",
+              help="Layers this process runs itself, half-open (e.g. 20-30: the last layers and the head).")  # fmt: skip
+@engine_options
+@node_options
+@click.option("--heartbeat-interval", type=float, default=2.0, show_default=True, callback=_positive)
+@click.option("--node-timeout", type=float, default=8.0, show_default=True, callback=_positive,
+              help="Seconds without a heartbeat after which a node counts as dead.")  # fmt: skip
+@click.option("--max-sessions", type=int, default=16, show_default=True, callback=_positive)
+def coordinator_start(model, port, layers, device, dtype, packed, host, threads, kv_cache_mb, session_idle_timeout,
+                      max_message_mb, log_file, exit_with_parent, heartbeat_interval, node_timeout, max_sessions):  # fmt: skip
+    """Serve the node registry, sessions and the token loop (optionally hosting --layers)."""
+    from consortium.coordinator.server import Coordinator
+    from consortium.core.logs import setup_logging
+
+    path = setup_logging("coordinator", log_file, port)
+    click.echo(f"log: {path}")
+    cfg = CoordinatorConfig(
+        model=_model_path(model), host=host, port=port, layers=layers,
+        engine=EngineConfig(device, dtype, packed, threads), heartbeat_interval_s=heartbeat_interval,
+        node_timeout_s=node_timeout, max_message_bytes=max_message_mb * MB, kv_cache_bytes=kv_cache_mb * MB,
+        session_idle_timeout_s=session_idle_timeout, max_sessions=max_sessions, log_file=path,
+    )  # fmt: skip
+
+    def banner(c) -> str:
+        hosting = f"hosting layers {layers} on {c.device}/{dtype}" if layers else "hosting no layers"
+        return (f"coordinator listening on {c.address}: {c.gguf.path.name} (sha256 {c.digest[:12]}…, "
+                f"{c.args.n_layers} layers), {hosting}")  # fmt: skip
+
+    _serve(Coordinator(cfg), "coordinator", banner, path, exit_with_parent)
+
+
+@coordinator.command("status")
+@click.option("--coordinator", "address", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def coordinator_status(address, as_json):
+    """Nodes, their layer ranges and liveness, and the current pipeline."""
+    from consortium.coordinator.client import Client
+
+    with Client(ClientConfig(address, connect_timeout_s=5.0)) as client:
+        st = client.cluster_status()
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    click.echo(
+        f"model sha256 {st['model_digest'][:16]}…, {st['n_layers']} layers, {st['active_sessions']} active sessions"
+    )
+    for n in st["nodes"]:
+        layers = f"{n['layers'][0]}-{n['layers'][1]}" if n["layers"] else "unassigned"
+        state = "alive" if n["alive"] else f"dead ({n['heartbeat_age_s']:.0f} s)"
+        click.echo(
+            f"  {n['node_id']:<16} {n['address']:<22} layers {layers:<10} {n['device']}/{n['dtype']}  {state}"
+        )
+    click.echo("pipeline: " + (" -> ".join(f"{r['node_id']} {r['layers'][0]}-{r['layers'][1]}" for r in st["route"])
+                               or f"incomplete: {st['placement_error']}"))  # fmt: skip
+
+
+# --- worker ------------------------------------------------------------------------------
+
+
+@click.group(cls=Group)
+def worker() -> None:
+    """Run a worker."""
+
+
+@worker.command("start")
+@click.option("--coordinator", "coordinator_address", required=True, metavar="HOST:PORT")
+@click.option("--port", type=int, default=0, show_default=True, help="Port to listen on (0 = any free port).")
+@model_option
+@click.option("--layers", callback=_layers, default=None, metavar="A-B",
+              help="Layers to run, half-open (10-20 = layers 10..19). Without it the coordinator assigns a "
+                   "range in proportion to this node's measured speed, within its memory.")  # fmt: skip
+@engine_options
+@node_options
+@click.option("--advertise", default=None, metavar="HOST:PORT", help="Address the coordinator should dial.")
+@click.option("--node-id", default=None, help="Node id (default: worker-<random>).")
+@click.option("--max-memory-mb", type=int, default=None, callback=_positive,
+              help="Memory offered for placement (default: what is free on the device).")  # fmt: skip
+@click.option("--register-timeout", type=float, default=60.0, show_default=True, callback=_positive,
+              help="Seconds to keep trying to reach the coordinator at start.")  # fmt: skip
+def worker_start(coordinator_address, port, model, layers, device, dtype, packed, host, threads, kv_cache_mb,
+                 session_idle_timeout, max_message_mb, log_file, exit_with_parent, advertise, node_id,
+                 max_memory_mb, register_timeout):  # fmt: skip
+    """Hold a layer range, register with the coordinator and execute its work orders."""
+    from consortium.core.logs import setup_logging
+    from consortium.worker.server import WorkerNode
+
+    path = setup_logging("worker", log_file, port)
+    click.echo(f"log: {path}")
+    cfg = WorkerConfig(
+        coordinator=coordinator_address, model=_model_path(model), host=host, port=port, advertise=advertise,
+        layers=layers, engine=EngineConfig(device, dtype, packed, threads), node_id=node_id,
+        max_memory_bytes=max_memory_mb * MB if max_memory_mb else None, kv_cache_bytes=kv_cache_mb * MB,
+        session_idle_timeout_s=session_idle_timeout, max_message_bytes=max_message_mb * MB,
+        register_timeout_s=register_timeout, log_file=path,
+    )  # fmt: skip
+
+    def banner(w) -> str:
+        held = f"layers {w.runner.layers}" if w.runner else "no layers yet (placement assigns them)"
+        return (f"worker {w.node_id} serving {held} on {w.address} ({w.device}/{dtype}), "
+                f"registered with {coordinator_address}")  # fmt: skip
+
+    _serve(WorkerNode(cfg), "worker", banner, path, exit_with_parent)
+
+
+# --- session -----------------------------------------------------------------------------
+
+
+@click.group(cls=Group)
+def session() -> None:
+    """Run sessions on a coordinator and inspect them."""
+
+
+def _print_delta(delta: str) -> None:
+    sys.stdout.write(delta)
+    sys.stdout.flush()
+
+
+@session.command("run")
+@click.option("--coordinator", "address", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT")
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@sampling_options
+@click.option("--no-chat", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True, callback=_positive)
+def session_run(
+    address, prompt, max_tokens, seed, temperature, top_k, top_p, no_chat, as_json, connect_timeout
+):
+    """Generate through the pipeline: streams text, then a per-stage summary."""
+    from consortium.coordinator.client import Client, format_report
+    from consortium.model.sampling import SamplingParams
+
+    if max_tokens <= 0:
+        raise ConsortiumError(f"max-tokens must be positive, got {max_tokens}")
+    if not prompt.strip():
+        raise ConsortiumError("empty prompt")
+    req = SessionRequest(
+        prompt, max_tokens, SamplingParams(temperature, top_k, top_p, seed), chat=not no_chat
+    )
+    with Client(ClientConfig(address, connect_timeout_s=connect_timeout)) as client:
+        report = client.run(req, on_text=None if as_json else _print_delta)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        return
+    click.echo()
+    for line in format_report(report):
+        click.echo(line, err=True)
+
+
+@session.command("status")
+@click.option("--coordinator", "address", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT")
+@click.option("--session-id", required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def session_status(address, session_id, as_json):
+    """State, progress and per-stage latency of a session."""
+    from consortium.coordinator.client import Client
+
+    with Client(ClientConfig(address, connect_timeout_s=5.0)) as client:
+        st = client.session_status(session_id)
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    click.echo(f"session {st['session_id']}: {st['state']}, {st['generated_tokens']}/{st['max_tokens']} tokens, "
+               f"{st['prompt_tokens']} prompt tokens, position {st['position']}, {st['tokens_per_second']:.1f} tok/s"
+               + (f", error: {st['error']}" if st["error"] else ""))  # fmt: skip
+    for s in st["stages"]:
+        click.echo(f"  stage {s['index']}: {s['node_id']:<16} layers {s['layers'][0]}-{s['layers'][1]:<4} "
+                   f"{s['device']}/{s['dtype']}  step {s['mean_step_ms']:.2f} ms, {s['steps']} steps")  # fmt: skip
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--prompt", default=DEMO_PROMPT, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True, callback=_positive)
+@click.option("--json", "as_json", is_flag=True, help="Print the object of `session run --json`.")
+@model_option
+@sampling_options
+@engine_options
+@click.option("--no-chat", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the three processes log (default: a new demo-* folder under the log directory).")  # fmt: skip
+def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, device, dtype, packed, no_chat,
+         log_dir):  # fmt: skip
+    """Start a coordinator (last third of the layers) and two workers here, run one session, stop all."""
+    from consortium.coordinator.client import Client, format_report
+    from consortium.coordinator.launcher import LocalCluster, thirds
+    from consortium.model.files import default_model_path, pull
+    from consortium.model.gguf_file import GGUFModel
+    from consortium.model.sampling import SamplingParams
+
+    note = lambda text: click.echo(text, err=True)  # noqa: E731  (stdout stays text or JSON only)
+    req = SessionRequest(
+        prompt, max_tokens, SamplingParams(temperature, top_k, top_p, seed), chat=not no_chat
+    )
+    if model is None and not default_model_path().is_file():
+        note("pulling the default model ...")
+        path = pull(quiet=as_json)
+    else:
+        path = _model_path(model)
+    first, second, last = thirds(GGUFModel(path).args.n_layers)
+    log_dir = log_dir or default_log_dir() / time.strftime("demo-%Y%m%d-%H%M%S")
+    cluster = LocalCluster(path, last, [first, second], log_dir, EngineConfig(device, dtype, packed))
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        note(
+            f"starting on {cluster.address}: coordinator (layers {last}), workers (layers {first}, {second})"
+        )
+        for name, layers, log_file in (("coordinator", last, "coordinator.log"), ("worker-0", first, "worker-0.log"),
+                                       ("worker-1", second, "worker-1.log")):  # fmt: skip
+            note(f"  {name:<12} layers {layers}  log: {log_dir / log_file}")
+        t0 = time.perf_counter()
+        cluster.start()
+        note(f"cluster ready in {time.perf_counter() - t0:.1f} s; prompt: {prompt!r}")
+        with Client(ClientConfig(cluster.address)) as client:
+            report = client.run(req, on_text=None if as_json else _print_delta)
+    finally:
+        cluster.stop()
+        note("all processes stopped")
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        return
+    click.echo()
+    for line in format_report(report):
+        click.echo(line)
+
+
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+COMMANDS = (coordinator, worker, session, demo)

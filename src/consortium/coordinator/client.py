@@ -1,0 +1,177 @@
+"""Client of the coordinator: run a session (streaming), ask for session and cluster status."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from consortium.core.config import ClientConfig, SessionRequest
+from consortium.errors import ConsortiumError
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
+from consortium.transport.rpc import RemoteError, check_address, make_channel, wait_ready
+
+
+@dataclass(frozen=True)
+class StageReport:
+    index: int
+    node_id: str
+    address: str
+    layers: list[int]  # [start, end), half-open
+    device: str
+    dtype: str
+    local: bool
+    mean_step_ms: float  # mean decode round trip as the coordinator saw it
+    mean_compute_ms: float  # mean decode forward time as the node reported it
+    prefill_ms: float
+    steps: int
+    bytes_sent: int
+    bytes_received: int
+
+    @classmethod
+    def from_proto(cls, s: pb.StageStats) -> StageReport:
+        i = s.stage
+        return cls(
+            index=i.index, node_id=i.node_id, address=i.address, layers=[i.layers.start, i.layers.end],
+            device=i.device, dtype=i.dtype, local=i.local, mean_step_ms=s.mean_step_ms,
+            mean_compute_ms=s.mean_compute_ms, prefill_ms=s.prefill_ms, steps=s.steps,
+            bytes_sent=s.bytes_sent, bytes_received=s.bytes_received,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SessionReport:
+    """The result of `session run`: the keys of `consortium generate --json` plus the pipeline's."""
+
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    tokens_per_second: float
+    time_to_first_token_s: float
+    session_id: str
+    stop_reason: str
+    stages: list[StageReport]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Client:
+    def __init__(self, cfg: ClientConfig):
+        self.cfg = cfg
+        self.address = check_address(cfg.coordinator)
+        self.peer = f"coordinator at {self.address}"
+        self.channel = make_channel(self.address, cfg.max_message_bytes)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self._ready = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _connect(self) -> None:
+        if not self._ready:
+            wait_ready(self.channel, self.peer, self.cfg.connect_timeout_s)
+            self._ready = True
+
+    def _call(self, method, request, timeout_s: float | None = 30.0):
+        self._connect()
+        try:
+            return method(request, timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise RemoteError.from_rpc(e, self.peer) from e
+
+    def run(
+        self,
+        req: SessionRequest,
+        on_text: Callable[[str], None] | None = None,
+        on_start: Callable[[pb.SessionStarted], None] | None = None,
+    ) -> SessionReport:
+        """Runs a session to its end, calling on_text with each text delta as tokens stream in."""
+        s = req.sampling
+        msg = pb.GenerateRequest(
+            prompt=req.prompt, max_tokens=req.max_tokens, no_chat=not req.chat,
+            sampling=pb.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed),
+        )  # fmt: skip
+        self._connect()
+        summary = None
+        stream = self.stub.Generate(msg)
+        try:
+            for ev in stream:
+                kind = ev.WhichOneof("event")
+                if kind == "started" and on_start is not None:
+                    on_start(ev.started)
+                elif kind == "token" and on_text is not None:
+                    on_text(ev.token.text)
+                elif kind == "done":
+                    summary = ev.done
+        except grpc.RpcError as e:
+            raise RemoteError.from_rpc(e, self.peer) from e
+        finally:
+            stream.cancel()  # no-op after a normal end; stops the session on Ctrl-C
+        if summary is None:
+            raise ConsortiumError(f"{self.peer} ended the session without a summary")
+        return SessionReport(
+            tokens=list(summary.tokens), text=summary.text, prompt_tokens=summary.prompt_tokens,
+            tokens_per_second=summary.tokens_per_second, time_to_first_token_s=summary.time_to_first_token_s,
+            session_id=summary.session_id, stop_reason=summary.stop_reason,
+            stages=[StageReport.from_proto(x) for x in summary.stages],
+        )  # fmt: skip
+
+    def session_status(self, session_id: str) -> dict:
+        st = self._call(self.stub.GetSession, pb.SessionStatusRequest(session_id=session_id))
+        return {
+            "session_id": st.session_id, "state": st.state, "prompt_tokens": st.prompt_tokens,
+            "generated_tokens": st.generated_tokens, "max_tokens": st.max_tokens, "position": st.position,
+            "tokens_per_second": st.tokens_per_second, "age_s": st.age_s, "error": st.error,
+            "stages": [asdict(StageReport.from_proto(x)) for x in st.stages],
+        }  # fmt: skip
+
+    def cluster_status(self) -> dict:
+        st = self._call(self.stub.GetStatus, pb.ClusterStatusRequest())
+        nodes = []
+        for ns in st.nodes:
+            n = ns.node
+            nodes.append({
+                "node_id": n.node_id, "address": n.address, "alive": ns.alive, "local": ns.local,
+                "layers": [n.layers.start, n.layers.end] if n.HasField("layers") else None,
+                "device": n.device, "dtype": n.dtype, "speed_gflops": n.speed_gflops,
+                "memory_bytes": n.memory_bytes, "heartbeat_age_s": ns.heartbeat_age_s,
+            })  # fmt: skip
+        route = [
+            {
+                "index": r.index,
+                "node_id": r.node_id,
+                "layers": [r.layers.start, r.layers.end],
+                "device": r.device,
+            }
+            for r in st.route
+        ]
+        return {
+            "model_digest": st.model_digest, "n_layers": st.n_layers, "nodes": nodes, "route": route,
+            "placement_error": st.placement_error, "flexible_pending": st.flexible_pending,
+            "active_sessions": st.active_sessions,
+        }  # fmt: skip
+
+
+def format_report(report: SessionReport) -> list[str]:
+    """Human-readable summary lines: totals, then one line per stage."""
+    lines = [
+        f"[{len(report.tokens)} tokens, {report.tokens_per_second:.1f} tok/s, first token "
+        f"{report.time_to_first_token_s * 1000:.0f} ms, stop: {report.stop_reason}, session {report.session_id}]"
+    ]
+    for s in report.stages:
+        where = "coordinator" if s.local else s.address
+        lines.append(
+            f"  stage {s.index}: {s.node_id:<16} layers {s.layers[0]}-{s.layers[1]:<4} {s.device}/{s.dtype:<5} "
+            f"step {s.mean_step_ms:6.2f} ms (compute {s.mean_compute_ms:6.2f} ms), prefill {s.prefill_ms:6.1f} ms  "
+            f"[{where}]"
+        )
+    return lines

@@ -1,0 +1,147 @@
+"""The coordinator's node registry: registrations, heartbeats, liveness."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from consortium.core.config import LayerRange
+from consortium.errors import InvalidRequestError
+from consortium.model.model import DTYPES
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.rpc import NotFoundError, PreconditionError, check_address
+
+MAX_NODE_ID = 64
+
+
+@dataclass(frozen=True)
+class Node:
+    """What a node told the coordinator about itself (validated)."""
+
+    node_id: str
+    address: str
+    backend: str
+    device: str
+    dtype: str
+    packed: bool
+    memory_bytes: int
+    speed_gflops: float
+    layers: LayerRange | None
+    model_digest: str
+    layers_digest: str = ""
+    version: str = ""
+    threads: int = 0
+    local: bool = False
+
+    @classmethod
+    def from_proto(cls, info: pb.NodeInfo, n_layers: int) -> Node:
+        nid = info.node_id
+        if not nid or len(nid) > MAX_NODE_ID or not nid.isprintable() or " " in nid:
+            raise InvalidRequestError(
+                f"bad node id {nid[:40]!r}: 1 to {MAX_NODE_ID} printable characters, no spaces"
+            )
+        try:
+            check_address(info.address)
+        except Exception as e:
+            raise InvalidRequestError(f"node {nid}: {e}") from e
+        if info.dtype not in DTYPES:
+            raise InvalidRequestError(f"node {nid}: unknown dtype {info.dtype!r}")
+        layers = None
+        if info.HasField("layers"):
+            layers = LayerRange(info.layers.start, info.layers.end)
+            if not 0 <= layers.start < layers.end <= n_layers:
+                raise InvalidRequestError(
+                    f"node {nid}: layer range {layers} is beyond the model's {n_layers} layers "
+                    f"(half-open: 0 <= start < end <= {n_layers})"
+                )
+        return cls(
+            node_id=nid,
+            address=info.address,
+            backend=info.backend,
+            device=info.device,
+            dtype=info.dtype,
+            packed=info.packed,
+            memory_bytes=max(0, info.memory_bytes),
+            speed_gflops=max(0.0, info.speed_gflops),
+            layers=layers,
+            model_digest=info.model_digest,
+            layers_digest=info.layers_digest,
+            version=info.version,
+            threads=info.threads,
+        )
+
+    def to_proto(self) -> pb.NodeInfo:
+        info = pb.NodeInfo(
+            node_id=self.node_id, address=self.address, backend=self.backend, device=self.device,
+            dtype=self.dtype, packed=self.packed, memory_bytes=self.memory_bytes,
+            speed_gflops=self.speed_gflops, model_digest=self.model_digest,
+            layers_digest=self.layers_digest, version=self.version, threads=self.threads,
+        )  # fmt: skip
+        if self.layers is not None:
+            info.layers.CopyFrom(pb.LayerRange(start=self.layers.start, end=self.layers.end))
+        return info
+
+
+@dataclass
+class _Entry:
+    node: Node
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class Registry:
+    def __init__(self, model_digest: str, model_name: str, n_layers: int, node_timeout_s: float):
+        self.model_digest, self.model_name, self.n_layers = model_digest, model_name, n_layers
+        self.node_timeout_s = node_timeout_s
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def register(self, node: Node) -> None:
+        """Adds or replaces (a restarted node) a node; refuses a different model."""
+        if node.model_digest != self.model_digest:
+            raise PreconditionError(
+                f"model digest mismatch: node {node.node_id} has sha256 {node.model_digest[:16] or '(none)'}…, "
+                f"the coordinator serves {self.model_name} with sha256 {self.model_digest[:16]}…"
+            )
+        with self._lock:
+            old = self._entries.get(node.node_id)
+            if old is not None and old.node.local:
+                raise PreconditionError(f"node id {node.node_id!r} is the coordinator's own")
+            self._entries[node.node_id] = _Entry(node)
+
+    def heartbeat(self, node_id: str) -> None:
+        with self._lock:
+            e = self._entries.get(node_id)
+            if e is None:
+                raise NotFoundError(f"unknown node {node_id!r}: register first")
+            e.last_seen = time.monotonic()
+
+    def set_layers(self, node_id: str, layers: LayerRange, layers_digest: str) -> Node:
+        with self._lock:
+            e = self._entries[node_id]
+            e.node = replace(e.node, layers=layers, layers_digest=layers_digest)
+            return e.node
+
+    def is_alive(self, node_id: str, now: float | None = None) -> bool:
+        with self._lock:
+            e = self._entries.get(node_id)
+        return e is not None and self._alive(e, now or time.monotonic())
+
+    def _alive(self, e: _Entry, now: float) -> bool:
+        return e.node.local or now - e.last_seen <= self.node_timeout_s
+
+    def snapshot(self) -> list[tuple[Node, bool, float]]:
+        """(node, alive, seconds since last heartbeat) for every node, in registration order."""
+        now = time.monotonic()
+        with self._lock:
+            return [(e.node, self._alive(e, now), now - e.last_seen) for e in self._entries.values()]
+
+    def alive(self) -> list[Node]:
+        return [n for n, ok, _ in self.snapshot() if ok]
+
+    def get(self, node_id: str) -> Node:
+        with self._lock:
+            e = self._entries.get(node_id)
+        if e is None:
+            raise NotFoundError(f"unknown node {node_id!r}")
+        return e.node

@@ -1,0 +1,331 @@
+"""The coordinator process: node registry, placement, sessions and the token loop, over gRPC.
+
+It may host a stage itself (the seed topology: the last layers and the head), which it
+drives in-process through the same StageRunner a worker uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+import grpc
+
+import consortium
+from consortium.coordinator.loop import TokenLoop, stage_stats
+from consortium.coordinator.registry import Node, Registry
+from consortium.coordinator.stages import LocalStage, RemoteStage, StageHandle
+from consortium.core.config import CoordinatorConfig, SessionRequest
+from consortium.core.placement import (
+    Capacity,
+    Holder,
+    PlacementError,
+    check_tiling,
+    describe,
+    overlaps,
+    plan_flexible,
+    uncovered,
+)
+from consortium.core.session import RUNNING, Session, SessionNotFoundError, StageRef
+from consortium.errors import CacheError, InvalidRequestError
+from consortium.model.generate import check_request
+from consortium.model.gguf_file import GGUFModel
+from consortium.model.model import DTYPES, resolve_device
+from consortium.model.sampling import SamplingParams
+from consortium.model.tokenizer import GGUFTokenizer
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
+from consortium.transport.rpc import abort_for, bind, make_server
+from consortium.worker.runner import StageRunner, set_threads
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, cfg: CoordinatorConfig):
+        self.cfg = cfg
+        self.runner: StageRunner | None = None
+        self._handles: dict[str, StageHandle] = {}
+        self._handles_lock = threading.Lock()
+        self._placement_lock = threading.Lock()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions_lock = threading.Lock()
+        self._server: grpc.Server | None = None
+        self._stop = threading.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.cfg
+        set_threads(cfg.engine.threads)
+        self.device = resolve_device(cfg.engine.device)
+        engine = type(cfg.engine)(self.device, cfg.engine.dtype, cfg.engine.packed, cfg.engine.threads)
+        self.gguf = GGUFModel(cfg.model)
+        self.args = self.gguf.args
+        if cfg.layers is not None:
+            cfg.layers.check(self.args.n_layers)
+        self.tokenizer = GGUFTokenizer(self.gguf)
+        self.digest = self.gguf.digest
+        self.registry = Registry(self.digest, self.gguf.path.name, self.args.n_layers, cfg.node_timeout_s)
+        self.loop = TokenLoop(cfg, self.args, self.tokenizer)
+        self._server = make_server(max(32, cfg.max_sessions + 16), cfg.max_message_bytes)
+        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self), self._server)
+        self.port = bind(self._server, cfg.host, cfg.port)
+        self.address = f"{cfg.host}:{self.port}"
+        if cfg.layers is not None:
+            t0 = time.perf_counter()
+            self.runner = StageRunner(
+                self.gguf, cfg.layers, engine, cfg.kv_cache_bytes, cfg.session_idle_timeout_s
+            )
+            log.info("loaded layers %s (%s, %s) in %.1f s", cfg.layers, self.device, cfg.engine.dtype,
+                     time.perf_counter() - t0)  # fmt: skip
+            local = Node(
+                node_id=cfg.node_id, address=self.address, backend=self.device.split(":")[0], device=self.device,
+                dtype=cfg.engine.dtype, packed=cfg.engine.packed, memory_bytes=0, speed_gflops=0.0,
+                layers=cfg.layers, model_digest=self.digest, layers_digest=self.runner.layers_digest,
+                version=consortium.__version__, local=True,
+            )  # fmt: skip
+            self.registry.register(local)
+            self._handles[cfg.node_id] = LocalStage(cfg.node_id, self.runner)
+        self._server.start()
+        threading.Thread(target=self._expiry_loop, name="kv-expiry", daemon=True).start()
+        log.info("coordinator serving on %s, model %s (sha256 %s)", self.address, self.gguf.path, self.digest)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self._stop.set()
+        for s in list(self._sessions.values()):
+            s.cancel.set()
+        if self._server is not None:
+            self._server.stop(grace_s).wait(grace_s + 1)
+        with self._handles_lock:
+            for h in self._handles.values():
+                if isinstance(h, RemoteStage):
+                    h.shutdown()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    def _expiry_loop(self) -> None:
+        period = max(0.5, min(30.0, self.cfg.session_idle_timeout_s / 4))
+        while not self._stop.wait(period):
+            if self.runner is not None:
+                self.runner.expire()
+
+    # --- nodes -------------------------------------------------------------------------
+
+    def register(self, info: pb.NodeInfo) -> pb.RegisterResponse:
+        node = Node.from_proto(info, self.args.n_layers)
+        self.registry.register(node)
+        with self._handles_lock:
+            old = self._handles.get(node.node_id)
+            if not isinstance(old, RemoteStage) or old.address != node.address:
+                if isinstance(old, RemoteStage):
+                    old.shutdown()
+                self._handles[node.node_id] = RemoteStage(
+                    node.node_id, node.address, self.cfg.max_message_bytes
+                )
+        log.info("node %s registered from %s: layers %s, %s %s, %.1f GFLOP/s, %.1f GiB", node.node_id,
+                 node.address, node.layers or "unassigned", node.device, node.dtype, node.speed_gflops,
+                 node.memory_bytes / 2**30)  # fmt: skip
+        return pb.RegisterResponse(
+            node_id=node.node_id,
+            heartbeat_interval_s=self.cfg.heartbeat_interval_s,
+            n_layers=self.args.n_layers,
+        )
+
+    def _layer_bytes(self, dtype: str, packed: bool) -> int:
+        """Weight bytes of one layer in a node's compute format (placement's memory bound)."""
+        names = self.gguf.layer_names(0)
+        if packed:
+            return int(sum(self.gguf.raw(n).nbytes for n in names) * 1.25)
+        itemsize = DTYPES[dtype].itemsize
+        return sum(int(self.gguf.tensor(n).n_elements) for n in names) * itemsize
+
+    def route(self) -> list[StageRef]:
+        """The current pipeline; assigns ranges to live workers that have none if layers are uncovered."""
+        with self._placement_lock:
+            alive = self.registry.alive()
+            fixed = [Holder(n.node_id, n.layers) for n in alive if n.layers is not None]
+            flexible = [n for n in alive if n.layers is None]
+            gaps = uncovered(fixed, self.args.n_layers)
+            if gaps and flexible and not overlaps(fixed):
+                caps = [
+                    Capacity(
+                        n.node_id,
+                        n.speed_gflops,
+                        n.memory_bytes // max(1, self._layer_bytes(n.dtype, n.packed)),
+                    )
+                    for n in flexible
+                ]
+                for h in plan_flexible(gaps, caps):
+                    log.info("placement: %s gets layers %s", h.node_id, h.layers)
+                    info = self._handle(h.node_id).assign(h.layers, self.digest, self.cfg.assign_timeout_s)
+                    self.registry.set_layers(h.node_id, h.layers, info.layers_digest)
+                alive = self.registry.alive()
+            holders = [Holder(n.node_id, n.layers) for n in alive if n.layers is not None]
+            try:
+                order = check_tiling(holders, self.args.n_layers)
+            except PlacementError as e:
+                dead = [
+                    Holder(n.node_id, n.layers)
+                    for n, ok, _ in self.registry.snapshot()
+                    if not ok and n.layers
+                ]
+                waiting = [n.node_id for n in alive if n.layers is None]
+                extra = f"; not alive: {describe(dead)}" if dead else ""
+                extra += f"; without a range: {', '.join(waiting)}" if waiting else ""
+                raise PlacementError(f"{e}{extra}") from None
+            nodes = {n.node_id: n for n in alive}
+            return [
+                StageRef(
+                    i,
+                    h.node_id,
+                    nodes[h.node_id].address,
+                    h.layers,
+                    nodes[h.node_id].device,
+                    nodes[h.node_id].dtype,
+                    nodes[h.node_id].local,
+                )  # fmt: skip
+                for i, h in enumerate(order)
+            ]
+
+    def _handle(self, node_id: str) -> StageHandle:
+        with self._handles_lock:
+            return self._handles[node_id]
+
+    def status(self) -> pb.ClusterStatus:
+        st = pb.ClusterStatus(model_digest=self.digest, n_layers=self.args.n_layers)
+        for node, alive, age in self.registry.snapshot():
+            st.nodes.append(
+                pb.NodeStatus(node=node.to_proto(), alive=alive, heartbeat_age_s=age, local=node.local)
+            )
+        alive = self.registry.alive()
+        holders = [Holder(n.node_id, n.layers) for n in alive if n.layers is not None]
+        flexible = [n for n in alive if n.layers is None]
+        try:
+            order = check_tiling(holders, self.args.n_layers)
+            nodes = {n.node_id: n for n in alive}
+            for i, h in enumerate(order):
+                n = nodes[h.node_id]
+                st.route.append(pb.StageInfo(
+                    index=i, node_id=n.node_id, address=n.address,
+                    layers=pb.LayerRange(start=h.layers.start, end=h.layers.end),
+                    device=n.device, dtype=n.dtype, local=n.local,
+                ))  # fmt: skip
+        except PlacementError as e:
+            st.placement_error = str(e)
+            st.flexible_pending = bool(flexible) and not overlaps(holders)
+        with self._sessions_lock:
+            st.active_sessions = sum(s.state == RUNNING for s in self._sessions.values())
+        return st
+
+    # --- sessions ----------------------------------------------------------------------
+
+    def new_session(self, req: pb.GenerateRequest) -> Session:
+        if not req.prompt.strip():
+            raise InvalidRequestError("empty prompt")
+        if req.max_tokens <= 0:
+            raise InvalidRequestError(f"max-tokens must be positive, got {req.max_tokens}")
+        s = req.sampling
+        sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed)
+        ids = self.tokenizer.encode_prompt(req.prompt, chat=not req.no_chat)
+        ctx = self.args.context_length
+        check_request(ids, req.max_tokens, ctx)
+        with self._sessions_lock:
+            running = sum(x.state == RUNNING for x in self._sessions.values())
+        if running >= self.cfg.max_sessions:
+            raise CacheError(
+                f"{running} sessions running; the coordinator takes at most {self.cfg.max_sessions}"
+            )
+        stages = self.route()
+        session = Session(
+            session_id=uuid.uuid4().hex,
+            request=SessionRequest(req.prompt, req.max_tokens, sampling, not req.no_chat),
+            prompt_ids=ids,
+            max_tokens=min(req.max_tokens, ctx - len(ids)),
+            stages=stages,
+        )
+        with self._sessions_lock:
+            self._sessions[session.session_id] = session
+            self._trim_sessions()
+        log.info("session %s: %d prompt tokens, up to %d new, stages %s", session.session_id, len(ids),
+                 session.max_tokens, ", ".join(f"{r.node_id} {r.layers}" for r in stages))  # fmt: skip
+        return session
+
+    def _trim_sessions(self) -> None:
+        done = [s for s in self._sessions.values() if s.state != RUNNING]
+        for s in done[: max(0, len(done) - self.cfg.keep_finished)]:
+            del self._sessions[s.session_id]
+        for s in done[: max(0, len(done) - self.cfg.keep_history)]:
+            if s.frozen_stats is None:
+                s.drop_history()
+
+    def handles_for(self, session: Session) -> list[StageHandle]:
+        return [self._handle(r.node_id) for r in session.stages]
+
+    def session(self, session_id: str) -> Session:
+        with self._sessions_lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            raise SessionNotFoundError(f"unknown session {session_id!r}")
+        return s
+
+    def session_status(self, session_id: str) -> pb.SessionStatus:
+        s = self.session(session_id)
+        end = s.finished if s.finished is not None else time.monotonic()
+        return pb.SessionStatus(
+            session_id=s.session_id, state=s.state, prompt_tokens=len(s.prompt_ids),
+            generated_tokens=len(s.tokens), max_tokens=s.max_tokens, position=s.position,
+            stages=[stage_stats(x) for x in s.stats()], error=s.error, age_s=end - s.created,
+            tokens_per_second=s.tokens_per_second,
+        )  # fmt: skip
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator):
+        self.c = coordinator
+
+    def Register(self, request, context):
+        try:
+            return self.c.register(request.node)
+        except Exception as e:
+            abort_for(context, e)
+
+    def Heartbeat(self, request, context):
+        try:
+            self.c.registry.heartbeat(request.node_id)
+            return pb.HeartbeatResponse()
+        except Exception as e:
+            abort_for(context, e)
+
+    def Generate(self, request, context):
+        try:
+            session = self.c.new_session(request)
+        except Exception as e:
+            abort_for(context, e)
+        context.add_callback(session.cancel.set)  # client gone: stop at the next step
+        events = self.c.loop.run(session, self.c.handles_for(session))
+        try:
+            yield from events
+        except Exception as e:
+            abort_for(context, e)
+        finally:
+            events.close()
+            with self.c._sessions_lock:
+                self.c._trim_sessions()
+
+    def GetSession(self, request, context):
+        try:
+            return self.c.session_status(request.session_id)
+        except Exception as e:
+            abort_for(context, e)
+
+    def GetStatus(self, request, context):
+        try:
+            return self.c.status()
+        except Exception as e:
+            abort_for(context, e)

@@ -1,0 +1,84 @@
+"""Handles through which the token loop drives a stage: in-process (the coordinator's own
+layers) or over gRPC (a worker). Both take and return the same protobuf messages, and
+both end in a StageRunner, so the two paths validate and compute identically."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+
+from consortium.core.config import LayerRange
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
+from consortium.transport.rpc import RemoteError, make_channel
+from consortium.worker.runner import StageRunner
+
+
+class StageHandle(Protocol):
+    node_id: str
+
+    def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None: ...
+
+    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult: ...
+
+    def close(self, session_id: str, timeout_s: float) -> None: ...
+
+    def assign(self, layers: LayerRange, model_digest: str, timeout_s: float) -> pb.NodeInfo: ...
+
+
+def _range(layers: LayerRange) -> pb.LayerRange:
+    return pb.LayerRange(start=layers.start, end=layers.end)
+
+
+class LocalStage:
+    def __init__(self, node_id: str, runner: StageRunner):
+        self.node_id, self.runner = node_id, runner
+
+    def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None:
+        self.runner.open(
+            pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=_range(layers))
+        )
+
+    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
+        return self.runner.execute(order)
+
+    def close(self, session_id: str, timeout_s: float) -> None:
+        self.runner.close(pb.CloseSessionRequest(session_id=session_id))
+
+    def assign(self, layers: LayerRange, model_digest: str, timeout_s: float) -> pb.NodeInfo:
+        raise RemoteError("the coordinator's own stage is fixed at start")
+
+
+class RemoteStage:
+    def __init__(self, node_id: str, address: str, max_message_bytes: int):
+        self.node_id, self.address = node_id, address
+        self.channel = make_channel(address, max_message_bytes)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+
+    @property
+    def peer(self) -> str:
+        return f"node {self.node_id} at {self.address}"
+
+    def _call(self, method, request, timeout_s: float):
+        try:
+            return method(request, timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise RemoteError.from_rpc(e, self.peer) from e
+
+    def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None:
+        req = pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=_range(layers))
+        self._call(self.stub.OpenSession, req, timeout_s)
+
+    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
+        return self._call(self.stub.Execute, order, timeout_s)
+
+    def close(self, session_id: str, timeout_s: float) -> None:
+        self._call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout_s)
+
+    def assign(self, layers: LayerRange, model_digest: str, timeout_s: float) -> pb.NodeInfo:
+        req = pb.AssignLayersRequest(layers=_range(layers), model_digest=model_digest)
+        return self._call(self.stub.AssignLayers, req, timeout_s).node
+
+    def shutdown(self) -> None:
+        self.channel.close()

@@ -1,0 +1,1 @@
+"""Config, placement and session state shared by coordinator and workers (no networking)."""

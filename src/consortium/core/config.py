@@ -1,0 +1,130 @@
+"""One config dataclass per component, filled by the CLI (or tests) and validated here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from consortium.errors import ConsortiumError
+from consortium.model.sampling import SamplingParams
+from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True, order=True)
+class LayerRange:
+    """Half-open layer range [start, end): `10-20` means layers 10 .. 19."""
+
+    start: int
+    end: int
+
+    @classmethod
+    def parse(cls, text: str) -> LayerRange:
+        a, sep, b = text.strip().partition("-")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+            raise ConsortiumError(f"bad layer range {text!r}: expected START-END, half-open (e.g. 0-10)")
+        r = cls(int(a), int(b))
+        if r.start >= r.end:
+            raise ConsortiumError(f"empty layer range {text!r}: START must be below END (half-open)")
+        return r
+
+    def check(self, n_layers: int) -> LayerRange:
+        if not 0 <= self.start < self.end <= n_layers:
+            raise ConsortiumError(
+                f"layer range {self} is beyond the model's {n_layers} layers (half-open: 0 <= start < end <= {n_layers})"
+            )
+        return self
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __str__(self) -> str:
+        return f"{self.start}-{self.end}"
+
+
+def default_log_dir() -> Path:
+    env = os.environ.get("CONSORTIUM_LOG_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "consortium" / "logs"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a node runs its stage (the options of `consortium generate`)."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    packed: bool = False
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (thread count does not change results)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    layers: LayerRange | None = (
+        None  # the stage the coordinator hosts itself (seed topology: the last layers)
+    )
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    node_id: str = "coordinator"
+    heartbeat_interval_s: float = 2.0
+    node_timeout_s: float = 8.0  # no heartbeat for this long: the node is dead
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    kv_cache_bytes: int = 2 * 2**30  # budget of the coordinator's own stage
+    session_idle_timeout_s: float = 600.0
+    max_sessions: int = 16  # concurrent sessions
+    keep_finished: int = 64  # finished sessions kept for status
+    keep_history: int = 8  # finished sessions whose committed history stays in memory
+    step_timeout_s: float = 60.0  # deadline of a decode call to a worker
+    prefill_timeout_s: float = 300.0
+    assign_timeout_s: float = 600.0  # a worker loading the layers placement gave it
+    log_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+        if self.max_sessions < 1:
+            raise ConsortiumError("max-sessions must be at least 1")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    coordinator: str
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port
+    advertise: str | None = None  # address the coordinator dials; default host:port
+    layers: LayerRange | None = None  # None: the coordinator assigns a range by capacity
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    node_id: str | None = None
+    max_memory_bytes: int | None = None  # cap on the memory reported for placement
+    kv_cache_bytes: int = 2 * 2**30
+    session_idle_timeout_s: float = 600.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    register_timeout_s: float = 60.0  # keep trying to reach the coordinator this long at start
+    max_concurrency: int = 16
+    log_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """What a client asks the coordinator for (the `consortium generate` options)."""
+
+    prompt: str
+    max_tokens: int = 64
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    chat: bool = True
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    coordinator: str
+    connect_timeout_s: float = 10.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port < 65536:
+        raise ConsortiumError(f"port {port} outside 0..65535")

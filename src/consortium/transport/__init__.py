@@ -1,0 +1,1 @@
+"""Wire transport: generated gRPC stubs, tensor conversion and validation, channel helpers."""

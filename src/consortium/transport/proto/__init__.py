@@ -1,0 +1,1 @@
+# Generated from proto/consortium.proto by `python -m consortium.transport.codegen`; do not edit.

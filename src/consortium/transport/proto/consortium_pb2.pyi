@@ -1,0 +1,395 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FP32: _ClassVar[DType]
+    DTYPE_FP16: _ClassVar[DType]
+    DTYPE_BF16: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FP32: DType
+DTYPE_FP16: DType
+DTYPE_BF16: DType
+DTYPE_INT64: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LayerRange(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "address", "backend", "device", "dtype", "packed", "memory_bytes", "speed_gflops", "layers", "model_digest", "layers_digest", "version", "threads", "public_key")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPEED_GFLOPS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    backend: str
+    device: str
+    dtype: str
+    packed: bool
+    memory_bytes: int
+    speed_gflops: float
+    layers: LayerRange
+    model_digest: str
+    layers_digest: str
+    version: str
+    threads: int
+    public_key: bytes
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., packed: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., speed_gflops: _Optional[float] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., model_digest: _Optional[str] = ..., layers_digest: _Optional[str] = ..., version: _Optional[str] = ..., threads: _Optional[int] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: NodeInfo
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("node_id", "heartbeat_interval_s", "n_layers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    heartbeat_interval_s: float
+    n_layers: int
+    def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., n_layers: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("node_id", "active_sessions", "cache_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    active_sessions: int
+    cache_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AssignLayersRequest(_message.Message):
+    __slots__ = ("layers", "model_digest")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    layers: LayerRange
+    model_digest: str
+    def __init__(self, layers: _Optional[_Union[LayerRange, _Mapping]] = ..., model_digest: _Optional[str] = ...) -> None: ...
+
+class AssignLayersResponse(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: NodeInfo
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("session_id", "capacity", "layers")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    capacity: int
+    layers: LayerRange
+    def __init__(self, session_id: _Optional[str] = ..., capacity: _Optional[int] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("cache_bytes",)
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cache_bytes: int
+    def __init__(self, cache_bytes: _Optional[int] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("existed",)
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    existed: bool
+    def __init__(self, existed: _Optional[bool] = ...) -> None: ...
+
+class WorkOrder(_message.Message):
+    __slots__ = ("session_id", "step", "stage_index", "layers", "start_position", "input", "all_logits")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    ALL_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    stage_index: int
+    layers: LayerRange
+    start_position: int
+    input: Tensor
+    all_logits: bool
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., stage_index: _Optional[int] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., start_position: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., all_logits: _Optional[bool] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("session_id", "step", "start_position", "n_positions", "stage_index", "layers", "layers_digest", "input_digest", "output_digest", "node_id", "time_unix_ms", "signature")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    N_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    start_position: int
+    n_positions: int
+    stage_index: int
+    layers: LayerRange
+    layers_digest: str
+    input_digest: bytes
+    output_digest: bytes
+    node_id: str
+    time_unix_ms: int
+    signature: bytes
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., start_position: _Optional[int] = ..., n_positions: _Optional[int] = ..., stage_index: _Optional[int] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., layers_digest: _Optional[str] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ..., node_id: _Optional[str] = ..., time_unix_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class WorkResult(_message.Message):
+    __slots__ = ("session_id", "step", "start_position", "output", "compute_ms", "receipt")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    start_position: int
+    output: Tensor
+    compute_ms: float
+    receipt: Receipt
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., start_position: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_ms: _Optional[float] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+
+class WorkerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("node", "active_sessions", "cache_bytes", "cache_budget_bytes")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node: NodeInfo
+    active_sessions: int
+    cache_bytes: int
+    cache_budget_bytes: int
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_budget_bytes: _Optional[int] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "max_tokens", "sampling", "no_chat")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    NO_CHAT_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    max_tokens: int
+    sampling: Sampling
+    no_chat: bool
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., no_chat: _Optional[bool] = ...) -> None: ...
+
+class StageInfo(_message.Message):
+    __slots__ = ("index", "node_id", "address", "layers", "device", "dtype", "local")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    node_id: str
+    address: str
+    layers: LayerRange
+    device: str
+    dtype: str
+    local: bool
+    def __init__(self, index: _Optional[int] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., local: _Optional[bool] = ...) -> None: ...
+
+class StageStats(_message.Message):
+    __slots__ = ("stage", "prefill_ms", "mean_step_ms", "mean_compute_ms", "steps", "bytes_sent", "bytes_received")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    stage: StageInfo
+    prefill_ms: float
+    mean_step_ms: float
+    mean_compute_ms: float
+    steps: int
+    bytes_sent: int
+    bytes_received: int
+    def __init__(self, stage: _Optional[_Union[StageInfo, _Mapping]] = ..., prefill_ms: _Optional[float] = ..., mean_step_ms: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., steps: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class SessionStarted(_message.Message):
+    __slots__ = ("session_id", "prompt_tokens", "max_tokens", "stages")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    prompt_tokens: int
+    max_tokens: int
+    stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
+
+class TokenEvent(_message.Message):
+    __slots__ = ("token", "text")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    text: str
+    def __init__(self, token: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class SessionSummary(_message.Message):
+    __slots__ = ("session_id", "tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "stages", "stop_reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    prompt_tokens: int
+    tokens_per_second: float
+    time_to_first_token_s: float
+    stages: _containers.RepeatedCompositeFieldContainer[StageStats]
+    stop_reason: str
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("started", "token", "done")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    started: SessionStarted
+    token: TokenEvent
+    done: SessionSummary
+    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., token: _Optional[_Union[TokenEvent, _Mapping]] = ..., done: _Optional[_Union[SessionSummary, _Mapping]] = ...) -> None: ...
+
+class SessionStatusRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionStatus(_message.Message):
+    __slots__ = ("session_id", "state", "prompt_tokens", "generated_tokens", "max_tokens", "position", "stages", "error", "age_s", "tokens_per_second")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    state: str
+    prompt_tokens: int
+    generated_tokens: int
+    max_tokens: int
+    position: int
+    stages: _containers.RepeatedCompositeFieldContainer[StageStats]
+    error: str
+    age_s: float
+    tokens_per_second: float
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., position: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., error: _Optional[str] = ..., age_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+
+class ClusterStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node", "alive", "heartbeat_age_s", "local")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    node: NodeInfo
+    alive: bool
+    heartbeat_age_s: float
+    local: bool
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., alive: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., local: _Optional[bool] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("model_digest", "n_layers", "nodes", "route", "placement_error", "active_sessions", "flexible_pending")
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    FLEXIBLE_PENDING_FIELD_NUMBER: _ClassVar[int]
+    model_digest: str
+    n_layers: int
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    route: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    placement_error: str
+    active_sessions: int
+    flexible_pending: bool
+    def __init__(self, model_digest: _Optional[str] = ..., n_layers: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., placement_error: _Optional[str] = ..., active_sessions: _Optional[int] = ..., flexible_pending: _Optional[bool] = ...) -> None: ...

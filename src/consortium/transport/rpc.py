@@ -1,0 +1,145 @@
+"""gRPC plumbing shared by coordinator, workers and clients: channels, servers, status codes.
+
+Servers map library errors to status codes in one table (`abort_for`); clients turn a
+failed call back into a one-line ConsortiumError (`RemoteError.from_rpc`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from concurrent import futures
+
+import grpc
+
+from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
+from consortium.model.kv_pool import UnknownSessionError
+from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES, grpc_message_options
+
+log = logging.getLogger(__name__)
+
+
+class NotFoundError(ConsortiumError):
+    """Unknown session or node (NOT_FOUND)."""
+
+
+class PreconditionError(ConsortiumError):
+    """The request is well formed but the state does not allow it (FAILED_PRECONDITION)."""
+
+
+class OutOfRangeError(ConsortiumError):
+    """Positions beyond what the session reserved (OUT_OF_RANGE)."""
+
+
+class RemoteError(ConsortiumError):
+    """A call to another process failed; `code` is the gRPC status."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN):
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError, peer: str) -> RemoteError:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = (e.details() if hasattr(e, "details") else str(e)) or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            reason = "connection refused" if "onnection refused" in details else one_line(details, 200)
+            text = f"cannot reach {peer} ({reason or 'unavailable'})"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            text = f"{peer} did not answer in time"
+        else:
+            text = f"{peer}: {one_line(details)} [{code.name}]"
+        return cls(text, code)
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# Order matters: the first matching class wins (subclasses before their bases).
+_STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (UnknownSessionError, grpc.StatusCode.NOT_FOUND),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CacheError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RemoteError, grpc.StatusCode.UNAVAILABLE),
+    (ConsortiumError, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for cls, code in _STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def abort_for(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """Ends the call with the status for `exc` (raises, as context.abort does)."""
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error")
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    else:
+        message = str(exc)
+    context.abort(code, one_line(message, 2000))
+
+
+def make_server(max_workers: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=grpc_message_options(max_message_bytes) + [("grpc.so_reuseport", 0)],
+    )
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Binds host:port (0 = any free port); a clear error if the port is taken."""
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(target)
+    except RuntimeError as e:
+        raise ConsortiumError(f"cannot listen on {target}: {e}") from e
+    if bound == 0:
+        raise ConsortiumError(f"cannot listen on {target} (port in use?)")
+    return bound
+
+
+def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=grpc_message_options(max_message_bytes))
+
+
+def check_address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConsortiumError(f"bad address {address!r}: expected host:port")
+    return address
+
+
+def wait_ready(channel: grpc.Channel, address: str, timeout_s: float) -> None:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError as e:
+        raise RemoteError(
+            f"cannot reach {address} (no answer within {timeout_s:g} s)", grpc.StatusCode.UNAVAILABLE
+        ) from e
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for launching local processes)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_address_towards(address: str) -> str:
+    """This machine's IP on the route to `address` (what a peer there can dial back)."""
+    host = address.rpartition(":")[0].strip("[]")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))  # UDP connect sends nothing; it only picks the route
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

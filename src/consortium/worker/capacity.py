@@ -1,0 +1,45 @@
+"""What a node offers for placement: memory and a measured speed."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from consortium.model.model import DTYPES
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for weights and caches on the device (host RAM for cpu and mps)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def measure_speed_gflops(device: str, dtype: str, seconds: float = 0.3, n: int = 4096) -> float:
+    """Matrix-vector throughput (GFLOP/s) in the compute dtype: decode is bound by this,
+    and the matrix is large enough (n x n) to stream from memory rather than cache."""
+    tdt = DTYPES[dtype]
+    w = torch.randn(n, n, device=device).to(tdt)
+    x = torch.randn(1, n, device=device).to(tdt)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        F.linear(x, w)
+        sync()
+        calls, t0 = 0, time.perf_counter()
+        while True:
+            F.linear(x, w)
+            calls += 1
+            if calls % 4 == 0:
+                sync()
+                elapsed = time.perf_counter() - t0
+                if elapsed >= seconds:
+                    break
+    return 2.0 * n * n * calls / elapsed / 1e9

@@ -1,0 +1,256 @@
+"""The worker process: holds a layer range, registers with the coordinator, heartbeats,
+and executes the coordinator's work orders over gRPC."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import grpc
+
+import consortium
+from consortium.core.config import LayerRange, WorkerConfig
+from consortium.errors import ConsortiumError
+from consortium.model.gguf_file import GGUFModel
+from consortium.model.model import resolve_device
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
+from consortium.transport.rpc import (
+    PreconditionError,
+    RemoteError,
+    abort_for,
+    bind,
+    check_address,
+    local_address_towards,
+    make_channel,
+    make_server,
+    one_line,
+)
+from consortium.worker.capacity import available_memory, measure_speed_gflops
+from consortium.worker.runner import StageRunner, set_threads
+
+log = logging.getLogger(__name__)
+REFUSED = (
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,
+)
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    def __init__(self, node: WorkerNode):
+        self.node = node
+
+    def _runner(self) -> StageRunner:
+        r = self.node.runner
+        if r is None:
+            raise PreconditionError(f"node {self.node.node_id} holds no layers yet (waiting for placement)")
+        return r
+
+    def AssignLayers(self, request, context):
+        try:
+            return pb.AssignLayersResponse(node=self.node.assign(request))
+        except Exception as e:
+            abort_for(context, e)
+
+    def OpenSession(self, request, context):
+        try:
+            return self._runner().open(request)
+        except Exception as e:
+            abort_for(context, e)
+
+    def CloseSession(self, request, context):
+        try:
+            return self._runner().close(request)
+        except Exception as e:
+            abort_for(context, e)
+
+    def Execute(self, request, context):
+        try:
+            return self._runner().execute(request)
+        except Exception as e:
+            abort_for(context, e)
+
+    def GetStatus(self, request, context):
+        r = self.node.runner
+        return pb.WorkerStatus(
+            node=self.node.info(),
+            active_sessions=len(r.pool) if r else 0,
+            cache_bytes=r.pool.used_bytes if r else 0,
+            cache_budget_bytes=self.node.cfg.kv_cache_bytes,
+        )
+
+
+class WorkerNode:
+    def __init__(self, cfg: WorkerConfig):
+        check_address(cfg.coordinator)
+        self.cfg = cfg
+        self.node_id = cfg.node_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self.runner: StageRunner | None = None
+        self.address = ""
+        self.heartbeat_interval_s = 2.0
+        self._assign_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server: grpc.Server | None = None
+        self._channel: grpc.Channel | None = None
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Loads the model (only its layers), serves, and registers; raises ConsortiumError."""
+        cfg = self.cfg
+        set_threads(cfg.engine.threads)
+        self.device = resolve_device(cfg.engine.device)
+        self.engine = type(cfg.engine)(self.device, cfg.engine.dtype, cfg.engine.packed, cfg.engine.threads)
+        self.gguf = GGUFModel(cfg.model)
+        if cfg.layers is not None:
+            cfg.layers.check(self.gguf.args.n_layers)
+        self.model_digest = self.gguf.digest
+        if cfg.layers is not None:
+            self._load(cfg.layers)
+        self.memory_bytes = available_memory(self.device)
+        if cfg.max_memory_bytes is not None:
+            self.memory_bytes = min(self.memory_bytes, cfg.max_memory_bytes)
+        self.speed_gflops = measure_speed_gflops(self.device, cfg.engine.dtype)
+        self._server = make_server(cfg.max_concurrency, cfg.max_message_bytes)
+        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(self), self._server)
+        port = bind(self._server, cfg.host, cfg.port)
+        self._server.start()
+        host = cfg.host
+        if host in ("0.0.0.0", "::", ""):
+            host = local_address_towards(cfg.coordinator)
+        self.address = cfg.advertise or f"{host}:{port}"
+        self.port = port
+        log.info("worker %s serving on %s:%d (advertised %s)", self.node_id, cfg.host, port, self.address)
+        self._channel = make_channel(cfg.coordinator, cfg.max_message_bytes)
+        self._coordinator = pb_grpc.CoordinatorStub(self._channel)
+        self._register(deadline=time.monotonic() + cfg.register_timeout_s)
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._expiry_loop, "kv-expiry")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.stop(grace_s).wait(grace_s + 1)
+        if self._channel is not None:
+            self._channel.close()
+
+    def wait(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+
+    # --- layers ------------------------------------------------------------------------
+
+    def _load(self, layers: LayerRange) -> None:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        self.runner = StageRunner(
+            self.gguf, layers, self.engine, cfg.kv_cache_bytes, cfg.session_idle_timeout_s
+        )
+        log.info(
+            "loaded layers %s (%s, %s) in %.1f s",
+            layers,
+            self.device,
+            cfg.engine.dtype,
+            time.perf_counter() - t0,
+        )
+
+    def assign(self, req: pb.AssignLayersRequest) -> pb.NodeInfo:
+        """Placement gave this node a range: load it (once)."""
+        if req.model_digest != self.model_digest:
+            raise PreconditionError(
+                f"assignment for model {req.model_digest[:12]}… but this node has {self.model_digest[:12]}…"
+            )
+        layers = LayerRange(req.layers.start, req.layers.end).check(self.gguf.args.n_layers)
+        with self._assign_lock:
+            if self.runner is None:
+                self._load(layers)
+            elif self.runner.layers != layers:
+                raise PreconditionError(
+                    f"node {self.node_id} already holds layers {self.runner.layers}, not {layers}"
+                )
+        return self.info()
+
+    def info(self) -> pb.NodeInfo:
+        cfg, r = self.cfg, self.runner
+        info = pb.NodeInfo(
+            node_id=self.node_id,
+            address=self.address,
+            backend=self.device.split(":")[0],
+            device=self.device,
+            dtype=cfg.engine.dtype,
+            packed=cfg.engine.packed,
+            memory_bytes=self.memory_bytes,
+            speed_gflops=self.speed_gflops,
+            model_digest=self.model_digest,
+            version=consortium.__version__,
+            threads=_threads(),
+        )
+        if r is not None:
+            info.layers.CopyFrom(pb.LayerRange(start=r.layers.start, end=r.layers.end))
+            info.layers_digest = r.layers_digest
+        return info
+
+    # --- coordinator -------------------------------------------------------------------
+
+    def _register(self, deadline: float) -> None:
+        """Registers, retrying while the coordinator is unreachable; a refusal is final."""
+        addr = self.cfg.coordinator
+        while True:
+            try:
+                resp = self._coordinator.Register(pb.RegisterRequest(node=self.info()), timeout=10)
+                self.heartbeat_interval_s = resp.heartbeat_interval_s or self.heartbeat_interval_s
+                log.info("registered with the coordinator at %s as %s", addr, self.node_id)
+                return
+            except grpc.RpcError as e:
+                if e.code() in REFUSED:
+                    raise ConsortiumError(
+                        f"coordinator at {addr} refused this worker: {one_line(e.details() or '')}"
+                    ) from e
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    raise RemoteError.from_rpc(e, f"coordinator at {addr}") from e
+                time.sleep(0.2)
+
+    def _heartbeat_loop(self) -> None:
+        warned = False
+        while not self._stop.wait(self.heartbeat_interval_s):
+            r = self.runner
+            req = pb.HeartbeatRequest(
+                node_id=self.node_id,
+                active_sessions=len(r.pool) if r else 0,
+                cache_bytes=r.pool.used_bytes if r else 0,
+            )
+            try:
+                self._coordinator.Heartbeat(req, timeout=max(self.heartbeat_interval_s, 1.0))
+                if warned:
+                    log.info("coordinator reachable again")
+                warned = False
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    return
+                if e.code() == grpc.StatusCode.NOT_FOUND:  # coordinator restarted or forgot us
+                    log.info("coordinator does not know this node; registering again")
+                    try:
+                        self._register(deadline=time.monotonic())
+                    except ConsortiumError as err:
+                        log.error("registering again failed: %s", err)
+                elif not warned:
+                    log.warning("heartbeat failed: %s", RemoteError.from_rpc(e, "coordinator"))
+                    warned = True
+
+    def _expiry_loop(self) -> None:
+        period = max(0.5, min(30.0, self.cfg.session_idle_timeout_s / 4))
+        while not self._stop.wait(period):
+            if self.runner is not None:
+                self.runner.expire()
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

@@ -167,6 +167,14 @@ def generate(
         )
 
 
+# --- pipeline: coordinator, worker, session, demo (cli/pipeline.py) ------------------------
+
+from consortium.cli.pipeline import COMMANDS as _PIPELINE_COMMANDS  # noqa: E402  (needs the helpers above)
+
+for _command in _PIPELINE_COMMANDS:
+    cli.add_command(_command)
+
+
 def main() -> None:
     cli(prog_name="consortium")
 

@@ -109,12 +109,14 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: Tensor, eps: float):
+    """Normalises the fp32 residual stream in fp32, hands the result on in the compute dtype."""
+
+    def __init__(self, weight: Tensor, eps: float, out_dtype: torch.dtype):
         super().__init__()
-        self.weight, self.eps = weight, eps
+        self.weight, self.eps, self.out_dtype = weight, eps, out_dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps).to(self.out_dtype)
 
 
 def apply_rope(x: Tensor, freqs_cis: Tensor) -> Tensor:
@@ -196,20 +198,22 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
     def forward(self, x: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
-        h = x + self.attn(self.attn_norm(x), freqs_cis, k_cache, v_cache, pos)
-        return h + self.ffn(self.ffn_norm(h))
+        # The residual stream stays fp32 whatever the compute dtype (as llama.cpp does): hidden
+        # states reach |x| ~ 800, where fp16/bf16 sums would lose most of the honest precision.
+        h = x + self.attn(self.attn_norm(x), freqs_cis, k_cache, v_cache, pos).float()
+        return h + self.ffn(self.ffn_norm(h)).float()
 
 
 class Embedding(nn.Module):
     """Token rows dequantized on demand from the memory-mapped GGUF (never the whole table)."""
 
-    def __init__(self, gguf: GGUFModel, dtype: torch.dtype, device: str):
+    def __init__(self, gguf: GGUFModel, device: str):
         super().__init__()
-        self.gguf, self.dtype, self.device = gguf, dtype, device
+        self.gguf, self.device = gguf, device
 
     def forward(self, ids: Tensor) -> Tensor:
         rows = self.gguf.dequantize("token_embd.weight", rows=ids.cpu().numpy())
-        return torch.from_numpy(rows).to(device=self.device, dtype=self.dtype)
+        return torch.from_numpy(rows).to(device=self.device)
 
 
 # --- weight loading -------------------------------------------------------------------
@@ -278,8 +282,9 @@ def _linear(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Linear:
     return Linear(weight=torch.from_numpy(w).to(device=spec.device, dtype=spec.torch_dtype))
 
 
-def _vector(gguf: GGUFModel, name: str, spec: StageSpec) -> Tensor:
-    return torch.from_numpy(gguf.dequantize(name)).to(device=spec.device, dtype=spec.torch_dtype)
+def _norm(gguf: GGUFModel, name: str, spec: StageSpec) -> RMSNorm:
+    weight = torch.from_numpy(gguf.dequantize(name)).to(spec.device)
+    return RMSNorm(weight, gguf.args.norm_eps, spec.torch_dtype)
 
 
 def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:
@@ -294,10 +299,7 @@ def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:
         _linear(gguf, [p + "ffn_gate.weight", p + "ffn_up.weight"], spec),
         _linear(gguf, [p + "ffn_down.weight"], spec),
     )
-    return Block(
-        RMSNorm(_vector(gguf, p + "attn_norm.weight", spec), args.norm_eps), attn,
-        RMSNorm(_vector(gguf, p + "ffn_norm.weight", spec), args.norm_eps), ffn,
-    )  # fmt: skip
+    return Block(_norm(gguf, p + "attn_norm.weight", spec), attn, _norm(gguf, p + "ffn_norm.weight", spec), ffn)
 
 
 class Stage(nn.Module):
@@ -318,14 +320,14 @@ class Stage(nn.Module):
         if spec.packed and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             raise ConsortiumError(f"packed int4 weights need a newer PyTorch than {torch.__version__}")
         self.args, self.spec, self.gguf = args, spec, gguf
-        dt, dev = spec.torch_dtype, spec.device
+        dev = spec.device
 
-        self.embed = Embedding(gguf, dt, dev) if spec.start == 0 else None
+        self.embed = Embedding(gguf, dev) if spec.start == 0 else None
         blocks = [load_block(gguf, i, spec) for i in range(spec.start, spec.end)]
         self.layers = nn.ModuleList(blocks)
         self.is_last = spec.end == args.n_layers
         if self.is_last:
-            self.norm = RMSNorm(_vector(gguf, "output_norm.weight", spec), args.norm_eps)
+            self.norm = _norm(gguf, "output_norm.weight", spec)
             self.output = _linear(gguf, ["token_embd.weight" if args.tied_head else "output.weight"], spec)
         factors = gguf.dequantize("rope_freqs.weight") if gguf.has("rope_freqs.weight") else None
         self.freqs_cis = rope_freqs(args, factors).to(dev)
@@ -347,9 +349,9 @@ class Stage(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: Tensor, cache: KVCache, all_logits: bool = False) -> Tensor:
-        """x: token ids [S] (first stage) or hidden states [S, dim]. Returns hidden states
-        [S, dim], or fp32 logits ([S, vocab] if all_logits else [1, vocab]) on the last stage.
-        Positions are cache.length .. cache.length + S - 1."""
+        """x: token ids [S] (first stage) or hidden states [S, dim]. Returns the fp32 residual
+        stream [S, dim], or fp32 logits ([S, vocab] if all_logits else [1, vocab]) on the last
+        stage. Positions are cache.length .. cache.length + S - 1."""
         pos, S = cache.length, x.shape[0]
         if S == 0:
             raise InvalidRequestError("no positions to compute")
@@ -357,10 +359,7 @@ class Stage(nn.Module):
             raise CacheError(
                 f"positions {pos}..{pos + S - 1} exceed the session's cache capacity {cache.capacity}"
             )
-        if self.embed is not None:
-            x = self.embed(x)
-        else:
-            x = x.to(device=self.spec.device, dtype=self.spec.torch_dtype)
+        x = self.embed(x) if self.embed is not None else x.to(device=self.spec.device, dtype=torch.float32)
         freqs_cis = self.freqs_cis[pos : pos + S]
         for i, layer in enumerate(self.layers):
             x = layer(x, freqs_cis, cache.k[i], cache.v[i], pos)

@@ -85,6 +85,7 @@ def _serve(node, role: str, banner, log_path: Path, exit_with_parent: bool) -> N
                     stop.set()
 
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    log.info("starting %s (pid %d)", role, os.getpid())
     try:
         try:
             node.start()
@@ -334,13 +335,14 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         note(f"cluster ready in {time.perf_counter() - t0:.1f} s; prompt: {prompt!r}")
         with Client(ClientConfig(cluster.address)) as client:
             report = client.run(req, on_text=None if as_json else _print_delta)
+        if not as_json:
+            click.echo()
     finally:
         cluster.stop()
         note("all processes stopped")
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return
-    click.echo()
     for line in format_report(report):
         click.echo(line)
 

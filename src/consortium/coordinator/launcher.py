@@ -85,7 +85,9 @@ class LocalCluster:
         args = ["--device", e.device, "--dtype", e.dtype, "--packed" if e.packed else "--no-packed"]
         return args + (["--threads", str(e.threads)] if e.threads else [])
 
-    def start(self, timeout_s: float = 120.0) -> None:
+    def start(self, timeout_s: float = 120.0, complete: bool = True) -> None:
+        """Starts every process and waits until all nodes are registered and, if `complete`,
+        their ranges make a pipeline (or await placement)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         coord = ["coordinator", "start", "--model", str(self.model), "--host", self.host,
                  "--port", str(self.port), *self._engine_args(), *self.coordinator_args]  # fmt: skip
@@ -104,12 +106,12 @@ class LocalCluster:
         try:
             for p in self.processes:  # workers retry registration until the coordinator listens
                 p.start(env)
-            self.wait_ready(timeout_s)
+            self.wait_ready(timeout_s, complete)
         except BaseException:
             self.stop()
             raise
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, complete: bool = True) -> None:
         """Polls the coordinator until every node is registered and alive."""
         from consortium.coordinator.client import Client
         from consortium.core.config import ClientConfig
@@ -127,7 +129,7 @@ class LocalCluster:
                 try:
                     st = client.cluster_status()
                     alive = sum(n["alive"] for n in st["nodes"])
-                    if alive >= expected and (st["route"] or st["flexible_pending"]):
+                    if alive >= expected and (st["route"] or st["flexible_pending"] or not complete):
                         return
                     last = st["placement_error"] or f"{alive} of {expected} nodes registered"
                 except ConsortiumError as e:

@@ -1,0 +1,71 @@
+"""Placement with real processes: a gap or an overlap is a clear error at session start,
+and workers started without --layers get ranges by capacity and compute the same tokens."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import start_cluster
+
+from consortium.coordinator.client import Client
+from consortium.coordinator.launcher import LocalProcess
+from consortium.core.config import ClientConfig, LayerRange, SessionRequest
+from consortium.errors import ConsortiumError
+from consortium.model.generate import generate, load_single_node
+from consortium.transport.rpc import free_port
+
+
+def _wait_nodes(client: Client, n: int, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = client.cluster_status()
+        if sum(x["alive"] for x in st["nodes"]) >= n:
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"only {st['nodes']} registered")
+
+
+def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp_path):
+    cluster = start_cluster(
+        request, tiny_gguf, tmp_path, LayerRange(3, 4), [LayerRange(0, 2)], complete=False
+    )
+    client = Client(ClientConfig(cluster.address))
+    request.addfinalizer(client.close)
+    assert "gap 2-3" in client.cluster_status()["placement_error"]
+    with pytest.raises(ConsortiumError) as e:
+        client.run(SessionRequest("x", max_tokens=2))
+    msg = str(e.value)
+    assert "layer ranges do not tile [0, 4): gap 2-3 (no node holds these layers)" in msg
+    assert "ranges: worker-0 0-2, coordinator 3-4" in msg and "[FAILED_PRECONDITION]" in msg
+
+    port = free_port()
+    extra = LocalProcess("extra", ["worker", "start", "--coordinator", cluster.address, "--model", str(tiny_gguf),
+                                   "--layers", "1-3", "--port", str(port), "--node-id", "extra"],
+                         tmp_path / "extra.log", port)  # fmt: skip
+    cluster.processes.append(extra)  # stopped with the cluster
+    extra.start({})
+    _wait_nodes(client, 3)
+    with pytest.raises(ConsortiumError, match=r"overlap 1-2 \(worker-0 0-2 and extra 1-3\)"):
+        client.run(SessionRequest("x", max_tokens=2))
+
+
+def test_workers_without_layers_get_ranges_by_capacity(request, tiny_gguf, tmp_path):
+    # worker-1 offers 3 MiB: one layer of the tiny model in fp32 (2.4 MB) fits, two do not
+    cluster = start_cluster(request, tiny_gguf, tmp_path, LayerRange(3, 4), [None, None],
+                            worker_args=[[], ["--max-memory-mb", "3"]])  # fmt: skip
+    client = Client(ClientConfig(cluster.address))
+    request.addfinalizer(client.close)
+    st = client.cluster_status()
+    assert st["flexible_pending"] and not st["route"]
+    req = SessionRequest("the cat sat", max_tokens=12)
+    report = client.run(req)
+    layers = {s.node_id: s.layers for s in report.stages}
+    assert layers == {"worker-0": [0, 2], "worker-1": [2, 3], "coordinator": [3, 4]}
+    route = client.cluster_status()["route"]
+    assert [r["layers"] for r in route] == [[0, 2], [2, 3], [3, 4]]
+    _, stage, tok = load_single_node(str(tiny_gguf))
+    assert (
+        report.tokens
+        == generate(stage, tok, tok.encode_prompt(req.prompt, chat=True), 12, req.sampling).tokens
+    )

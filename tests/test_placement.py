@@ -1,0 +1,89 @@
+"""Placement: exact tiling of fixed ranges, proportional split for workers without one."""
+
+from __future__ import annotations
+
+import pytest
+
+from consortium.core.config import LayerRange
+from consortium.core.placement import (
+    Capacity,
+    Holder,
+    PlacementError,
+    check_tiling,
+    plan_flexible,
+    split_range,
+    uncovered,
+)
+from consortium.errors import ConsortiumError
+
+L = LayerRange
+
+
+def test_layer_range_parse_is_half_open():
+    r = L.parse("10-20")
+    assert (r.start, r.end, len(r), str(r)) == (10, 20, 10, "10-20")
+    for bad in ("10", "20-10", "5-5", "a-b", "-3-4"):
+        with pytest.raises(ConsortiumError):
+            L.parse(bad)
+    with pytest.raises(ConsortiumError, match="beyond the model's 30 layers"):
+        L(20, 31).check(30)
+
+
+def test_tiling_in_pipeline_order():
+    hs = [Holder("c", L(20, 30)), Holder("a", L(0, 10)), Holder("b", L(10, 20))]
+    assert [h.node_id for h in check_tiling(hs, 30)] == ["a", "b", "c"]
+
+
+def test_gap_and_overlap_are_listed():
+    hs = [Holder("c", L(20, 30)), Holder("a", L(0, 12)), Holder("b", L(10, 15))]
+    with pytest.raises(PlacementError) as e:
+        check_tiling(hs, 30)
+    msg = str(e.value)
+    assert "overlap 10-12 (a 0-12 and b 10-15)" in msg
+    assert "gap 15-20" in msg
+    assert "ranges: a 0-12, b 10-15, c 20-30" in msg
+    with pytest.raises(PlacementError, match="gap 0-30"):
+        check_tiling([], 30)
+    with pytest.raises(PlacementError, match="beyond the model's 30 layers"):
+        check_tiling([Holder("a", L(0, 31))], 30)
+
+
+def test_uncovered():
+    assert uncovered([Holder("a", L(3, 5))], 8) == [L(0, 3), L(5, 8)]
+    assert uncovered([Holder("a", L(0, 8))], 8) == []
+
+
+def test_split_is_proportional_to_speed():
+    hs = split_range(L(0, 20), [Capacity("slow", 1, 100), Capacity("fast", 3, 100)])
+    assert hs == [Holder("fast", L(0, 15)), Holder("slow", L(15, 20))]
+
+
+def test_split_respects_memory_caps():
+    hs = split_range(L(0, 20), [Capacity("fast", 10, 4), Capacity("slow", 1, 100)])
+    assert {h.node_id: len(h.layers) for h in hs} == {"fast": 4, "slow": 16}
+    with pytest.raises(PlacementError, match="can hold 5 layers"):
+        split_range(L(0, 20), [Capacity("a", 1, 2), Capacity("b", 1, 3)])
+
+
+def test_very_slow_nodes_stay_standby():
+    hs = split_range(L(0, 4), [Capacity("fast", 100, 100), Capacity("crawl", 1, 100)])
+    assert hs == [Holder("fast", L(0, 4))]
+    # ... unless memory needs them
+    hs = split_range(L(0, 4), [Capacity("fast", 100, 3), Capacity("crawl", 1, 100)])
+    assert {h.node_id: len(h.layers) for h in hs} == {"fast": 3, "crawl": 1}
+
+
+def test_split_tiles_the_gap_exactly():
+    for n in range(1, 12):
+        for speeds in ([1.0], [1, 1], [5, 1, 1], [1, 2, 3, 4]):
+            caps = [Capacity(f"n{i}", s, 100) for i, s in enumerate(speeds)]
+            hs = split_range(L(7, 7 + n), caps)
+            check_tiling(hs + [Holder("x", L(0, 7))], 7 + n)
+
+
+def test_plan_flexible_fills_several_gaps():
+    caps = [Capacity("a", 1, 100), Capacity("b", 1, 100), Capacity("c", 1, 100)]
+    plan = plan_flexible([L(0, 10), L(20, 30)], caps)
+    check_tiling(plan + [Holder("coord", L(10, 20))], 30)
+    with pytest.raises(PlacementError, match="only 1 worker"):
+        plan_flexible([L(0, 10), L(20, 30)], caps[:1])

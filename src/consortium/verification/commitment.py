@@ -19,10 +19,12 @@ DOMAIN = b"consortium.commitment.v1"
 
 @dataclass(frozen=True)
 class CommitHeader:
+    """What the bytes are: who produced them (stage index; -1 = the token ids fed to the
+    first stage), for which positions, in which dtype and shape. The consumer can rebuild
+    the header of its input, so stage k's input digest is stage k-1's output digest."""
+
     session_id: str
-    stage_index: int  # -1 for the token ids fed to the first stage
-    layer_start: int
-    layer_end: int
+    stage_index: int
     start_position: int
     n_positions: int
     dtype: str  # fp32 | fp16 | bf16 | int64
@@ -34,8 +36,7 @@ class CommitHeader:
         return b"".join([
             DOMAIN,
             struct.pack(">I", len(sid)), sid,
-            struct.pack(">iiiqq", self.stage_index, self.layer_start, self.layer_end,
-                        self.start_position, self.n_positions),
+            struct.pack(">iqq", self.stage_index, self.start_position, self.n_positions),
             struct.pack(">I", len(dt)), dt,
             struct.pack(">I", len(self.shape)), *(struct.pack(">q", s) for s in self.shape),
         ])  # fmt: skip
@@ -50,7 +51,7 @@ def digest(header: CommitHeader, data: bytes) -> bytes:
 
 def tokens_header(session_id: str, start_position: int, n: int) -> CommitHeader:
     """Header of the token ids a first stage consumes (the root of the digest chain)."""
-    return CommitHeader(session_id, -1, 0, 0, start_position, n, "int64", (n,))
+    return CommitHeader(session_id, -1, start_position, n, "int64", (n,))
 
 
 def token_digest(session_id: str, start_position: int, ids: list[int]) -> bytes:

@@ -1,0 +1,218 @@
+"""Identity, commitments, receipts, tolerance comparison, cheats and the ledger."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+import torch
+
+from consortium.errors import ConsortiumError
+from consortium.identity import IdentityError, NodeIdentity, node_id_for, verify_signature
+from consortium.verification.commitment import CommitHeader, digest, seed_style_hash, token_digest
+from consortium.verification.ledger import Ledger, LedgerError
+from consortium.verification.misbehave import Misbehaviour, requantize
+from consortium.verification.receipts import Receipt, ReceiptError, check_chain
+from consortium.verification.tolerance import Tolerance, compare_rows, tolerance_class
+
+
+def test_identity_created_once_with_mode_0600(tmp_path):
+    a = NodeIdentity.load_or_create(tmp_path / "data")
+    key = tmp_path / "data" / "node.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    b = NodeIdentity.load_or_create(tmp_path / "data")
+    assert a.node_id == b.node_id == node_id_for(a.public_key)
+    assert a.node_id != NodeIdentity.generate().node_id
+
+
+def test_identity_bad_key_files(tmp_path):
+    key = tmp_path / "node.key"
+    key.write_bytes(b"short")
+    os.chmod(key, 0o600)
+    with pytest.raises(IdentityError, match="malformed"):
+        NodeIdentity.load(key)
+    key.write_bytes(b"x" * 32)
+    os.chmod(key, 0o644)
+    with pytest.raises(IdentityError, match="accessible by others"):
+        NodeIdentity.load(key)
+    with pytest.raises(IdentityError, match="cannot read"):
+        NodeIdentity.load(tmp_path / "missing.key")
+
+
+def test_signatures():
+    ident = NodeIdentity.generate()
+    sig = ident.sign(b"hello")
+    assert verify_signature(ident.public_key, sig, b"hello")
+    assert not verify_signature(ident.public_key, sig, b"hellO")
+    assert not verify_signature(ident.public_key, sig[:-1], b"hello")  # truncated
+    assert not verify_signature(b"\x00" * 31, sig, b"hello")
+    assert not verify_signature(NodeIdentity.generate().public_key, sig, b"hello")
+
+
+def _receipt(ident: NodeIdentity, stage: int, inp: bytes, out: bytes, step: int = 0) -> Receipt:
+    return Receipt("s1", step, 0, 3, stage, 10 * stage, 10 * stage + 10, "ab" * 32, inp, out, ident.node_id,
+                   1_700_000_000_000).signed(ident)  # fmt: skip
+
+
+def test_receipt_signature_binds_every_field():
+    ident = NodeIdentity.generate()
+    r = _receipt(ident, 0, b"i" * 32, b"o" * 32)
+    r.check_signature(ident.public_key)
+    from dataclasses import fields, replace
+
+    for f in fields(Receipt):
+        if f.name in ("signature", "node_id"):
+            continue
+        v = getattr(r, f.name)
+        bad = replace(
+            r, **{f.name: (v + 1) if isinstance(v, int) else v[:-1] + (b"X" if isinstance(v, bytes) else "X")}
+        )
+        with pytest.raises(ReceiptError, match="bad signature"):
+            bad.check_signature(ident.public_key)
+    other = NodeIdentity.generate()
+    with pytest.raises(ReceiptError, match="checked against the key of"):
+        r.check_signature(other.public_key)
+    with pytest.raises(ReceiptError):
+        replace(r, signature=b"garbage").check_signature(ident.public_key)
+    with pytest.raises(ReceiptError):
+        r.check_signature(b"short")
+    with pytest.raises(ReceiptError, match="signer is"):
+        replace(r, node_id="someone-else").signed(ident)
+
+
+def test_digest_chain():
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    t = token_digest("s1", 0, [1, 2, 3])
+    r0, r1 = _receipt(a, 0, t, b"h" * 32), _receipt(b, 1, b"h" * 32, b"o" * 32)
+    check_chain([r1, r0], t)
+    with pytest.raises(ReceiptError, match="chain broken at stage 1"):
+        check_chain([r0, _receipt(b, 1, b"x" * 32, b"o" * 32)], t)
+    with pytest.raises(ReceiptError, match="chain broken at stage 0"):
+        check_chain([r0, r1], token_digest("s1", 0, [1, 2, 4]))
+
+
+def test_commitment_binds_header_and_bytes():
+    h = CommitHeader("s", 1, 5, 2, "fp32", (2, 576))
+    data = torch.randn(2, 576).numpy().tobytes()
+    d = digest(h, data)
+    assert len(d) == 32 and d == digest(h, data)
+    assert d != digest(CommitHeader("s", 1, 6, 2, "fp32", (2, 576)), data)
+    assert d != digest(CommitHeader("s", 0, 5, 2, "fp32", (2, 576)), data)
+    assert d != digest(h, data[:-1] + b"\x00")
+    assert token_digest("s", 0, [1, 2]) != token_digest("s", 1, [1, 2])
+
+
+def test_compare_rows_and_classes():
+    torch.manual_seed(0)
+    ref = torch.randn(4, 576)
+    cmp = compare_rows(ref + 1e-6 * torch.randn(4, 576), ref)
+    assert cmp.worst_rel_l2 < 1e-5
+    bad = ref.clone()
+    bad[2, 7] = -bad[2].abs().max() * 3
+    cmp = compare_rows(bad, ref)
+    tol = Tolerance("t", 1e-3, 0.5)
+    assert cmp.failing_rows(tol) == [2]
+    nan = ref.clone()
+    nan[1, 0] = float("nan")
+    assert compare_rows(nan, ref).failing_rows(tol) == [1]
+    strict, loose = tolerance_class("fp32", "fp16"), tolerance_class("fp32", "bf16")
+    assert strict.name == "strict" and loose.name == "loose"
+    assert strict.rel_l2 < loose.rel_l2
+
+
+def test_seed_style_hash_is_brittle():
+    x = torch.randn(8, 576) * 10
+    assert seed_style_hash(x) == seed_style_hash(x.clone())
+    # a difference of 3e-5 that straddles the middle of two 1/64 grid points changes the hash
+    y, z = x.clone(), x.clone()
+    y[0, 0], z[0, 0] = 1 / 128 - 2**-16, 1 / 128 + 2**-16
+    assert seed_style_hash(y)[0] != seed_style_hash(z)[0]
+
+
+def test_misbehaviour_is_refused_unless_enabled(monkeypatch):
+    monkeypatch.delenv("CONSORTIUM_ALLOW_MISBEHAVE", raising=False)
+    with pytest.raises(ConsortiumError, match="for tests only"):
+        Misbehaviour.parse("skip-layer")
+    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
+    assert Misbehaviour.parse("noise=0.01") == Misbehaviour("noise", 0.01)
+    for bad in ["teleport", "noise=abc", "skip-layer=3"]:
+        with pytest.raises(ConsortiumError):
+            Misbehaviour.parse(bad)
+
+
+def test_output_cheats():
+    x = torch.randn(3, 64)
+    flipped = Misbehaviour("flip-max").corrupt_output(x, 0)
+    i = x.abs().argmax(-1)
+    assert torch.equal(flipped.gather(-1, i[:, None]), -x.gather(-1, i[:, None]))
+    noisy = Misbehaviour("noise", 0.01).corrupt_output(x, 0)
+    rel = ((noisy - x).norm(dim=-1) / x.norm(dim=-1)).mean()
+    assert 0.005 < rel < 0.02
+    w = torch.randn(16, 64)
+    assert 0 < (requantize(w, 4) - w).norm() / w.norm() < 0.2
+    assert 0 < (requantize(w, 8) - w).norm() / w.norm() < 0.01
+
+
+def test_ledger_records_and_verifies(tmp_path):
+    led = Ledger(tmp_path / "ledger.db")
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    for n in (a, b):
+        led.upsert_node(n.node_id, n.public_key, "127.0.0.1:1", "cpu", "fp32")
+    led.create_session("s1", [1, 2, 3], {"seed": 0}, [])
+    keys = {a.node_id: a.public_key, b.node_id: b.public_key}
+    t = token_digest("s1", 0, [1, 2, 3])
+    led.add_receipts([_receipt(a, 0, t, b"h" * 32), _receipt(b, 1, b"h" * 32, b"o" * 32)], keys)
+    led.put_token("s1", 3, 42)
+    s = led.verify_session("s1")
+    assert (s.receipts, s.steps, s.tokens) == (2, 1, 1)
+
+    led.add_audit("s1", 1, 2, b.node_id, "coordinator", False, "strict", 0.5, 3.0, 0)
+    led.add_evidence(b.node_id, "s1", "audit-failed", {"rel_l2": 0.5})
+    led.ban(b.node_id, "failed audit")
+    assert led.is_banned(b.node_id) and led.banned_nodes() == [b.node_id]
+    assert led.score(b.node_id).audits_failed == 1
+    led.close()
+
+    # reopened: everything persisted
+    again = Ledger(tmp_path / "ledger.db", create=False)
+    assert again.banned_nodes() == [b.node_id] and again.tokens("s1") == [42]
+    again.close()
+
+    # tampering with any stored row makes verification fail
+    for sql in [
+        "UPDATE receipts SET output_digest=X'00' WHERE stage_index=1",
+        "UPDATE receipts SET step=5 WHERE stage_index=0",
+        "UPDATE receipts SET public_key=(SELECT public_key FROM receipts WHERE stage_index=0) WHERE stage_index=1",
+        "UPDATE sessions SET prompt_ids='[1, 2, 4]'",
+    ]:
+        copy = tmp_path / "copy.db"
+        copy.unlink(missing_ok=True)
+        src = sqlite3.connect(tmp_path / "ledger.db")
+        src.execute(f"VACUUM INTO '{copy}'")
+        src.close()
+        db = sqlite3.connect(copy)
+        db.execute(sql)
+        db.commit()
+        db.close()
+        with pytest.raises(LedgerError):
+            Ledger(copy, create=False).verify_session("s1")
+
+
+def test_ledger_bad_files(tmp_path):
+    with pytest.raises(LedgerError, match="ledger not found"):
+        Ledger(tmp_path / "none.db", create=False)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"definitely not sqlite" * 100)
+    with pytest.raises(LedgerError, match="cannot open ledger"):
+        Ledger(junk)
+    led = Ledger(tmp_path / "ro.db")
+    led.create_session("s", [1], {}, [])
+    led.close()
+    ro = Ledger(tmp_path / "ro.db", readonly=True)
+    with pytest.raises(LedgerError, match="write failed"):
+        ro.put_token("s", 1, 5)
+    assert ro.session("s")["tokens"] == []  # nothing lost, nothing half-written
+    with pytest.raises(LedgerError, match="unknown session"):
+        ro.verify_session("nope")

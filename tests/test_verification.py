@@ -216,3 +216,40 @@ def test_ledger_bad_files(tmp_path):
     assert ro.session("s")["tokens"] == []  # nothing lost, nothing half-written
     with pytest.raises(LedgerError, match="unknown session"):
         ro.verify_session("nope")
+
+
+def test_work_receipt_round_trip_and_every_lie():
+    from consortium.transport.proto import consortium_pb2 as pb
+    from consortium.transport.tensors import WireTensor
+    from consortium.verification.receipts import check_work_receipt, input_digest, make_receipt, to_proto
+
+    node = NodeIdentity.generate()
+    inp = WireTensor.from_tokens([5, 6, 7])
+    out = WireTensor.from_torch(torch.randn(3, 8))
+    order = pb.WorkOrder(session_id="s", step=0, stage_index=0, layers=pb.LayerRange(start=0, end=10),
+                         start_position=0, input=inp.to_proto())  # fmt: skip
+    r = to_proto(make_receipt(node, order, "d" * 64, inp, out))
+    want_in = token_digest("s", 0, [5, 6, 7])
+    assert input_digest("s", 0, 0, inp) == want_in
+    check_work_receipt(r, order, node.public_key, "d" * 64, want_in, out)
+
+    with pytest.raises(ReceiptError, match="no receipt"):
+        check_work_receipt(pb.Receipt(), order, node.public_key, "d" * 64, want_in, out)
+    with pytest.raises(ReceiptError, match="bad signature"):
+        bad = pb.Receipt()
+        bad.CopyFrom(r)
+        bad.signature = bytes(64)
+        check_work_receipt(bad, order, node.public_key, "d" * 64, want_in, out)
+    later = pb.WorkOrder()
+    later.CopyFrom(order)
+    later.step, later.start_position = 1, 3
+    with pytest.raises(ReceiptError, match="replayed or forged"):
+        check_work_receipt(r, later, node.public_key, "d" * 64, want_in, out)
+    with pytest.raises(ReceiptError, match="layer weights"):
+        check_work_receipt(r, order, node.public_key, "e" * 64, want_in, out)
+    with pytest.raises(ReceiptError, match="chain broken"):
+        check_work_receipt(r, order, node.public_key, "d" * 64, token_digest("s", 0, [5, 6, 8]), out)
+    with pytest.raises(ReceiptError, match="output digest"):
+        check_work_receipt(
+            r, order, node.public_key, "d" * 64, want_in, WireTensor.from_torch(torch.randn(3, 8))
+        )

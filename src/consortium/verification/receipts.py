@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, replace
 
 from consortium.errors import ConsortiumError
 from consortium.identity import NodeIdentity, node_id_for, verify_signature
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.tensors import WireTensor
+from consortium.verification.commitment import CommitHeader, digest
 
 DOMAIN = b"consortium.receipt.v1"
 
@@ -75,3 +79,86 @@ def check_chain(receipts: list[Receipt], first_input_digest: bytes) -> None:
                 f"input {r.input_digest.hex()[:16]}… does not match {expected.hex()[:16]}…"
             )
         expected = r.output_digest
+
+
+# --- on the wire ---------------------------------------------------------------------------
+
+
+def output_header(session_id: str, stage_index: int, start_position: int, w: WireTensor) -> CommitHeader:
+    return CommitHeader(session_id, stage_index, start_position, w.rows, w.dtype, tuple(w.shape))
+
+
+def input_digest(session_id: str, stage_index: int, start_position: int, w: WireTensor) -> bytes:
+    """Digest of a stage's input as its producer committed it (stage -1: the token ids)."""
+    return digest(output_header(session_id, stage_index - 1, start_position, w), w.data)
+
+
+def output_digest(session_id: str, stage_index: int, start_position: int, w: WireTensor) -> bytes:
+    return digest(output_header(session_id, stage_index, start_position, w), w.data)
+
+
+def make_receipt(
+    identity: NodeIdentity, order: pb.WorkOrder, layers_digest: str, inp: WireTensor, out: WireTensor
+) -> Receipt:
+    """What a worker signs for one work order it executed."""
+    return Receipt(
+        session_id=order.session_id,
+        step=order.step,
+        start_position=order.start_position,
+        n_positions=inp.rows,
+        stage_index=order.stage_index,
+        layer_start=order.layers.start,
+        layer_end=order.layers.end,
+        layers_digest=layers_digest,
+        input_digest=input_digest(order.session_id, order.stage_index, order.start_position, inp),
+        output_digest=output_digest(order.session_id, order.stage_index, order.start_position, out),
+        node_id=identity.node_id,
+        time_unix_ms=int(time.time() * 1000),
+    ).signed(identity)
+
+
+def to_proto(r: Receipt) -> pb.Receipt:
+    return pb.Receipt(
+        session_id=r.session_id, step=r.step, start_position=r.start_position, n_positions=r.n_positions,
+        stage_index=r.stage_index, layers=pb.LayerRange(start=r.layer_start, end=r.layer_end),
+        layers_digest=r.layers_digest, input_digest=r.input_digest, output_digest=r.output_digest,
+        node_id=r.node_id, time_unix_ms=r.time_unix_ms, signature=r.signature,
+    )  # fmt: skip
+
+
+def from_proto(m: pb.Receipt) -> Receipt:
+    return Receipt(
+        m.session_id, m.step, m.start_position, m.n_positions, m.stage_index, m.layers.start, m.layers.end,
+        m.layers_digest, bytes(m.input_digest), bytes(m.output_digest), m.node_id, m.time_unix_ms,
+        bytes(m.signature),
+    )  # fmt: skip
+
+
+def check_work_receipt(
+    msg: pb.Receipt,
+    order: pb.WorkOrder,
+    public_key: bytes,
+    expected_layers_digest: str,
+    expected_input_digest: bytes,
+    out: WireTensor,
+) -> Receipt:
+    """The coordinator's check before it uses a result: signature by the node's registered
+    key, the receipt describes this very order, the layers are the model's, the input is
+    what was sent (the digest chain), and the output digest commits to the bytes received.
+    Raises ReceiptError (fraud evidence) on any mismatch."""
+    if not msg.ByteSize():
+        raise ReceiptError(f"no receipt for step {order.step} of stage {order.stage_index}")
+    r = from_proto(msg)
+    r.check_signature(public_key)
+    want = (order.session_id, order.step, order.start_position, order.stage_index, order.layers.start,
+            order.layers.end)  # fmt: skip
+    got = (r.session_id, r.step, r.start_position, r.stage_index, r.layer_start, r.layer_end)
+    if got != want:
+        raise ReceiptError(f"receipt describes {got}, not the work order {want} (replayed or forged)")
+    if r.layers_digest != expected_layers_digest:
+        raise ReceiptError(f"receipt names layer weights {r.layers_digest[:16]}…, not the model's")
+    if r.input_digest != expected_input_digest:
+        raise ReceiptError("receipt's input digest is not the digest of the input sent (chain broken)")
+    if r.output_digest != output_digest(order.session_id, order.stage_index, order.start_position, out):
+        raise ReceiptError("receipt's output digest does not commit to the output received")
+    return r

@@ -157,14 +157,18 @@ class Ledger:
 
     # --- sessions and tokens ---------------------------------------------------------------
 
-    def create_session(self, session_id: str, prompt_ids: list[int], params: dict, stages: list[dict]) -> None:
+    def create_session(
+        self, session_id: str, prompt_ids: list[int], params: dict, stages: list[dict]
+    ) -> None:
         self._write([(
             "INSERT INTO sessions (session_id, created, status, prompt_ids, params, stages) VALUES (?,?,?,?,?,?)",
             (session_id, time.time(), "running", json.dumps(prompt_ids), json.dumps(params), json.dumps(stages)),
         )])  # fmt: skip
 
     def set_session_status(self, session_id: str, status: str, error: str | None = None) -> None:
-        self._write([("UPDATE sessions SET status=?, error=? WHERE session_id=?", (status, error, session_id))])
+        self._write(
+            [("UPDATE sessions SET status=?, error=? WHERE session_id=?", (status, error, session_id))]
+        )
 
     def session(self, session_id: str) -> dict | None:
         rows = self._query(
@@ -183,7 +187,10 @@ class Ledger:
     def sessions(self, status: str | None = None) -> list[str]:
         if status is None:
             return [r[0] for r in self._query("SELECT session_id FROM sessions ORDER BY created")]
-        return [r[0] for r in self._query("SELECT session_id FROM sessions WHERE status=? ORDER BY created", (status,))]
+        return [
+            r[0]
+            for r in self._query("SELECT session_id FROM sessions WHERE status=? ORDER BY created", (status,))
+        ]
 
     def put_token(self, session_id: str, position: int, token: int) -> None:
         self._write([
@@ -199,7 +206,12 @@ class Ledger:
         ])  # fmt: skip
 
     def tokens(self, session_id: str) -> list[int]:
-        return [r[0] for r in self._query("SELECT token FROM tokens WHERE session_id=? ORDER BY position", (session_id,))]
+        return [
+            r[0]
+            for r in self._query(
+                "SELECT token FROM tokens WHERE session_id=? ORDER BY position", (session_id,)
+            )
+        ]
 
     def event(self, session_id: str, kind: str, detail: dict) -> None:
         self._write([
@@ -304,7 +316,9 @@ class Ledger:
             first = min(rs, key=lambda r: r.stage_index)
             start, n = first.start_position, first.n_positions
             if start + n > len(ids):
-                raise LedgerError(f"step {step} covers positions {start}..{start + n - 1} beyond the stored tokens")
+                raise LedgerError(
+                    f"step {step} covers positions {start}..{start + n - 1} beyond the stored tokens"
+                )
             try:
                 check_chain(rs, token_digest(session_id, start, ids[start : start + n]))
             except ReceiptError as e:

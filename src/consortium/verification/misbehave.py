@@ -16,7 +16,16 @@ from torch import Tensor
 from consortium.errors import ConsortiumError
 from consortium.model.model import Block, Linear, Stage, load_block
 
-KINDS = ("skip-layer", "noise", "wrong-weights", "int4-weights", "int8-weights", "flip-max", "bad-signature", "replay")
+KINDS = (
+    "skip-layer",
+    "noise",
+    "wrong-weights",
+    "int4-weights",
+    "int8-weights",
+    "flip-max",
+    "bad-signature",
+    "replay",
+)
 ENABLE_ENV = "CONSORTIUM_ALLOW_MISBEHAVE"
 
 
@@ -49,7 +58,9 @@ class Misbehaviour:
             try:
                 sigma = float(arg)
             except ValueError:
-                raise ConsortiumError(f"noise needs a relative sigma, e.g. noise=0.01 (got {text!r})") from None
+                raise ConsortiumError(
+                    f"noise needs a relative sigma, e.g. noise=0.01 (got {text!r})"
+                ) from None
             return cls(kind, sigma)
         if arg:
             raise ConsortiumError(f"misbehaviour {kind} takes no argument")

@@ -179,3 +179,22 @@ def test_packed_linear_reproduces_each_format(gguf, qtype):
     ref = x @ w.T
     out = lin(x.to(torch.bfloat16)).float()
     assert (out - ref).norm() / ref.norm() < 1e-2
+
+
+def test_stage_reads_only_its_own_layers(tiny_gguf):
+    """A stage dequantizes the tensors of its own layers and nothing else (no embedding/head)."""
+    touched: list[str] = []
+
+    class Spy(GGUFModel):
+        def dequantize(self, name, rows=None):
+            touched.append(name)
+            return super().dequantize(name, rows)
+
+        def raw(self, name):
+            touched.append(name)
+            return super().raw(name)
+
+    Stage(Spy(tiny_gguf), StageSpec(1, 3))
+    layers = {n.split(".")[1] for n in touched if n.startswith("blk.")}
+    assert layers == {"1", "2"}
+    assert not [n for n in touched if not n.startswith("blk.")]

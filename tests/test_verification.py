@@ -72,14 +72,12 @@ def test_receipt_signature_binds_every_field():
         with pytest.raises(ReceiptError, match="bad signature"):
             bad.check_signature(ident.public_key)
     other = NodeIdentity.generate()
-    with pytest.raises(ReceiptError, match="checked against the key of"):
+    with pytest.raises(ReceiptError, match="bad signature"):
         r.check_signature(other.public_key)
     with pytest.raises(ReceiptError):
         replace(r, signature=b"garbage").check_signature(ident.public_key)
     with pytest.raises(ReceiptError):
         r.check_signature(b"short")
-    with pytest.raises(ReceiptError, match="signer is"):
-        replace(r, node_id="someone-else").signed(ident)
 
 
 def test_digest_chain():
@@ -228,7 +226,7 @@ def test_work_receipt_round_trip_and_every_lie():
     out = WireTensor.from_torch(torch.randn(3, 8))
     order = pb.WorkOrder(session_id="s", step=0, stage_index=0, layers=pb.LayerRange(start=0, end=10),
                          start_position=0, input=inp.to_proto())  # fmt: skip
-    r = to_proto(make_receipt(node, order, "d" * 64, inp, out))
+    r = to_proto(make_receipt(node, "w0", order, "d" * 64, inp, out))
     want_in = token_digest("s", 0, [5, 6, 7])
     assert input_digest("s", 0, 0, inp) == want_in
     check_work_receipt(r, order, node.public_key, "d" * 64, want_in, out)

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from consortium.cli.main import cli
 from consortium.core.config import SessionRequest
 from consortium.errors import ConsortiumError
+from consortium.identity import NodeIdentity
 from consortium.model.generate import generate, load_single_node
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.sampling import SamplingParams
@@ -217,10 +218,15 @@ def test_coordinator_refuses_bad_registrations(tiny_cluster, client_for):
 
     def node(**kw) -> pb.RegisterRequest:
         base = dict(node_id="intruder", address="127.0.0.1:9", dtype="fp32", model_digest=digest,
-                    layers=pb.LayerRange(start=0, end=1))  # fmt: skip
+                    layers=pb.LayerRange(start=0, end=1), public_key=NodeIdentity.generate().public_key)  # fmt: skip
         return pb.RegisterRequest(node=pb.NodeInfo(**{**base, **kw}))
 
     try:
+        code, msg = _code(lambda: stub.Register(node(public_key=b"")))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "public key" in msg
+        # an id stays bound to the key it first registered with
+        code, msg = _code(lambda: stub.Register(node(node_id="worker-0")))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "bound to another public key" in msg
         code, msg = _code(lambda: stub.Register(node(model_digest="0" * 64)))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "model digest mismatch" in msg
         code, msg = _code(lambda: stub.Register(node(layers=pb.LayerRange(start=2, end=9))))

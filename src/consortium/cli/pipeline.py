@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from consortium.cli.main import Group, engine_options, model_option, sampling_options
+from consortium.cli.common import Group, engine_options, model_option, sampling_options
 from consortium.core.config import (
     ClientConfig,
     CoordinatorConfig,
@@ -24,7 +24,9 @@ from consortium.core.config import (
     LayerRange,
     SessionRequest,
     WorkerConfig,
+    check_probability,
     default_log_dir,
+    read_allowed_keys,
 )
 from consortium.errors import ConsortiumError
 
@@ -105,6 +107,18 @@ def _serve(node, role: str, banner, log_path: Path, exit_with_parent: bool) -> N
         log.info("stopped")
 
 
+def audit_options(f):
+    f = click.option("--audit-probability", type=float, default=None, callback=_probability,
+                     help="Share of work units audited (default 0.2).")(f)  # fmt: skip
+    f = click.option("--audit-seed", type=int, default=None,
+                     help="Choose audited units reproducibly (default: a CSPRNG).")(f)  # fmt: skip
+    return f
+
+
+def _probability(ctx, param, value):
+    return None if value is None else check_probability(value)
+
+
 # --- coordinator -------------------------------------------------------------------------
 
 
@@ -126,8 +140,14 @@ def coordinator() -> None:
 @click.option("--node-timeout", type=float, default=8.0, show_default=True, callback=_positive,
               help="Seconds without a heartbeat after which a node counts as dead.")  # fmt: skip
 @click.option("--max-sessions", type=int, default=16, show_default=True, callback=_positive)
+@audit_options
+@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="SQLite ledger of receipts, audits, evidence, bans (default: a new one in a temporary folder).")  # fmt: skip
+@click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Admit only workers whose public key (hex, one per line) is listed.")  # fmt: skip
 def coordinator_start(model, port, layers, device, dtype, packed, host, threads, kv_cache_mb, session_idle_timeout,
-                      max_message_mb, log_file, exit_with_parent, heartbeat_interval, node_timeout, max_sessions):  # fmt: skip
+                      max_message_mb, log_file, exit_with_parent, heartbeat_interval, node_timeout, max_sessions,
+                      audit_probability, audit_seed, ledger, allow_keys):  # fmt: skip
     """Serve the node registry, sessions and the token loop (optionally hosting --layers)."""
     from consortium.coordinator.server import Coordinator
     from consortium.core.logs import setup_logging
@@ -135,6 +155,8 @@ def coordinator_start(model, port, layers, device, dtype, packed, host, threads,
     path = setup_logging("coordinator", log_file, port)
     click.echo(f"log: {path}")
     cfg = CoordinatorConfig(
+        audit_probability=0.2 if audit_probability is None else audit_probability, audit_seed=audit_seed,
+        ledger=ledger, allow_keys=read_allowed_keys(allow_keys) if allow_keys else None,
         model=_model_path(model), host=host, port=port, layers=layers,
         engine=EngineConfig(device, dtype, packed, threads), heartbeat_interval_s=heartbeat_interval,
         node_timeout_s=node_timeout, max_message_bytes=max_message_mb * MB, kv_cache_bytes=kv_cache_mb * MB,
@@ -197,9 +219,14 @@ def worker() -> None:
               help="Memory offered for placement (default: what is free on the device).")  # fmt: skip
 @click.option("--register-timeout", type=float, default=60.0, show_default=True, callback=_positive,
               help="Seconds to keep trying to reach the coordinator at start.")  # fmt: skip
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Holds this node's Ed25519 key (default $CONSORTIUM_DATA_DIR or ~/.local/share/consortium).")  # fmt: skip
+@click.option("--misbehave", default=None, metavar="KIND",
+              help="TESTS ONLY (needs CONSORTIUM_ALLOW_MISBEHAVE=1): cheat as KIND: skip-layer, noise=SIGMA, "
+                   "wrong-weights, int4-weights, int8-weights, flip-max, bad-signature, replay.")  # fmt: skip
 def worker_start(coordinator_address, port, model, layers, device, dtype, packed, host, threads, kv_cache_mb,
                  session_idle_timeout, max_message_mb, log_file, exit_with_parent, advertise, node_id,
-                 max_memory_mb, register_timeout):  # fmt: skip
+                 max_memory_mb, register_timeout, data_dir, misbehave):  # fmt: skip
     """Hold a layer range, register with the coordinator and execute its work orders."""
     from consortium.core.logs import setup_logging
     from consortium.worker.server import WorkerNode
@@ -211,7 +238,7 @@ def worker_start(coordinator_address, port, model, layers, device, dtype, packed
         layers=layers, engine=EngineConfig(device, dtype, packed, threads), node_id=node_id,
         max_memory_bytes=max_memory_mb * MB if max_memory_mb else None, kv_cache_bytes=kv_cache_mb * MB,
         session_idle_timeout_s=session_idle_timeout, max_message_bytes=max_message_mb * MB,
-        register_timeout_s=register_timeout, log_file=path,
+        register_timeout_s=register_timeout, log_file=path, data_dir=data_dir, misbehave=misbehave,
     )  # fmt: skip
 
     def banner(w) -> str:
@@ -243,8 +270,22 @@ def _print_delta(delta: str) -> None:
 @click.option("--no-chat", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True, callback=_positive)
+@audit_options
+@click.option("--no-wait-audits", is_flag=True, help="Finish without waiting for pending audits.")
 def session_run(
-    address, prompt, max_tokens, seed, temperature, top_k, top_p, no_chat, as_json, connect_timeout
+    address,
+    prompt,
+    max_tokens,
+    seed,
+    temperature,
+    top_k,
+    top_p,
+    no_chat,
+    as_json,
+    connect_timeout,
+    audit_probability,
+    audit_seed,
+    no_wait_audits,
 ):
     """Generate through the pipeline: streams text, then a per-stage summary."""
     from consortium.coordinator.client import Client, format_report
@@ -255,10 +296,17 @@ def session_run(
     if not prompt.strip():
         raise ConsortiumError("empty prompt")
     req = SessionRequest(
-        prompt, max_tokens, SamplingParams(temperature, top_k, top_p, seed), chat=not no_chat
+        prompt,
+        max_tokens,
+        SamplingParams(temperature, top_k, top_p, seed),
+        chat=not no_chat,
+        audit_probability=audit_probability,
+        audit_seed=audit_seed,
+        wait_audits=not no_wait_audits,
     )
     with Client(ClientConfig(address, connect_timeout_s=connect_timeout)) as client:
-        report = client.run(req, on_text=None if as_json else _print_delta)
+        report = client.run(req, on_text=None if as_json else _print_delta,
+                            on_rollback=None if as_json else _print_rollback)  # fmt: skip
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return
@@ -301,8 +349,12 @@ def session_status(address, session_id, as_json):
 @click.option("--no-chat", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the three processes log (default: a new demo-* folder under the log directory).")  # fmt: skip
+@audit_options
+@click.option("--no-wait-audits", is_flag=True, help="Finish without waiting for pending audits.")
+@click.option("--misbehave", default=None, metavar="KIND",
+              help="TESTS ONLY (needs CONSORTIUM_ALLOW_MISBEHAVE=1): the worker of the middle layers cheats as KIND.")  # fmt: skip
 def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, device, dtype, packed, no_chat,
-         log_dir):  # fmt: skip
+         log_dir, audit_probability, audit_seed, no_wait_audits, misbehave):  # fmt: skip
     """Start a coordinator (last third of the layers) and two workers here, run one session, stop all."""
     from consortium.coordinator.client import Client, format_report
     from consortium.coordinator.launcher import LocalCluster, thirds
@@ -312,8 +364,18 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
 
     note = lambda text: click.echo(text, err=True)  # noqa: E731  (stdout stays text or JSON only)
     req = SessionRequest(
-        prompt, max_tokens, SamplingParams(temperature, top_k, top_p, seed), chat=not no_chat
+        prompt,
+        max_tokens,
+        SamplingParams(temperature, top_k, top_p, seed),
+        chat=not no_chat,
+        audit_probability=audit_probability,
+        audit_seed=audit_seed,
+        wait_audits=not no_wait_audits,
     )
+    if misbehave:
+        from consortium.verification.misbehave import Misbehaviour
+
+        Misbehaviour.parse(misbehave)  # refused here, before anything starts, unless enabled
     if model is None and not default_model_path().is_file():
         note("pulling the default model ...")
         path = pull(quiet=as_json)
@@ -321,7 +383,8 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         path = _model_path(model)
     first, second, last = thirds(GGUFModel(path).args.n_layers)
     log_dir = log_dir or default_log_dir() / time.strftime("demo-%Y%m%d-%H%M%S")
-    cluster = LocalCluster(path, last, [first, second], log_dir, EngineConfig(device, dtype, packed))
+    cluster = LocalCluster(path, last, [first, second], log_dir, EngineConfig(device, dtype, packed),
+                           worker_args=[[], ["--misbehave", misbehave] if misbehave else []])  # fmt: skip
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         note(
@@ -334,7 +397,8 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         cluster.start()
         note(f"cluster ready in {time.perf_counter() - t0:.1f} s; prompt: {prompt!r}")
         with Client(ClientConfig(cluster.address)) as client:
-            report = client.run(req, on_text=None if as_json else _print_delta)
+            report = client.run(req, on_text=None if as_json else _print_delta,
+                                on_rollback=None if as_json else _print_rollback)  # fmt: skip
         if not as_json:
             click.echo()
     finally:
@@ -345,6 +409,12 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         return
     for line in format_report(report):
         click.echo(line)
+
+
+def _print_rollback(ev) -> None:
+    sys.stdout.write(f"\n[rollback to position {ev.position}: stage {ev.stage} node {ev.node_id} caught "
+                     f"({ev.reason}); now on {ev.new_node_id}, {ev.kept_tokens} tokens kept]\n")  # fmt: skip
+    sys.stdout.flush()
 
 
 def _raise_interrupt(*_) -> None:

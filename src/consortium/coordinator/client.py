@@ -53,6 +53,9 @@ class SessionReport:
     session_id: str
     stop_reason: str
     stages: list[StageReport]
+    audits: dict  # total, passed, failed, pending
+    rollbacks: list[dict]  # stage, position, node, reason, kept_tokens, new_node
+    banned_nodes: list[str]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,13 +96,19 @@ class Client:
         req: SessionRequest,
         on_text: Callable[[str], None] | None = None,
         on_start: Callable[[pb.SessionStarted], None] | None = None,
+        on_rollback: Callable[[pb.RollbackEvent], None] | None = None,
     ) -> SessionReport:
         """Runs a session to its end, calling on_text with each text delta as tokens stream in."""
         s = req.sampling
         msg = pb.GenerateRequest(
             prompt=req.prompt, max_tokens=req.max_tokens, no_chat=not req.chat,
             sampling=pb.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed),
+            no_wait_audits=not req.wait_audits,
         )  # fmt: skip
+        if req.audit_probability is not None:
+            msg.audit_probability = req.audit_probability
+        if req.audit_seed is not None:
+            msg.audit_seed = req.audit_seed
         self._connect()
         summary = None
         stream = self.stub.Generate(msg)
@@ -110,6 +119,8 @@ class Client:
                     on_start(ev.started)
                 elif kind == "token" and on_text is not None:
                     on_text(ev.token.text)
+                elif kind == "rollback" and on_rollback is not None:
+                    on_rollback(ev.rollback)
                 elif kind == "done":
                     summary = ev.done
         except grpc.RpcError as e:
@@ -123,6 +134,10 @@ class Client:
             tokens_per_second=summary.tokens_per_second, time_to_first_token_s=summary.time_to_first_token_s,
             session_id=summary.session_id, stop_reason=summary.stop_reason,
             stages=[StageReport.from_proto(x) for x in summary.stages],
+            audits={"total": summary.audits.total, "passed": summary.audits.passed,
+                    "failed": summary.audits.failed, "pending": summary.audits.pending},
+            rollbacks=[rollback_dict(r) for r in summary.rollbacks],
+            banned_nodes=list(summary.banned_nodes),
         )  # fmt: skip
 
     def session_status(self, session_id: str) -> dict:
@@ -161,12 +176,23 @@ class Client:
         }  # fmt: skip
 
 
+def rollback_dict(r: pb.RollbackEvent) -> dict:
+    return {"stage": r.stage, "position": r.position, "node": r.node_id, "reason": r.reason,
+            "kept_tokens": r.kept_tokens, "new_node": r.new_node_id}  # fmt: skip
+
+
 def format_report(report: SessionReport) -> list[str]:
     """Human-readable summary lines: totals, then one line per stage."""
     lines = [
         f"[{len(report.tokens)} tokens, {report.tokens_per_second:.1f} tok/s, first token "
         f"{report.time_to_first_token_s * 1000:.0f} ms, stop: {report.stop_reason}, session {report.session_id}]"
     ]
+    a = report.audits
+    lines.append(f"  audits: {a['total']} ({a['passed']} passed, {a['failed']} failed, {a['pending']} pending)"
+                 + (f"; banned: {', '.join(report.banned_nodes)}" if report.banned_nodes else ""))  # fmt: skip
+    for r in report.rollbacks:
+        lines.append(f"  rollback: stage {r['stage']} at position {r['position']}: {r['node']} ({r['reason']}); "
+                     f"now on {r['new_node']}")  # fmt: skip
     for s in report.stages:
         where = "coordinator" if s.local else s.address
         lines.append(

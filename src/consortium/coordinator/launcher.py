@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from consortium.core.config import EngineConfig, LayerRange
@@ -75,6 +75,8 @@ class LocalCluster:
 
     def __post_init__(self) -> None:
         self.port = free_port(self.host)
+        if not self.engine.threads:  # the processes share this machine's cores
+            self.engine = replace(self.engine, threads=local_threads(1 + len(self.worker_layers)))
 
     @property
     def address(self) -> str:
@@ -97,7 +99,8 @@ class LocalCluster:
         for i, layers in enumerate(self.worker_layers):
             port = free_port(self.host)
             args = ["worker", "start", "--coordinator", self.address, "--model", str(self.model), "--host",
-                    self.host, "--port", str(port), "--node-id", f"worker-{i}", *self._engine_args()]  # fmt: skip
+                    self.host, "--port", str(port), "--node-id", f"worker-{i}", *self._engine_args(),
+                    "--data-dir", str(self.log_dir / f"worker-{i}.identity")]  # each its own Ed25519 key  # fmt: skip
             if layers is not None:
                 args += ["--layers", str(layers)]
             if i < len(self.worker_args):
@@ -157,6 +160,15 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def local_threads(processes: int) -> int:
+    """Torch threads per process when `processes` share this machine: the cores divided
+    among them, at least one. Measured on a shared 2-core machine: one thread per process
+    decodes as fast as two (decode is memory-bound) and, unlike two, does not collapse when
+    another process takes a core; results do not depend on the thread count (the SmolLM2 equality tests run
+    `consortium generate` with torch's default threads against 1-thread stages)."""
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def thirds(n_layers: int) -> list[LayerRange]:

@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from consortium.coordinator.stages import StageHandle
+from consortium.coordinator.verifier import Verifier
 from consortium.core.config import CoordinatorConfig
-from consortium.core.session import CANCELLED, FAILED, FINISHED, RUNNING, Session, StageStats, StepRecord
+from consortium.core.session import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    Session,
+    StageRef,
+    StageStats,
+    StepRecord,
+)
 from consortium.errors import ConsortiumError
 from consortium.model.generate import TextStream
 from consortium.model.gguf_file import ModelArgs
@@ -24,6 +34,9 @@ from consortium.model.tokenizer import GGUFTokenizer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import RemoteError
 from consortium.transport.tensors import TensorError, WireTensor, decode_hidden, decode_logits
+from consortium.verification.audit import concat_inputs
+from consortium.verification.ledger import Ledger
+from consortium.verification.receipts import ReceiptError, input_digest
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +58,23 @@ def stage_stats(s: StageStats) -> pb.StageStats:
 
 
 class TokenLoop:
-    def __init__(self, cfg: CoordinatorConfig, args: ModelArgs, tokenizer: GGUFTokenizer):
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        args: ModelArgs,
+        tokenizer: GGUFTokenizer,
+        verifier: Verifier,
+        ledger: Ledger,
+        public_key: Callable[[str], bytes],
+        replace_stage: Callable[[Session, int, str], tuple[StageRef, StageHandle]],
+    ):
         self.cfg, self.args, self.tokenizer = cfg, args, tokenizer
+        self.verifier, self.ledger, self.public_key, self.replace_stage = (
+            verifier,
+            ledger,
+            public_key,
+            replace_stage,
+        )
 
     def run(self, session: Session, handles: list[StageHandle]) -> Iterator[pb.GenerateEvent]:
         """Yields started, one token event per generated token, then the summary."""
@@ -56,6 +84,7 @@ class TokenLoop:
             for ref, h in zip(session.stages, handles, strict=True):
                 h.open(sid, session.capacity, ref.layers, cfg.step_timeout_s)
                 opened.append(h)
+            opened = handles  # a rollback may swap a stage's handle: close whatever runs at the end
             yield pb.GenerateEvent(
                 started=pb.SessionStarted(
                     session_id=sid, prompt_tokens=len(session.prompt_ids), max_tokens=session.max_tokens,
@@ -72,6 +101,10 @@ class TokenLoop:
                 session.finish(CANCELLED if isinstance(e, GeneratorExit) else FAILED, repr(e))
             raise
         finally:
+            try:
+                self.ledger.set_session_status(sid, session.state, session.error or None)
+            except ConsortiumError as e:
+                log.error("ledger: %s", e)
             for h in opened:
                 try:
                     h.close(sid, 5.0)
@@ -80,53 +113,43 @@ class TokenLoop:
 
     def _steps(self, session: Session, handles: list[StageHandle]) -> Iterator[pb.GenerateEvent]:
         sampling, stop_ids = session.request.sampling, self.tokenizer.stop_ids
+        v, audits, sid = self.verifier, session.audits, session.session_id
         stream = TextStream(self.tokenizer)
         x = WireTensor.from_tokens(session.prompt_ids)
-        last = len(handles) - 1
         t0 = time.perf_counter()
-        session.stop_reason = "max_tokens"
-        for step in range(session.max_tokens):
+        step, eos = 0, False
+        while True:
+            if audits.fraud is None and (eos or len(session.tokens) >= session.max_tokens):
+                # The result waits for outstanding audits; a late failure rolls back and goes on.
+                if not session.request.wait_audits or not v.wait(audits, self.cfg.audit_wait_timeout_s):
+                    break
+                if audits.fraud is None:
+                    break
+            if audits.fraud is not None:
+                x = yield from self._rollback(session, handles)
+                stream = TextStream(self.tokenizer)
+                for t in session.tokens:
+                    stream.push(t)
+                eos = False
+                continue
             if session.cancel.is_set():
                 session.finish(CANCELLED, "cancelled by the client")
                 return
-            pos, rows = session.position, x.rows
-            timeout = self.cfg.prefill_timeout_s if step == 0 else self.cfg.step_timeout_s
-            logits = None
-            for i, (ref, h) in enumerate(zip(session.stages, handles, strict=True)):
-                order = pb.WorkOrder(
-                    session_id=session.session_id, step=step, stage_index=i,
-                    layers=pb.LayerRange(start=ref.layers.start, end=ref.layers.end),
-                    start_position=pos, input=x.to_proto(),
-                )  # fmt: skip
-                if order.ByteSize() > self.cfg.max_message_bytes:
-                    raise ConsortiumError(
-                        f"work order of {order.ByteSize()} bytes for stage {i} exceeds the message limit of "
-                        f"{self.cfg.max_message_bytes} bytes (raise --max-message-mb on every process)"
-                    )
-                ts = time.perf_counter()
-                res = h.execute(order, timeout)
-                rtt_ms = (time.perf_counter() - ts) * 1000
-                try:
-                    if i == last:
-                        out, logits = decode_logits(res.output, self.args.vocab_size, rows=1)
-                    else:
-                        out, _ = decode_hidden(res.output, self.args.dim)
-                        if out.rows != rows:
-                            raise TensorError(f"{out.rows} output rows for {rows} input rows")
-                except TensorError as e:
-                    raise RemoteError(f"stage {i} ({ref.node_id}) returned a bad result: {e}") from e
-                session.history[i].append(StepRecord(step, pos, x, out, ref.node_id, rtt_ms, res.compute_ms))
-                x = out
-            session.position = pos + rows
+            logits = self._step(session, handles, step, x)
+            step += 1
+            if logits is None:  # a bad receipt: the rollback happens at the top of the loop
+                continue
             token = sample(logits[-1], sampling, position=session.position)
             if not session.tokens:
                 session.time_to_first_token_s = time.perf_counter() - t0
             if token in stop_ids:
-                session.stop_reason = "eos"
-                break
+                eos = True
+                continue
             session.tokens.append(token)
+            self.ledger.put_token(sid, session.position, token)
             yield pb.GenerateEvent(token=pb.TokenEvent(token=token, text=stream.push(token)))
             x = WireTensor.from_tokens([token])
+        session.stop_reason = "eos" if eos else "max_tokens"
         elapsed = time.perf_counter() - t0
         decode_time = elapsed - session.time_to_first_token_s
         n = len(session.tokens)
@@ -136,6 +159,108 @@ class TokenLoop:
                  session.stop_reason, session.tokens_per_second)  # fmt: skip
         yield pb.GenerateEvent(done=self.summary(session))
 
+    def _step(self, session: Session, handles: list[StageHandle], step: int, x: WireTensor):
+        """One position range through every stage, checking each remote receipt before its
+        output is used. Returns the logits, or None when a receipt was bad (fraud recorded)."""
+        v, audits, sid = self.verifier, session.audits, session.session_id
+        pos, rows = session.position, x.rows
+        timeout = self.cfg.prefill_timeout_s if x.rows > 1 else self.cfg.step_timeout_s
+        expected_in = input_digest(sid, 0, pos, x)
+        receipts, keys, logits = [], {}, None
+        last = len(handles) - 1
+        for i, (ref, h) in enumerate(zip(session.stages, handles, strict=True)):
+            order = pb.WorkOrder(
+                session_id=sid, step=step, stage_index=i,
+                layers=pb.LayerRange(start=ref.layers.start, end=ref.layers.end),
+                start_position=pos, input=x.to_proto(),
+            )  # fmt: skip
+            if order.ByteSize() > self.cfg.max_message_bytes:
+                raise ConsortiumError(
+                    f"work order of {order.ByteSize()} bytes for stage {i} exceeds the message limit of "
+                    f"{self.cfg.max_message_bytes} bytes (raise --max-message-mb on every process)"
+                )
+            ts = time.perf_counter()
+            res = h.execute(order, timeout)
+            rtt_ms = (time.perf_counter() - ts) * 1000
+            try:
+                if i == last:
+                    out, logits = decode_logits(res.output, self.args.vocab_size, rows=1)
+                else:
+                    out, _ = decode_hidden(res.output, self.args.dim)
+                    if out.rows != rows:
+                        raise TensorError(f"{out.rows} output rows for {rows} input rows")
+            except TensorError as e:
+                raise RemoteError(f"stage {i} ({ref.node_id}) returned a bad result: {e}") from e
+            if ref.local:  # the coordinator's own work: it is the verifier
+                expected_in = v.output_digest(session, i, pos, out)
+            else:
+                key = self.public_key(ref.node_id)
+                try:
+                    receipt = v.check(session, order, res, key, expected_in, out)
+                except ReceiptError as e:
+                    v.receipt_fraud(session, audits, i, order, ref.node_id, e, res)
+                    return None
+                receipts.append(receipt)
+                keys[ref.node_id] = key
+                expected_in = receipt.output_digest
+            session.history[i].append(StepRecord(step, pos, x, out, ref.node_id, rtt_ms, res.compute_ms))
+            x = out
+        v.record_step(session, receipts, keys)
+        for i, ref in enumerate(session.stages):
+            if not ref.local:
+                v.maybe_audit(session, audits, i, pos + rows)
+        session.position = pos + rows
+        return logits
+
+    def _rollback(self, session: Session, handles: list[StageHandle]) -> Iterator[pb.GenerateEvent]:
+        """Withdraw everything from the first bad position on, give the stage to an honest node
+        (replaying its committed inputs), and return the input of the next step."""
+        audits, sid = session.audits, session.session_id
+        with audits.lock:
+            fraud, audits.fraud = audits.fraud, None
+        s = fraud.stage
+        # A bad row inside a multi-position step (the prefill) withdraws that whole step.
+        starts = [r.start_position for r in session.history[s].steps if fraud.position in r.positions]
+        p = min(starts[0] if starts else fraud.position, session.position)
+        for h in session.history:
+            h.steps = [r for r in h.steps if r.positions.stop <= p]
+        self.verifier.forget_after(audits, p)
+        for i, h in enumerate(handles):
+            if i == s:
+                try:
+                    h.close(sid, 5.0)
+                except ConsortiumError as e:
+                    log.info("closing session %s on the replaced node %s: %s", sid, fraud.node_id, e)
+            else:
+                h.rollback(sid, p, self.cfg.step_timeout_s)
+        ref, handle = self.replace_stage(session, s, fraud.node_id)
+        handles[s], session.stages[s] = handle, ref
+        session.history[s].stage = ref
+        handle.open(sid, session.capacity, ref.layers, self.cfg.step_timeout_s)
+        kept = session.history[s].steps
+        if kept:  # rebuild its KV cache from the committed inputs, in one prefill
+            x = WireTensor.from_torch(concat_inputs([r.input for r in kept]))
+            order = pb.WorkOrder(
+                session_id=sid, step=kept[-1].step, stage_index=s,
+                layers=pb.LayerRange(start=ref.layers.start, end=ref.layers.end), start_position=0,
+                input=x.to_proto(),
+            )  # fmt: skip
+            handle.execute(order, self.cfg.prefill_timeout_s)
+        n_prompt = len(session.prompt_ids)
+        n_kept = max(0, p + 1 - n_prompt)
+        session.tokens = session.tokens[:n_kept]
+        session.position = p
+        self.ledger.rollback_tokens(sid, p + 1)
+        ev = pb.RollbackEvent(stage=s, position=p, node_id=fraud.node_id, reason=fraud.reason,
+                              kept_tokens=n_kept, new_node_id=ref.node_id)  # fmt: skip
+        session.rollbacks.append(ev)
+        self.ledger.event(sid, "rollback", {"stage": s, "position": p, "node": fraud.node_id,
+                                            "reason": fraud.reason, "new_node": ref.node_id})  # fmt: skip
+        log.warning("session %s rolled back to position %d; stage %d now on %s", sid, p, s, ref.node_id)
+        yield pb.GenerateEvent(rollback=ev)
+        ids = session.prompt_ids + session.tokens
+        return WireTensor.from_tokens(ids[p : n_prompt + n_kept])
+
     def summary(self, session: Session) -> pb.SessionSummary:
         return pb.SessionSummary(
             session_id=session.session_id, tokens=session.tokens,
@@ -143,4 +268,6 @@ class TokenLoop:
             tokens_per_second=session.tokens_per_second,
             time_to_first_token_s=session.time_to_first_token_s,
             stages=[stage_stats(s) for s in session.stats()], stop_reason=session.stop_reason,
+            audits=session.audits.summary(), rollbacks=session.rollbacks,
+            banned_nodes=sorted({r.node_id for r in session.rollbacks}),
         )  # fmt: skip

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from consortium.core.config import LayerRange
 from consortium.errors import InvalidRequestError
+from consortium.identity.keys import PUBLIC_KEY_BYTES
 from consortium.model.model import DTYPES
 from consortium.transport.proto import consortium_pb2 as pb
-from consortium.transport.rpc import NotFoundError, PreconditionError, check_address
+from consortium.transport.rpc import NotFoundError, PermissionDeniedError, PreconditionError, check_address
 
 MAX_NODE_ID = 64
 
@@ -33,6 +35,7 @@ class Node:
     version: str = ""
     threads: int = 0
     local: bool = False
+    public_key: bytes = b""  # Ed25519; verifies the node's receipts
 
     @classmethod
     def from_proto(cls, info: pb.NodeInfo, n_layers: int) -> Node:
@@ -47,6 +50,10 @@ class Node:
             raise InvalidRequestError(f"node {nid}: {e}") from e
         if info.dtype not in DTYPES:
             raise InvalidRequestError(f"node {nid}: unknown dtype {info.dtype!r}")
+        if len(info.public_key) != PUBLIC_KEY_BYTES:
+            raise InvalidRequestError(
+                f"node {nid}: public key of {len(info.public_key)} bytes (an Ed25519 key has {PUBLIC_KEY_BYTES})"
+            )
         layers = None
         if info.HasField("layers"):
             layers = LayerRange(info.layers.start, info.layers.end)
@@ -69,6 +76,7 @@ class Node:
             layers_digest=info.layers_digest,
             version=info.version,
             threads=info.threads,
+            public_key=bytes(info.public_key),
         )
 
     def to_proto(self) -> pb.NodeInfo:
@@ -77,6 +85,7 @@ class Node:
             dtype=self.dtype, packed=self.packed, memory_bytes=self.memory_bytes,
             speed_gflops=self.speed_gflops, model_digest=self.model_digest,
             layers_digest=self.layers_digest, version=self.version, threads=self.threads,
+            public_key=self.public_key,
         )  # fmt: skip
         if self.layers is not None:
             info.layers.CopyFrom(pb.LayerRange(start=self.layers.start, end=self.layers.end))
@@ -90,14 +99,36 @@ class _Entry:
 
 
 class Registry:
-    def __init__(self, model_digest: str, model_name: str, n_layers: int, node_timeout_s: float):
+    def __init__(
+        self,
+        model_digest: str,
+        model_name: str,
+        n_layers: int,
+        node_timeout_s: float,
+        pinned_key: Callable[[str], bytes | None] = lambda node_id: None,
+        is_banned: Callable[[str], bool] = lambda node_id: False,
+        allow_keys: frozenset[bytes] | None = None,
+    ):
         self.model_digest, self.model_name, self.n_layers = model_digest, model_name, n_layers
         self.node_timeout_s = node_timeout_s
+        # pinned_key/is_banned read the ledger: an id stays bound to its first key, bans persist
+        self.pinned_key, self.is_banned, self.allow_keys = pinned_key, is_banned, allow_keys
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
 
     def register(self, node: Node) -> None:
-        """Adds or replaces (a restarted node) a node; refuses a different model."""
+        """Adds or replaces (a restarted node) a node; refuses a different model, an id claimed
+        with another key, a key not admitted, and banned nodes."""
+        if not node.local:
+            if self.allow_keys is not None and node.public_key not in self.allow_keys:
+                raise PermissionDeniedError(f"node {node.node_id}: its public key is not in the allowed keys")
+            pinned = self.pinned_key(node.node_id)
+            if pinned is not None and pinned != node.public_key:
+                raise PermissionDeniedError(
+                    f"node id {node.node_id!r} is bound to another public key ({pinned.hex()[:16]}…)"
+                )
+            if self.is_banned(node.node_id):
+                raise PermissionDeniedError(f"node {node.node_id} is banned (failed verification)")
         if node.model_digest != self.model_digest:
             raise PreconditionError(
                 f"model digest mismatch: node {node.node_id} has sha256 {node.model_digest[:16] or '(none)'}…, "
@@ -137,7 +168,8 @@ class Registry:
             return [(e.node, self._alive(e, now), now - e.last_seen) for e in self._entries.values()]
 
     def alive(self) -> list[Node]:
-        return [n for n, ok, _ in self.snapshot() if ok]
+        """Live nodes that are not banned (a banned node gets no placement and no audits)."""
+        return [n for n, ok, _ in self.snapshot() if ok and (n.local or not self.is_banned(n.node_id))]
 
     def get(self, node_id: str) -> Node:
         with self._lock:

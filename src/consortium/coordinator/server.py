@@ -7,18 +7,23 @@ drives in-process through the same StageRunner a worker uses.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 
 import consortium
 from consortium.coordinator.loop import TokenLoop, stage_stats
+from consortium.coordinator.pump import pumped
 from consortium.coordinator.registry import Node, Registry
 from consortium.coordinator.stages import LocalStage, RemoteStage, StageHandle
-from consortium.core.config import CoordinatorConfig, SessionRequest
+from consortium.coordinator.verifier import Verifier
+from consortium.core.config import CoordinatorConfig, SessionRequest, check_probability
 from consortium.core.placement import (
     Capacity,
     Holder,
@@ -39,6 +44,8 @@ from consortium.model.tokenizer import GGUFTokenizer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import abort_for, bind, make_server
+from consortium.verification.audit import LocalAuditor
+from consortium.verification.ledger import Ledger
 from consortium.worker.runner import StageRunner, set_threads
 
 log = logging.getLogger(__name__)
@@ -62,15 +69,28 @@ class Coordinator:
         cfg = self.cfg
         set_threads(cfg.engine.threads)
         self.device = resolve_device(cfg.engine.device)
-        engine = type(cfg.engine)(self.device, cfg.engine.dtype, cfg.engine.packed, cfg.engine.threads)
+        engine = self.engine = type(cfg.engine)(
+            self.device, cfg.engine.dtype, cfg.engine.packed, cfg.engine.threads
+        )
         self.gguf = GGUFModel(cfg.model)
         self.args = self.gguf.args
         if cfg.layers is not None:
             cfg.layers.check(self.args.n_layers)
         self.tokenizer = GGUFTokenizer(self.gguf)
         self.digest = self.gguf.digest
-        self.registry = Registry(self.digest, self.gguf.path.name, self.args.n_layers, cfg.node_timeout_s)
-        self.loop = TokenLoop(cfg, self.args, self.tokenizer)
+        self.ledger = Ledger(cfg.ledger or Path(tempfile.mkdtemp(prefix="consortium-")) / "ledger.db")
+        log.info("ledger: %s", self.ledger.path)
+        self.auditor = LocalAuditor(self.gguf, resolve_device(cfg.audit_device), "fp32")
+        self.auditor.node_id = cfg.node_id
+        self.verifier = Verifier(self.gguf, self.ledger, self.auditor, cfg.audit_seed)
+        self.registry = Registry(
+            self.digest, self.gguf.path.name, self.args.n_layers, cfg.node_timeout_s,
+            pinned_key=self.ledger.public_key, is_banned=lambda n: n in self.verifier.banned,
+            allow_keys=cfg.allow_keys,
+        )  # fmt: skip
+        self._backups: dict[tuple[int, int], LocalStage] = {}
+        self.loop = TokenLoop(cfg, self.args, self.tokenizer, self.verifier, self.ledger,
+                              lambda n: self.registry.get(n).public_key, self.replace_stage)  # fmt: skip
         self._server = make_server(max(32, cfg.max_sessions + 16), cfg.max_message_bytes)
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self), self._server)
         self.port = bind(self._server, cfg.host, cfg.port)
@@ -96,6 +116,8 @@ class Coordinator:
 
     def stop(self, grace_s: float = 2.0) -> None:
         self._stop.set()
+        if hasattr(self, "verifier"):
+            self.verifier.stop()
         for s in list(self._sessions.values()):
             s.cancel.set()
         if self._server is not None:
@@ -120,6 +142,7 @@ class Coordinator:
     def register(self, info: pb.NodeInfo) -> pb.RegisterResponse:
         node = Node.from_proto(info, self.args.n_layers)
         self.registry.register(node)
+        self.ledger.upsert_node(node.node_id, node.public_key, node.address, node.backend, node.dtype)
         with self._handles_lock:
             old = self._handles.get(node.node_id)
             if not isinstance(old, RemoteStage) or old.address != node.address:
@@ -249,6 +272,20 @@ class Coordinator:
             max_tokens=min(req.max_tokens, ctx - len(ids)),
             stages=stages,
         )
+        probability = self.cfg.audit_probability
+        if req.HasField("audit_probability"):
+            probability = check_probability(req.audit_probability)
+        seed = req.audit_seed if req.HasField("audit_seed") else None
+        session.request = replace(session.request, audit_probability=probability, audit_seed=seed,
+                                  wait_audits=not req.no_wait_audits)  # fmt: skip
+        session.audits = self.verifier.new_session_audits(session.session_id, probability, seed)
+        self.ledger.create_session(
+            session.session_id, ids,
+            {"max_tokens": session.max_tokens, "temperature": sampling.temperature, "top_k": sampling.top_k,
+             "top_p": sampling.top_p, "seed": sampling.seed, "chat": not req.no_chat,
+             "audit_probability": probability},
+            [{"node": r.node_id, "layers": [r.layers.start, r.layers.end]} for r in stages],
+        )  # fmt: skip
         with self._sessions_lock:
             self._sessions[session.session_id] = session
             self._trim_sessions()
@@ -263,6 +300,23 @@ class Coordinator:
         for s in done[: max(0, len(done) - self.cfg.keep_history)]:
             if s.frozen_stats is None:
                 s.drop_history()
+
+    def replace_stage(self, session: Session, index: int, bad_node: str) -> tuple[StageRef, StageHandle]:
+        """An honest node for a stage whose node was caught: the coordinator itself, loading the
+        layers once (it already holds them if it audited that stage)."""
+        old = session.stages[index]
+        key = (old.layers.start, old.layers.end)
+        with self._handles_lock:
+            handle = self._backups.get(key)
+            if handle is None:
+                runner = StageRunner(self.gguf, old.layers, self.engine, self.cfg.kv_cache_bytes,
+                                     self.cfg.session_idle_timeout_s)  # fmt: skip
+                handle = self._backups[key] = LocalStage(self.cfg.node_id, runner)
+        ref = StageRef(
+            index, self.cfg.node_id, self.address, old.layers, self.device, self.cfg.engine.dtype, True
+        )
+        log.warning("stage %d (layers %s) moves from %s to the coordinator", index, old.layers, bad_node)
+        return ref, handle
 
     def handles_for(self, session: Session) -> list[StageHandle]:
         return [self._handle(r.node_id) for r in session.stages]
@@ -308,7 +362,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except Exception as e:
             abort_for(context, e)
         context.add_callback(session.cancel.set)  # client gone: stop at the next step
-        events = self.c.loop.run(session, self.c.handles_for(session))
+        events = pumped(self.c.loop.run(session, self.c.handles_for(session)), session.cancel,
+                        f"session-{session.session_id[:8]}")  # fmt: skip
         try:
             yield from events
         except Exception as e:

@@ -24,6 +24,8 @@ class StageHandle(Protocol):
 
     def close(self, session_id: str, timeout_s: float) -> None: ...
 
+    def rollback(self, session_id: str, position: int, timeout_s: float) -> None: ...
+
     def assign(self, layers: LayerRange, model_digest: str, timeout_s: float) -> pb.NodeInfo: ...
 
 
@@ -45,6 +47,9 @@ class LocalStage:
 
     def close(self, session_id: str, timeout_s: float) -> None:
         self.runner.close(pb.CloseSessionRequest(session_id=session_id))
+
+    def rollback(self, session_id: str, position: int, timeout_s: float) -> None:
+        self.runner.rollback(pb.RollbackRequest(session_id=session_id, position=position))
 
     def assign(self, layers: LayerRange, model_digest: str, timeout_s: float) -> pb.NodeInfo:
         raise RemoteError("the coordinator's own stage is fixed at start")
@@ -75,6 +80,10 @@ class RemoteStage:
 
     def close(self, session_id: str, timeout_s: float) -> None:
         self._call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout_s)
+
+    def rollback(self, session_id: str, position: int, timeout_s: float) -> None:
+        req = pb.RollbackRequest(session_id=session_id, position=position)
+        self._call(self.stub.Rollback, req, timeout_s)
 
     def assign(self, layers: LayerRange, model_digest: str, timeout_s: float) -> pb.NodeInfo:
         req = pb.AssignLayersRequest(layers=_range(layers), model_digest=model_digest)

@@ -79,11 +79,19 @@ class CoordinatorConfig:
     prefill_timeout_s: float = 300.0
     assign_timeout_s: float = 600.0  # a worker loading the layers placement gave it
     log_file: Path | None = None
+    # verification (DESIGN.md §4)
+    audit_probability: float = 0.2  # share of work units audited, when a session does not say
+    audit_seed: int | None = None  # None: a CSPRNG chooses the audited units
+    ledger: Path | None = None  # SQLite ledger; None = a fresh one in a temporary directory
+    allow_keys: frozenset[bytes] | None = None  # admit only these Ed25519 public keys
+    audit_device: str = "cpu"  # where the coordinator recomputes audited work
+    audit_wait_timeout_s: float = 600.0  # a session's result waits this long for its audits
 
     def __post_init__(self) -> None:
         _check_port(self.port)
         if self.max_sessions < 1:
             raise ConsortiumError("max-sessions must be at least 1")
+        check_probability(self.audit_probability)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,8 @@ class WorkerConfig:
     register_timeout_s: float = 60.0  # keep trying to reach the coordinator this long at start
     max_concurrency: int = 16
     log_file: Path | None = None
+    data_dir: Path | None = None  # holds node.key (default $CONSORTIUM_DATA_DIR or ~/.local/share/consortium)
+    misbehave: str | None = None  # tests only: a cheat of verification/misbehave.py
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -116,6 +126,9 @@ class SessionRequest:
     max_tokens: int = 64
     sampling: SamplingParams = field(default_factory=SamplingParams)
     chat: bool = True
+    audit_probability: float | None = None  # None: the coordinator's default
+    audit_seed: int | None = None
+    wait_audits: bool = True  # the final result waits for the session's pending audits
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,33 @@ class ClientConfig:
     coordinator: str
     connect_timeout_s: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+def check_probability(p: float) -> float:
+    if not 0.0 <= p <= 1.0:
+        raise ConsortiumError(f"audit probability {p} outside [0, 1]")
+    return p
+
+
+def read_allowed_keys(path: str | Path) -> frozenset[bytes]:
+    """One hex Ed25519 public key per line (as `consortium identity show` prints); # comments."""
+    keys = set()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConsortiumError(f"cannot read allowed keys {path}: {e.strerror}") from e
+    for n, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ConsortiumError(f"{path}:{n}: not a 64-hex-digit Ed25519 public key")
+        keys.add(key)
+    return frozenset(keys)
 
 
 def _check_port(port: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from consortium.core.config import LayerRange, SessionRequest
 from consortium.transport.rpc import NotFoundError
@@ -115,6 +116,8 @@ class Session:
     history: list[StageHistory] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     frozen_stats: list[StageStats] | None = None  # set when the history is dropped
+    audits: Any = None  # coordinator.verifier.SessionAudits
+    rollbacks: list = field(default_factory=list)  # RollbackEvent messages, in order
 
     def __post_init__(self) -> None:
         if not self.history:

@@ -27,6 +27,10 @@ class PreconditionError(ConsortiumError):
     """The request is well formed but the state does not allow it (FAILED_PRECONDITION)."""
 
 
+class PermissionDeniedError(ConsortiumError):
+    """A node whose key is not admitted, or a banned node (PERMISSION_DENIED)."""
+
+
 class OutOfRangeError(ConsortiumError):
     """Positions beyond what the session reserved (OUT_OF_RANGE)."""
 
@@ -61,6 +65,7 @@ def one_line(text: str, limit: int = 400) -> str:
 _STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (UnknownSessionError, grpc.StatusCode.NOT_FOUND),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from consortium.errors import ConsortiumError
 from consortium.model.model import Block, Linear, Stage, load_block
+from consortium.transport.proto import consortium_pb2 as pb
 
 KINDS = (
     "skip-layer",
@@ -97,6 +98,19 @@ class Misbehaviour:
             idx = out.abs().argmax(-1, keepdim=True)
             out.scatter_(-1, idx, -out.gather(-1, idx))
             return out
+        return out
+
+    def corrupt_receipt(self, receipt: pb.Receipt, sent: list[pb.Receipt]) -> pb.Receipt:
+        """bad-signature: flip a bit of the signature. replay: resend the previous step's receipt."""
+        out = pb.Receipt()
+        if self.kind == "replay" and sent:
+            out.CopyFrom(sent[-1])
+            return out
+        out.CopyFrom(receipt)
+        if self.kind == "bad-signature":
+            sig = bytearray(out.signature)
+            sig[0] ^= 1
+            out.signature = bytes(sig)
         return out
 
 

@@ -14,12 +14,15 @@ import torch
 
 from consortium.core.config import EngineConfig, LayerRange
 from consortium.errors import InvalidRequestError
+from consortium.identity import NodeIdentity
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.kv_pool import CachePool
 from consortium.model.model import Stage, StageSpec
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import OutOfRangeError, PreconditionError
 from consortium.transport.tensors import WireTensor, decode_hidden, decode_tokens
+from consortium.verification.misbehave import Misbehaviour
+from consortium.verification.receipts import make_receipt, to_proto
 
 log = logging.getLogger(__name__)
 MAX_SESSION_ID = 128
@@ -55,13 +58,21 @@ class StageRunner:
         engine: EngineConfig,
         kv_cache_bytes: int,
         idle_timeout_s: float,
+        identity: NodeIdentity | None = None,
+        misbehaviour: Misbehaviour | None = None,
+        node_id: str = "",
     ):
         layers.check(gguf.args.n_layers)
         self.gguf, self.layers, self.engine = gguf, layers, engine
+        # identity: sign a receipt for every result (workers); None for the coordinator's own stage
+        self.identity, self.misbehaviour, self.node_id = identity, misbehaviour, node_id
+        self._sent: list[pb.Receipt] = []  # receipts already sent (only a replaying cheat uses them)
         spec = StageSpec(
             layers.start, layers.end, device=engine.device, dtype=engine.dtype, packed=engine.packed
         )
         self.stage = Stage(gguf, spec)
+        if misbehaviour is not None:
+            misbehaviour.corrupt_stage(self.stage)
         self.pool = CachePool(self.stage, kv_cache_bytes, idle_timeout_s)
         self.layers_digest = gguf.layers_digest(layers.start, layers.end)
         self._compute = threading.Lock()  # one forward at a time: the device is a serial resource
@@ -98,9 +109,9 @@ class StageRunner:
         entry = self.pool.entry(order.session_id)  # UnknownSessionError -> NOT_FOUND
         cache = entry.cache
         if self.stage.is_first:
-            _, x = decode_tokens(order.input, self.args.vocab_size, max_rows=cache.capacity)
+            inp, x = decode_tokens(order.input, self.args.vocab_size, max_rows=cache.capacity)
         else:
-            _, x = decode_hidden(order.input, self.args.dim, max_rows=cache.capacity)
+            inp, x = decode_hidden(order.input, self.args.dim, max_rows=cache.capacity)
         with entry.lock:
             if order.start_position != cache.length:
                 raise OutOfSyncError(
@@ -118,14 +129,40 @@ class StageRunner:
                 t0 = time.perf_counter()
                 y = self.stage(x, cache, all_logits=order.all_logits).cpu()
                 compute_ms = (time.perf_counter() - t0) * 1000
+        if self.misbehaviour is not None:
+            y = self.misbehaviour.corrupt_output(y, order.step)
         out = WireTensor.from_torch(y)
-        return pb.WorkResult(
+        result = pb.WorkResult(
             session_id=order.session_id,
             step=order.step,
             start_position=order.start_position,
             output=out.to_proto(),
             compute_ms=compute_ms,
         )
+        if self.identity is not None:
+            receipt = to_proto(make_receipt(self.identity, self.node_id, order, self.layers_digest, inp, out))
+            if self.misbehaviour is not None and self.misbehaviour.corrupts_receipts:
+                receipt = self.misbehaviour.corrupt_receipt(receipt, self._sent)
+                self._sent.append(
+                    to_proto(make_receipt(self.identity, self.node_id, order, self.layers_digest, inp, out))
+                )
+            result.receipt.CopyFrom(receipt)
+        return result
+
+    def rollback(self, req: pb.RollbackRequest) -> pb.RollbackResponse:
+        """Forget positions >= req.position of a session (its later work was withdrawn)."""
+        check_session_id(req.session_id)
+        entry = self.pool.entry(req.session_id)
+        with entry.lock:
+            if not 0 <= req.position <= entry.cache.length:
+                raise OutOfRangeError(
+                    f"cannot roll session {req.session_id} back to {req.position}: cache holds {entry.cache.length}"
+                )
+            entry.cache.truncate(req.position)
+        log.info(
+            "session %s rolled back to position %d on layers %s", req.session_id, req.position, self.layers
+        )
+        return pb.RollbackResponse(length=req.position)
 
     def expire(self) -> list[str]:
         dead = self.pool.expire()

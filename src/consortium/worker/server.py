@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 
 import grpc
 
 import consortium
 from consortium.core.config import LayerRange, WorkerConfig
 from consortium.errors import ConsortiumError
+from consortium.identity import NodeIdentity
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import resolve_device
 from consortium.transport.proto import consortium_pb2 as pb
@@ -28,6 +28,7 @@ from consortium.transport.rpc import (
     make_server,
     one_line,
 )
+from consortium.verification.misbehave import Misbehaviour
 from consortium.worker.capacity import available_memory, measure_speed_gflops
 from consortium.worker.runner import StageRunner, set_threads
 
@@ -73,6 +74,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except Exception as e:
             abort_for(context, e)
 
+    def Rollback(self, request, context):
+        try:
+            return self._runner().rollback(request)
+        except Exception as e:
+            abort_for(context, e)
+
     def GetStatus(self, request, context):
         r = self.node.runner
         return pb.WorkerStatus(
@@ -87,7 +94,12 @@ class WorkerNode:
     def __init__(self, cfg: WorkerConfig):
         check_address(cfg.coordinator)
         self.cfg = cfg
-        self.node_id = cfg.node_id or f"worker-{uuid.uuid4().hex[:8]}"
+        # The key signs every receipt; the id defaults to the one derived from it.
+        self.identity = NodeIdentity.load_or_create(cfg.data_dir)
+        self.node_id = cfg.node_id or self.identity.node_id
+        self.misbehaviour = Misbehaviour.parse(cfg.misbehave) if cfg.misbehave else None
+        if self.misbehaviour is not None:
+            log.warning("worker %s MISBEHAVES on purpose (%s): for tests only", self.node_id, cfg.misbehave)
         self.runner: StageRunner | None = None
         self.address = ""
         self.heartbeat_interval_s = 2.0
@@ -150,8 +162,9 @@ class WorkerNode:
         t0 = time.perf_counter()
         cfg = self.cfg
         self.runner = StageRunner(
-            self.gguf, layers, self.engine, cfg.kv_cache_bytes, cfg.session_idle_timeout_s
-        )
+            self.gguf, layers, self.engine, cfg.kv_cache_bytes, cfg.session_idle_timeout_s,
+            identity=self.identity, misbehaviour=self.misbehaviour, node_id=self.node_id,
+        )  # fmt: skip
         log.info(
             "loaded layers %s (%s, %s) in %.1f s",
             layers,
@@ -190,6 +203,7 @@ class WorkerNode:
             model_digest=self.model_digest,
             version=consortium.__version__,
             threads=_threads(),
+            public_key=self.identity.public_key,
         )
         if r is not None:
             info.layers.CopyFrom(pb.LayerRange(start=r.layers.start, end=r.layers.end))

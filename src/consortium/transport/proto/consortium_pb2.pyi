@@ -204,6 +204,20 @@ class WorkResult(_message.Message):
     receipt: Receipt
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., start_position: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_ms: _Optional[float] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
 
+class RollbackRequest(_message.Message):
+    __slots__ = ("session_id", "position")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    position: int
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("length",)
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    def __init__(self, length: _Optional[int] = ...) -> None: ...
+
 class WorkerStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -233,16 +247,22 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_tokens", "sampling", "no_chat")
+    __slots__ = ("prompt", "max_tokens", "sampling", "no_chat", "audit_probability", "audit_seed", "no_wait_audits")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NO_CHAT_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_SEED_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_AUDITS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_tokens: int
     sampling: Sampling
     no_chat: bool
-    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., no_chat: _Optional[bool] = ...) -> None: ...
+    audit_probability: float
+    audit_seed: int
+    no_wait_audits: bool
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., no_chat: _Optional[bool] = ..., audit_probability: _Optional[float] = ..., audit_seed: _Optional[int] = ..., no_wait_audits: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("index", "node_id", "address", "layers", "device", "dtype", "local")
@@ -301,7 +321,7 @@ class TokenEvent(_message.Message):
     def __init__(self, token: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SessionSummary(_message.Message):
-    __slots__ = ("session_id", "tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "stages", "stop_reason")
+    __slots__ = ("session_id", "tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "stages", "stop_reason", "audits", "rollbacks", "banned_nodes")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +330,9 @@ class SessionSummary(_message.Message):
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    BANNED_NODES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -318,17 +341,50 @@ class SessionSummary(_message.Message):
     time_to_first_token_s: float
     stages: _containers.RepeatedCompositeFieldContainer[StageStats]
     stop_reason: str
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ...) -> None: ...
+    audits: AuditSummary
+    rollbacks: _containers.RepeatedCompositeFieldContainer[RollbackEvent]
+    banned_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., audits: _Optional[_Union[AuditSummary, _Mapping]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ..., banned_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RollbackEvent(_message.Message):
+    __slots__ = ("stage", "position", "node_id", "reason", "kept_tokens", "new_node_id")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEW_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    position: int
+    node_id: str
+    reason: str
+    kept_tokens: int
+    new_node_id: str
+    def __init__(self, stage: _Optional[int] = ..., position: _Optional[int] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ..., kept_tokens: _Optional[int] = ..., new_node_id: _Optional[str] = ...) -> None: ...
+
+class AuditSummary(_message.Message):
+    __slots__ = ("total", "passed", "failed", "pending")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    passed: int
+    failed: int
+    pending: int
+    def __init__(self, total: _Optional[int] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("started", "token", "done")
+    __slots__ = ("started", "token", "done", "rollback")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     started: SessionStarted
     token: TokenEvent
     done: SessionSummary
-    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., token: _Optional[_Union[TokenEvent, _Mapping]] = ..., done: _Optional[_Union[SessionSummary, _Mapping]] = ...) -> None: ...
+    rollback: RollbackEvent
+    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., token: _Optional[_Union[TokenEvent, _Mapping]] = ..., done: _Optional[_Union[SessionSummary, _Mapping]] = ..., rollback: _Optional[_Union[RollbackEvent, _Mapping]] = ...) -> None: ...
 
 class SessionStatusRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -308,6 +308,11 @@ class WorkerStub:
                 request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkOrder.SerializeToString,
                 response_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkResult.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/consortium.v1.Worker/Rollback',
+                request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.RollbackResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/consortium.v1.Worker/GetStatus',
                 request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkerStatusRequest.SerializeToString,
@@ -343,6 +348,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -371,6 +382,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkOrder.FromString,
                     response_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkResult.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.RollbackRequest.FromString,
+                    response_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.RollbackResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -487,6 +503,33 @@ class Worker:
             '/consortium.v1.Worker/Execute',
             consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkOrder.SerializeToString,
             consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.Worker/Rollback',
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.RollbackRequest.SerializeToString,
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

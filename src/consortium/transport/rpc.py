@@ -124,12 +124,24 @@ def check_address(address: str) -> str:
 
 
 def wait_ready(channel: grpc.Channel, address: str, timeout_s: float) -> None:
+    """Waits until a gRPC server answers at `address`.
+
+    Probes with a call to a method nobody serves, waiting for the connection: UNIMPLEMENTED
+    means a server is there. (grpc.channel_ready_future leaves a polling thread that fails
+    noisily when the channel closes soon after.)"""
+    probe = channel.unary_unary(
+        "/consortium.v1.Probe/Ping", request_serializer=bytes, response_deserializer=bytes
+    )
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
-    except grpc.FutureTimeoutError as e:
-        raise RemoteError(
-            f"cannot reach {address} (no answer within {timeout_s:g} s)", grpc.StatusCode.UNAVAILABLE
-        ) from e
+        probe(b"", timeout=timeout_s, wait_for_ready=True)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise RemoteError(
+                f"cannot reach {address} (no answer within {timeout_s:g} s)", grpc.StatusCode.UNAVAILABLE
+            ) from e
+        raise RemoteError.from_rpc(e, address) from e
 
 
 def free_port(host: str = "127.0.0.1") -> int:

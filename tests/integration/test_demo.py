@@ -1,0 +1,54 @@
+"""`consortium demo`: three local processes, one session, everything stopped afterwards,
+also when interrupted with Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import consortium, processes_mentioning
+
+
+@pytest.mark.model
+def test_demo_json_and_clean_shutdown(smollm_path, tmp_path):
+    done = consortium("demo", "--json", "--max-tokens", "8", "--log-dir", str(tmp_path), timeout=400)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)  # stdout holds the one object only
+    assert {"tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "session_id",
+            "stages"} <= set(out)  # fmt: skip
+    assert len(out["tokens"]) == 8
+    assert [s["layers"] for s in out["stages"]] == [[0, 10], [10, 20], [20, 30]]
+    assert all(s["mean_step_ms"] > 0 and s["device"] == "cpu" for s in out["stages"])
+    for name in ("coordinator", "worker-0", "worker-1"):  # each process logged to the file it printed
+        assert f"{tmp_path / name}.log" in done.stderr
+        assert "ready" in (tmp_path / f"{name}.log").read_text()
+    assert "all processes stopped" in done.stderr
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_demo_ctrl_c_stops_every_process(tiny_gguf, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consortium", "demo", "--model", str(tiny_gguf), "--max-tokens", "100",
+         "--log-dir", str(tmp_path), "--no-chat", "--prompt", "a"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        seen = ""
+        while "cluster ready" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            seen += proc.stderr.readline()
+        assert "cluster ready" in seen, seen
+        assert len([p for p in processes_mentioning(str(tmp_path)) if p.pid != proc.pid]) == 3
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "all processes stopped" in err and "interrupted" in err and "Traceback" not in err
+    assert processes_mentioning(str(tmp_path)) == []

@@ -218,6 +218,7 @@ class TokenLoop:
         audits, sid = session.audits, session.session_id
         with audits.lock:
             fraud, audits.fraud = audits.fraud, None
+            audits.caught.add(fraud.node_id)
         s = fraud.stage
         # A bad row inside a multi-position step (the prefill) withdraws that whole step.
         starts = [r.start_position for r in session.history[s].steps if fraud.position in r.positions]

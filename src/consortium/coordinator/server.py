@@ -23,7 +23,7 @@ from consortium.coordinator.pump import pumped
 from consortium.coordinator.registry import Node, Registry
 from consortium.coordinator.stages import LocalStage, RemoteStage, StageHandle
 from consortium.coordinator.verifier import Verifier
-from consortium.core.config import CoordinatorConfig, SessionRequest, check_probability
+from consortium.core.config import CoordinatorConfig, LayerRange, SessionRequest, check_probability
 from consortium.core.placement import (
     Capacity,
     Holder,
@@ -49,6 +49,7 @@ from consortium.verification.ledger import Ledger
 from consortium.worker.runner import StageRunner, set_threads
 
 log = logging.getLogger(__name__)
+BACKUP_PREFIX = "\x00backup:"  # placement holder of a range the coordinator took over (never a node id)
 
 
 class Coordinator:
@@ -190,6 +191,10 @@ class Coordinator:
                     self.registry.set_layers(h.node_id, h.layers, info.layers_digest)
                 alive = self.registry.alive()
             holders = [Holder(n.node_id, n.layers) for n in alive if n.layers is not None]
+            # Ranges the coordinator took over from banned nodes stay with it.
+            gaps = set(uncovered(holders, self.args.n_layers)) if not overlaps(holders) else set()
+            backups = {r for r in self._backups if LayerRange(*r) in gaps}
+            holders += [Holder(BACKUP_PREFIX + f"{a}-{b}", LayerRange(a, b)) for a, b in backups]
             try:
                 order = check_tiling(holders, self.args.n_layers)
             except PlacementError as e:
@@ -204,17 +209,17 @@ class Coordinator:
                 raise PlacementError(f"{e}{extra}") from None
             nodes = {n.node_id: n for n in alive}
             return [
-                StageRef(
-                    i,
-                    h.node_id,
-                    nodes[h.node_id].address,
-                    h.layers,
-                    nodes[h.node_id].device,
-                    nodes[h.node_id].dtype,
-                    nodes[h.node_id].local,
-                )  # fmt: skip
+                self._backup_ref(i, h.layers) if h.node_id.startswith(BACKUP_PREFIX) else StageRef(
+                    i, h.node_id, nodes[h.node_id].address, h.layers, nodes[h.node_id].device,
+                    nodes[h.node_id].dtype, nodes[h.node_id].local,
+                )
                 for i, h in enumerate(order)
-            ]
+            ]  # fmt: skip
+
+    def _backup_ref(self, index: int, layers: LayerRange) -> StageRef:
+        return StageRef(
+            index, self.cfg.node_id, self.address, layers, self.device, self.cfg.engine.dtype, True
+        )
 
     def _handle(self, node_id: str) -> StageHandle:
         with self._handles_lock:
@@ -319,7 +324,13 @@ class Coordinator:
         return ref, handle
 
     def handles_for(self, session: Session) -> list[StageHandle]:
-        return [self._handle(r.node_id) for r in session.stages]
+        return [self._stage_handle(r) for r in session.stages]
+
+    def _stage_handle(self, ref: StageRef) -> StageHandle:
+        backup = self._backups.get((ref.layers.start, ref.layers.end)) if ref.local else None
+        if backup is not None and ref.layers != self.cfg.layers:
+            return backup
+        return self._handle(ref.node_id)
 
     def session(self, session_id: str) -> Session:
         with self._sessions_lock:

@@ -55,6 +55,7 @@ class SessionAudits:
     passed: int = 0
     failed: int = 0
     fraud: Fraud | None = None
+    caught: set[str] = field(default_factory=set)  # nodes already rolled back and replaced
     lock: threading.Lock = field(default_factory=threading.Lock)
     idle: threading.Condition = field(init=False)
 
@@ -137,6 +138,8 @@ class Verifier:
         self.ledger.ban(fraud.node_id, fraud.reason)
         self.banned.add(fraud.node_id)
         with audits.lock:
+            if fraud.node_id in audits.caught:  # its work is already withdrawn and its stage moved
+                return
             if audits.fraud is None or fraud.position < audits.fraud.position:
                 audits.fraud = fraud
 
@@ -193,6 +196,11 @@ class Verifier:
         recomputed = self.auditor.recompute(ref.layers.start, ref.layers.end, [r.input for r in records])
         res = judge([r.output for r in records], [r.positions for r in records], recomputed,
                     ref.layers.end == self.gguf.args.n_layers, tol)  # fmt: skip
+        if hist.stage.node_id != node or records[-1] not in hist.steps:
+            with audits.lock:  # withdrawn by a rollback while we recomputed: nothing left to judge
+                audits.requested[stage] = [e for e in audits.requested.get(stage, []) if e not in ends]
+                audits.idle.notify_all()
+            return
         bad = res.first_bad_position
         failed_units = [e for e in ends if bad is not None and e > bad]
         self.ledger.add_audit(session.session_id, stage, upto - 1, node, self.auditor.node_id, res.passed,
@@ -204,9 +212,7 @@ class Verifier:
             self.punish(session, audits, Fraud(stage, bad, node, f"failed audit: rel-L2 {res.worst_rel_l2:.3g}"),
                         {"audit": res.__dict__, "layers": str(ref.layers), "auditor": self.auditor.node_id})  # fmt: skip
         with audits.lock:
-            left = audits.requested.get(stage, [])
-            for e in ends:
-                left.remove(e)
+            audits.requested[stage] = [e for e in audits.requested.get(stage, []) if e not in ends]
             audits.failed += len(failed_units)
             audits.passed += len(ends) - len(failed_units)
             audits.idle.notify_all()

@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--packed", action="store_true")
+    ap.add_argument("--audit-probability", type=float, default=0.0,
+                    help="share of work units audited (0: the bare pipeline; audits recompute on the coordinator)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("results/bench_pipeline.json"))
     a = ap.parse_args(argv)
 
     model = resolve_model(a.model)
     engine = EngineConfig("cpu", a.dtype, a.packed)
-    req = SessionRequest(a.prompt, a.max_tokens, SamplingParams())
+    req = SessionRequest(a.prompt, a.max_tokens, SamplingParams(), audit_probability=a.audit_probability)
     gguf, stage, tok = load_single_node(str(model), "cpu", a.dtype, a.packed)
     ids = tok.encode_prompt(a.prompt, chat=True)
     generate(stage, tok, ids, 4, req.sampling)  # warm-up: lazy init, page faults
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.start(timeout_s=300)
             startup_s = time.perf_counter() - t0
             with Client(ClientConfig(cluster.address)) as client:
-                client.run(SessionRequest(a.prompt, 4, req.sampling))  # warm-up of the three processes
+                client.run(replace(req, max_tokens=4))  # warm-up of the three processes
                 for r in range(a.rounds):
                     torch.set_num_threads(default_threads)
                     single.append(generate(stage, tok, ids, a.max_tokens, req.sampling).to_dict())
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model),
         "dtype": a.dtype,
         "packed": a.packed,
+        "audit_probability": a.audit_probability,
         "prompt": a.prompt,
         "max_tokens": a.max_tokens,
         "tokens": len(pipeline[0].tokens),

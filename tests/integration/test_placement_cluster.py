@@ -3,8 +3,11 @@ and workers started without --layers get ranges by capacity and compute the same
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
+import grpc
 import pytest
 from conftest import start_cluster
 
@@ -13,7 +16,10 @@ from consortium.coordinator.launcher import LocalProcess
 from consortium.core.config import ClientConfig, LayerRange, SessionRequest
 from consortium.errors import ConsortiumError
 from consortium.model.generate import generate, load_single_node
-from consortium.transport.rpc import free_port
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
+from consortium.transport.rpc import free_port, make_channel
+from consortium.transport.tensors import WireTensor
 
 
 def _wait_nodes(client: Client, n: int, timeout_s: float = 180) -> dict:
@@ -28,8 +34,10 @@ def _wait_nodes(client: Client, n: int, timeout_s: float = 180) -> dict:
 
 def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp_path):
     cluster = start_cluster(
-        request, tiny_gguf, tmp_path, LayerRange(3, 4), [LayerRange(0, 2)], complete=False
-    )
+        request, tiny_gguf, tmp_path, LayerRange(3, 4), [LayerRange(0, 2)], complete=False,
+        coordinator_args=["--node-timeout", "2", "--heartbeat-interval", "0.5"],
+        worker_args=[["--session-idle-timeout", "1"]],
+    )  # fmt: skip
     client = Client(ClientConfig(cluster.address))
     request.addfinalizer(client.close)
     assert "gap 2-3" in client.cluster_status()["placement_error"]
@@ -44,10 +52,40 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
                                    "--layers", "1-3", "--port", str(port), "--node-id", "extra"],
                          tmp_path / "extra.log", port)  # fmt: skip
     cluster.processes.append(extra)  # stopped with the cluster
-    extra.start({})
+    extra.start(dict(os.environ))
     _wait_nodes(client, 3)
     with pytest.raises(ConsortiumError, match=r"overlap 1-2 \(worker-0 0-2 and extra 1-3\)"):
         client.run(SessionRequest("x", max_tokens=2))
+
+    # a node that stops heartbeating is dead within --node-timeout, and the error says so
+    extra.signal_group(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        nodes = {n["node_id"]: n["alive"] for n in client.cluster_status()["nodes"]}
+        if not nodes["extra"]:
+            break
+        time.sleep(0.2)
+    assert nodes == {"coordinator": True, "worker-0": True, "extra": False}
+    with pytest.raises(ConsortiumError, match=r"gap 2-3 .*; not alive: extra 1-3"):
+        client.run(SessionRequest("x", max_tokens=2))
+
+    # an idle session's KV cache is freed after --session-idle-timeout (1 s on worker-0)
+    w0 = next(n for n in client.cluster_status()["nodes"] if n["node_id"] == "worker-0")
+    channel = make_channel(w0["address"])
+    request.addfinalizer(channel.close)
+    stub = pb_grpc.WorkerStub(channel)
+    stub.OpenSession(
+        pb.OpenSessionRequest(session_id="idle", capacity=4, layers=pb.LayerRange(start=0, end=2))
+    )
+    assert stub.GetStatus(pb.WorkerStatusRequest()).active_sessions == 1
+    time.sleep(2.5)
+    assert stub.GetStatus(pb.WorkerStatusRequest()).active_sessions == 0
+    order = pb.WorkOrder(session_id="idle", layers=pb.LayerRange(start=0, end=2),
+                         input=WireTensor.from_tokens([1]).to_proto())  # fmt: skip
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Execute(order)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "session idle expired" in (tmp_path / "worker-0.log").read_text()
 
 
 def test_workers_without_layers_get_ranges_by_capacity(request, tiny_gguf, tmp_path):

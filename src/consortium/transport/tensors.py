@@ -77,7 +77,9 @@ class WireTensor:
         expected = math.prod(shape) * ITEMSIZE[name]
         data = msg.data  # each access copies out of the message: read it once
         if len(data) != expected:
-            raise TensorError(f"tensor data has {len(data)} bytes; shape {list(shape)} of {name} needs {expected}")
+            raise TensorError(
+                f"tensor data has {len(data)} bytes; shape {list(shape)} of {name} needs {expected}"
+            )
         return cls(name, shape, data)
 
     def to_proto(self) -> pb.Tensor:

@@ -50,7 +50,9 @@ CHEATS = ["skip-layer", "noise=0.01", "wrong-weights", "int4-weights", "int8-wei
           "bad-signature", "replay"]  # fmt: skip
 
 
-def cluster(model: Path, log_dir: Path, misbehave: str | None = None, probability: float = 1.0) -> LocalCluster:
+def cluster(
+    model: Path, log_dir: Path, misbehave: str | None = None, probability: float = 1.0
+) -> LocalCluster:
     first, second, last = thirds(GGUFModel(model).args.n_layers)
     c = LocalCluster(model, last, [first, second], log_dir,
                      coordinator_args=["--audit-probability", str(probability), "--ledger", str(log_dir / "ledger.db")],
@@ -131,7 +133,9 @@ def cheat_runs(model: Path, tmp: Path, reference: dict[str, list[int]], tokens: 
             try:
                 with Client(ClientConfig(c.address)) as client:
                     t0 = time.perf_counter()
-                    r = client.run(SessionRequest(prompt, tokens, SamplingParams(), audit_probability=p, audit_seed=7))
+                    r = client.run(
+                        SessionRequest(prompt, tokens, SamplingParams(), audit_probability=p, audit_seed=7)
+                    )
                     wall = time.perf_counter() - t0
             finally:
                 c.stop()

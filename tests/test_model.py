@@ -171,7 +171,9 @@ def test_packed_linear_reproduces_each_format(gguf, qtype):
         pytest.skip("this PyTorch has no CPU int4 kernel")
     from consortium.model.model import _pack_int4
 
-    name = next(t.name for t in gguf.tensors.values() if t.tensor_type.name == qtype and t.name.startswith("blk."))
+    name = next(
+        t.name for t in gguf.tensors.values() if t.tensor_type.name == qtype and t.name.startswith("blk.")
+    )
     lin = _pack_int4(gguf, [name])
     assert lin is not None and lin.dup_input == (qtype == "Q8_0")
     w = torch.from_numpy(gguf.dequantize(name))

@@ -89,7 +89,9 @@ class NodeIdentity:
         except OSError as e:
             raise IdentityError(f"cannot read node key {path}: {e.strerror}") from e
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise IdentityError(f"node key {path} is accessible by others (mode {oct(mode & 0o777)}); chmod 600 it")
+            raise IdentityError(
+                f"node key {path} is accessible by others (mode {oct(mode & 0o777)}); chmod 600 it"
+            )
         if len(raw) != 32:
             raise IdentityError(f"node key {path} is malformed ({len(raw)} bytes, expected 32)")
         return cls(Ed25519PrivateKey.from_private_bytes(raw), path)

@@ -95,7 +95,11 @@ class Linear(nn.Module):
     """y = x W^T with W dense, or packed 4-bit codes with per-32 scale/zero (CPU int4 kernel)."""
 
     def __init__(
-        self, weight: Tensor | None = None, packed: Tensor | None = None, sz: Tensor | None = None, dup_input=False
+        self,
+        weight: Tensor | None = None,
+        packed: Tensor | None = None,
+        sz: Tensor | None = None,
+        dup_input=False,
     ):
         super().__init__()
         self.weight, self.packed, self.sz, self.dup_input = weight, packed, sz, dup_input
@@ -268,7 +272,9 @@ def _pack_int4(gguf: GGUFModel, names: list[str]) -> Linear | None:
         return None
     codes = torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.int32))
     scale, zero = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
-    sz = torch.from_numpy(np.stack([scale.T, zero.T], axis=-1)).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+    sz = (
+        torch.from_numpy(np.stack([scale.T, zero.T], axis=-1)).to(torch.bfloat16).contiguous()
+    )  # [groups, out, 2]
     in_features = gguf.dequantize(names[0], rows=np.array([0])).shape[1]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     return Linear(packed=packed, sz=sz, dup_input=codes.shape[1] == 2 * in_features)
@@ -299,7 +305,9 @@ def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:
         _linear(gguf, [p + "ffn_gate.weight", p + "ffn_up.weight"], spec),
         _linear(gguf, [p + "ffn_down.weight"], spec),
     )
-    return Block(_norm(gguf, p + "attn_norm.weight", spec), attn, _norm(gguf, p + "ffn_norm.weight", spec), ffn)
+    return Block(
+        _norm(gguf, p + "attn_norm.weight", spec), attn, _norm(gguf, p + "ffn_norm.weight", spec), ffn
+    )
 
 
 class Stage(nn.Module):

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 from consortium.core.session import Session, StepRecord
 from consortium.model.gguf_file import GGUFModel
+from consortium.model.model import KVCache
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.tensors import WireTensor
-from consortium.verification.audit import LocalAuditor, judge
+from consortium.verification.audit import LocalAuditor, concat_inputs, judge
 from consortium.verification.commitment import token_digest
 from consortium.verification.ledger import Ledger
 from consortium.verification.receipts import (
@@ -56,6 +57,8 @@ class SessionAudits:
     failed: int = 0
     fraud: Fraud | None = None
     caught: set[str] = field(default_factory=set)  # nodes already rolled back and replaced
+    checked: dict[int, KVCache] = field(default_factory=dict)  # stage -> auditor cache of verified rows
+    rewind_to: int | None = None  # a rollback's position, applied by the audit thread
     lock: threading.Lock = field(default_factory=threading.Lock)
     idle: threading.Condition = field(init=False)
 
@@ -160,6 +163,7 @@ class Verifier:
         with audits.lock:
             for stage, ends in audits.requested.items():
                 audits.requested[stage] = [e for e in ends if e <= position]
+            audits.rewind_to = position if audits.rewind_to is None else min(audits.rewind_to, position)
             audits.idle.notify_all()
 
     # --- the audit thread --------------------------------------------------------------------
@@ -177,36 +181,55 @@ class Verifier:
                     audits.idle.notify_all()
 
     def _audit(self, session: Session, stage: int) -> None:
+        """Audit a stage up to its latest selected unit. The auditor keeps, per session and
+        stage, a KV cache built from the committed inputs it has already verified, so each
+        audit recomputes (in one prefill) and compares only the rows since the last one:
+        every row 0..t is compared once, as one prefill over 0..t would, at a fraction of the
+        cost. A rollback rewinds that cache (the inputs before it stay committed)."""
         audits: SessionAudits = session.audits
         with audits.lock:
             ends = list(audits.requested.get(stage, []))
+            rewind, audits.rewind_to = audits.rewind_to, None
+        if rewind is not None:
+            for cache in audits.checked.values():
+                cache.truncate(min(cache.length, rewind))
         if not ends:
             return  # folded into an earlier audit of the same stage
         upto = max(ends)
         hist = session.history[stage]
-        records: list[StepRecord] = [r for r in list(hist.steps) if r.start_position < upto]
-        if not records or records[-1].positions.stop < upto:
-            with audits.lock:  # the work was withdrawn by a rollback meanwhile
+        ref = hist.stage
+        st = self.auditor.stage(ref.layers.start, ref.layers.end)
+        cache = audits.checked.get(stage)
+        if cache is None:
+            cache = audits.checked[stage] = st.new_cache(session.capacity)
+        start = cache.length
+        records: list[StepRecord] = [r for r in list(hist.steps) if start <= r.start_position < upto]
+        withdrawn = records and (records[0].start_position != start or records[-1].positions.stop < upto)
+        if not records or withdrawn:
+            with audits.lock:  # already verified, or withdrawn by a rollback meanwhile
                 audits.requested[stage] = [e for e in audits.requested.get(stage, []) if e not in ends]
+                if not records and not withdrawn:
+                    audits.passed += len(ends)
                 audits.idle.notify_all()
             return
-        ref = hist.stage
-        node = records[-1].node_id
         tol = tolerance_class(ref.dtype, self.auditor.dtype)
-        recomputed = self.auditor.recompute(ref.layers.start, ref.layers.end, [r.input for r in records])
-        res = judge([r.output for r in records], [r.positions for r in records], recomputed,
-                    ref.layers.end == self.gguf.args.n_layers, tol)  # fmt: skip
-        if hist.stage.node_id != node or records[-1] not in hist.steps:
+        recomputed = st(concat_inputs([r.input for r in records]), cache, all_logits=st.is_last)
+        res = judge([r.output for r in records], [r.positions for r in records], recomputed, st.is_last, tol)
+        if any(r not in hist.steps for r in records):
+            cache.truncate(start)
             with audits.lock:  # withdrawn by a rollback while we recomputed: nothing left to judge
                 audits.requested[stage] = [e for e in audits.requested.get(stage, []) if e not in ends]
                 audits.idle.notify_all()
             return
         bad = res.first_bad_position
+        node = next((r.node_id for r in records if bad in r.positions), records[-1].node_id)
         failed_units = [e for e in ends if bad is not None and e > bad]
+        if bad is not None:
+            cache.truncate(start)  # keep only verified rows
         self.ledger.add_audit(session.session_id, stage, upto - 1, node, self.auditor.node_id, res.passed,
                               res.tolerance, res.worst_rel_l2, res.worst_max_rel, bad)  # fmt: skip
-        log.info("audit of stage %d (%s) up to position %d in session %s: %s (rel-L2 %.2e, max/RMS %.2e, %s)",
-                 stage, node, upto - 1, session.session_id, "passed" if res.passed else "FAILED",
+        log.info("audit of stage %d (%s), positions %d..%d of session %s: %s (rel-L2 %.2e, max/RMS %.2e, %s)",
+                 stage, node, start, upto - 1, session.session_id, "passed" if res.passed else "FAILED",
                  res.worst_rel_l2, res.worst_max_rel, res.tolerance)  # fmt: skip
         if not res.passed:
             self.punish(session, audits, Fraud(stage, bad, node, f"failed audit: rel-L2 {res.worst_rel_l2:.3g}"),

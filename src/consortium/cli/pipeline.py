@@ -353,8 +353,10 @@ def session_status(address, session_id, as_json):
 @click.option("--no-wait-audits", is_flag=True, help="Finish without waiting for pending audits.")
 @click.option("--misbehave", default=None, metavar="KIND",
               help="TESTS ONLY (needs CONSORTIUM_ALLOW_MISBEHAVE=1): the worker of the middle layers cheats as KIND.")  # fmt: skip
+@click.option("--kill-at", type=int, default=None, metavar="N", callback=_positive,
+              help="Kill -9 the worker of the middle layers when N tokens have been generated (shows a failover).")  # fmt: skip
 def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, device, dtype, packed, no_chat,
-         log_dir, audit_probability, audit_seed, no_wait_audits, misbehave):  # fmt: skip
+         log_dir, audit_probability, audit_seed, no_wait_audits, misbehave, kill_at):  # fmt: skip
     """Start a coordinator (last third of the layers) and two workers here, run one session, stop all."""
     from consortium.coordinator.client import Client, format_report
     from consortium.coordinator.launcher import LocalCluster, thirds
@@ -396,9 +398,11 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         t0 = time.perf_counter()
         cluster.start()
         note(f"cluster ready in {time.perf_counter() - t0:.1f} s; prompt: {prompt!r}")
+        on_text = None if as_json else _print_delta
+        if kill_at is not None:
+            on_text = _killer(cluster, "worker-1", kill_at, on_text, note)
         with Client(ClientConfig(cluster.address)) as client:
-            report = client.run(req, on_text=None if as_json else _print_delta,
-                                on_rollback=None if as_json else _print_rollback)  # fmt: skip
+            report = client.run(req, on_text=on_text, on_rollback=None if as_json else _print_rollback)
         if not as_json:
             click.echo()
     finally:
@@ -415,6 +419,23 @@ def _print_rollback(ev) -> None:
     sys.stdout.write(f"\n[rollback to position {ev.position}: stage {ev.stage} node {ev.node_id} caught "
                      f"({ev.reason}); now on {ev.new_node_id}, {ev.kept_tokens} tokens kept]\n")  # fmt: skip
     sys.stdout.flush()
+
+
+def _killer(cluster, name: str, at: int, on_text, note):
+    """An on_text callback that kills -9 the process `name` when `at` tokens have streamed in."""
+    proc = next(p for p in cluster.processes if p.name == name)
+    count = 0
+
+    def on_token(text: str) -> None:
+        nonlocal count
+        count += 1
+        if on_text is not None:
+            on_text(text)
+        if count == at:
+            proc.signal_group(signal.SIGKILL)
+            note(f"\n[killed {name} (pid {proc.pid}) with SIGKILL after {at} tokens]")
+
+    return on_token
 
 
 def _raise_interrupt(*_) -> None:

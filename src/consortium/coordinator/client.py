@@ -56,6 +56,7 @@ class SessionReport:
     audits: dict  # total, passed, failed, pending
     rollbacks: list[dict]  # stage, position, node, reason, kept_tokens, new_node
     banned_nodes: list[str]
+    failovers: list[dict]  # stage, token_index, failed_node, backup_node, latency_ms
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,7 +138,7 @@ class Client:
             audits={"total": summary.audits.total, "passed": summary.audits.passed,
                     "failed": summary.audits.failed, "pending": summary.audits.pending},
             rollbacks=[rollback_dict(r) for r in summary.rollbacks],
-            banned_nodes=list(summary.banned_nodes),
+            banned_nodes=list(summary.banned_nodes), failovers=[failover_dict(f) for f in summary.failovers],
         )  # fmt: skip
 
     def session_status(self, session_id: str) -> dict:
@@ -181,6 +182,11 @@ def rollback_dict(r: pb.RollbackEvent) -> dict:
             "kept_tokens": r.kept_tokens, "new_node": r.new_node_id}  # fmt: skip
 
 
+def failover_dict(f: pb.FailoverEvent) -> dict:
+    return {"stage": f.stage, "token_index": f.token_index, "failed_node": f.failed_node,
+            "backup_node": f.backup_node, "latency_ms": f.latency_ms}  # fmt: skip
+
+
 def format_report(report: SessionReport) -> list[str]:
     """Human-readable summary lines: totals, then one line per stage."""
     lines = [
@@ -193,6 +199,9 @@ def format_report(report: SessionReport) -> list[str]:
     for r in report.rollbacks:
         lines.append(f"  rollback: stage {r['stage']} at position {r['position']}: {r['node']} ({r['reason']}); "
                      f"now on {r['new_node']}")  # fmt: skip
+    for f in report.failovers:
+        lines.append(f"  failover: stage {f['stage']} at token {f['token_index']}: {f['failed_node']} failed; "
+                     f"now on {f['backup_node']} (ready in {f['latency_ms']:.0f} ms)")  # fmt: skip
     for s in report.stages:
         where = "coordinator" if s.local else s.address
         lines.append(

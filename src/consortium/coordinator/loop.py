@@ -10,8 +10,12 @@ committed to the session history as they pass.
 from __future__ import annotations
 
 import logging
+import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
+
+import grpc
 
 from consortium.coordinator.stages import StageHandle
 from consortium.coordinator.verifier import Verifier
@@ -34,11 +38,16 @@ from consortium.model.tokenizer import GGUFTokenizer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import RemoteError
 from consortium.transport.tensors import TensorError, WireTensor, decode_hidden, decode_logits
-from consortium.verification.audit import concat_inputs
+from consortium.verification.audit import concat_inputs, judge
 from consortium.verification.ledger import Ledger
 from consortium.verification.receipts import ReceiptError, input_digest
+from consortium.verification.tolerance import tolerance_class
 
 log = logging.getLogger(__name__)
+# A remote stage that fails a call with one of these is dead or hung: its stage fails over.
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+MAX_FAILOVERS_PER_STEP = 3
+RTT_WINDOW = 16  # recent decode round trips behind a stage's adaptive deadline
 
 
 def stage_info(ref) -> pb.StageInfo:
@@ -164,7 +173,6 @@ class TokenLoop:
         output is used. Returns the logits, or None when a receipt was bad (fraud recorded)."""
         v, audits, sid = self.verifier, session.audits, session.session_id
         pos, rows = session.position, x.rows
-        timeout = self.cfg.prefill_timeout_s if x.rows > 1 else self.cfg.step_timeout_s
         expected_in = input_digest(sid, 0, pos, x)
         receipts, keys, logits = [], {}, None
         last = len(handles) - 1
@@ -179,8 +187,16 @@ class TokenLoop:
                     f"work order of {order.ByteSize()} bytes for stage {i} exceeds the message limit of "
                     f"{self.cfg.max_message_bytes} bytes (raise --max-message-mb on every process)"
                 )
-            ts = time.perf_counter()
-            res = h.execute(order, timeout)
+            for attempt in range(MAX_FAILOVERS_PER_STEP + 1):
+                ts = time.perf_counter()
+                try:
+                    res = h.execute(order, self.deadline(session, i, rows))
+                    break
+                except RemoteError as e:
+                    if ref.local or e.code not in FAILOVER_CODES or attempt == MAX_FAILOVERS_PER_STEP:
+                        raise
+                    # Earlier stages keep this step's work; the replacement continues it with the same input.
+                    ref, h = self._failover(session, handles, i, pos, e)
             rtt_ms = (time.perf_counter() - ts) * 1000
             try:
                 if i == last:
@@ -227,26 +243,9 @@ class TokenLoop:
             h.steps = [r for r in h.steps if r.positions.stop <= p]
         self.verifier.forget_after(audits, p)
         for i, h in enumerate(handles):
-            if i == s:
-                try:
-                    h.close(sid, 5.0)
-                except ConsortiumError as e:
-                    log.info("closing session %s on the replaced node %s: %s", sid, fraud.node_id, e)
-            else:
+            if i != s:
                 h.rollback(sid, p, self.cfg.step_timeout_s)
-        ref, handle = self.replace_stage(session, s, fraud.node_id)
-        handles[s], session.stages[s] = handle, ref
-        session.history[s].stage = ref
-        handle.open(sid, session.capacity, ref.layers, self.cfg.step_timeout_s)
-        kept = session.history[s].steps
-        if kept:  # rebuild its KV cache from the committed inputs, in one prefill
-            x = WireTensor.from_torch(concat_inputs([r.input for r in kept]))
-            order = pb.WorkOrder(
-                session_id=sid, step=kept[-1].step, stage_index=s,
-                layers=pb.LayerRange(start=ref.layers.start, end=ref.layers.end), start_position=0,
-                input=x.to_proto(),
-            )  # fmt: skip
-            handle.execute(order, self.cfg.prefill_timeout_s)
+        ref = self._replace(session, handles, s, p, fraud.node_id, background_close=False)
         n_prompt = len(session.prompt_ids)
         n_kept = max(0, p + 1 - n_prompt)
         session.tokens = session.tokens[:n_kept]
@@ -262,6 +261,102 @@ class TokenLoop:
         ids = session.prompt_ids + session.tokens
         return WireTensor.from_tokens(ids[p : n_prompt + n_kept])
 
+    def deadline(self, session: Session, stage: int, rows: int) -> float:
+        """A call's deadline: the prefill's long one, else adaptive to the stage's recent decode
+        round trips (so that a hung node is caught in seconds), at most step_timeout_s."""
+        cfg = self.cfg
+        if rows > 1:
+            return cfg.prefill_timeout_s
+        rtts = [r.round_trip_ms for r in session.history[stage].steps[-RTT_WINDOW:] if r.input.rows == 1]
+        if not rtts:
+            return cfg.step_timeout_s
+        adaptive = max(cfg.failover_floor_s, cfg.failover_rtt_factor * statistics.median(rtts) / 1000)
+        return min(cfg.step_timeout_s, adaptive)
+
+    def _failover(self, session: Session, handles: list[StageHandle], s: int, p: int,
+                  err: RemoteError) -> tuple[StageRef, StageHandle]:  # fmt: skip
+        """Stage s's node died or hung at the step starting at position p: give the stage to a
+        backup that replays its committed inputs for positions < p, and record the failover."""
+        sid, failed = session.session_id, session.stages[s].node_id
+        t0 = time.perf_counter()
+        log.warning(
+            "session %s: stage %d (%s) failed at position %d: %s; failing over", sid, s, failed, p, err
+        )
+        ref = self._replace(session, handles, s, p, failed, background_close=True)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        ev = pb.FailoverEvent(stage=s, token_index=len(session.tokens), failed_node=failed,
+                              backup_node=ref.node_id, latency_ms=latency_ms)  # fmt: skip
+        session.failovers.append(ev)
+        self.ledger.event(sid, "failover", {"stage": s, "position": p, "token_index": ev.token_index,
+                                            "failed_node": failed, "backup_node": ref.node_id,
+                                            "latency_ms": latency_ms, "error": str(err)})  # fmt: skip
+        log.warning("session %s: stage %d failed over from %s to %s at token %d in %.0f ms", sid, s, failed,
+                    ref.node_id, ev.token_index, latency_ms)  # fmt: skip
+        return ref, handles[s]
+
+    def _replace(self, session: Session, handles: list[StageHandle], s: int, p: int, old_node: str,
+                 background_close: bool) -> StageRef:  # fmt: skip
+        """Give stage s to another node (the coordinator's choice) and rebuild its KV cache:
+        replay the stage's committed inputs for positions < p in one prefill, and compare the
+        replay with the committed outputs (a free audit). Shared by fraud rollback and failover."""
+        sid, old = session.session_id, session.stages[s]
+        self._close_quietly(handles[s], sid, old_node, background_close)
+        ref, handle = self.replace_stage(session, s, old_node)
+        handles[s], session.stages[s] = handle, ref
+        session.history[s].stage = ref
+        handle.open(sid, session.capacity, ref.layers, self.cfg.step_timeout_s)
+        kept = session.history[s].inputs_until(p)
+        if kept:  # rebuild its KV cache from the committed inputs, in one prefill
+            x = WireTensor.from_torch(concat_inputs([r.input for r in kept]))
+            order = pb.WorkOrder(
+                session_id=sid, step=kept[-1].step, stage_index=s,
+                layers=pb.LayerRange(start=ref.layers.start, end=ref.layers.end), start_position=0,
+                input=x.to_proto(),
+            )  # fmt: skip
+            res = handle.execute(order, self.cfg.prefill_timeout_s)
+            self._compare_replay(session, s, old, ref, kept, res)
+        return ref
+
+    def _close_quietly(self, h: StageHandle, sid: str, node_id: str, background: bool) -> None:
+        def close() -> None:
+            try:
+                h.close(sid, 0.5 if background else 5.0)
+            except ConsortiumError as e:
+                log.info("closing session %s on the replaced node %s: %s", sid, node_id, e)
+
+        if background:  # a hung node must not delay the failover
+            threading.Thread(target=close, name=f"close-{node_id}", daemon=True).start()
+        else:
+            close()
+
+    def _compare_replay(self, session: Session, s: int, old: StageRef, ref: StageRef,
+                        kept: list[StepRecord], res: pb.WorkResult):  # fmt: skip
+        """The replay recomputed what the stage committed: compare (a free audit). A mismatch is
+        logged, not fraud by the backup (the committed work may be the bad one)."""
+        sid = session.session_id
+        try:
+            if ref.layers.end == self.args.n_layers:  # logits of the last position only
+                out, _ = decode_logits(res.output, self.args.vocab_size, rows=1)
+                stop = kept[-1].positions.stop
+                committed, positions = [kept[-1].output], [range(stop - 1, stop)]
+            else:
+                out, _ = decode_hidden(res.output, self.args.dim)
+                committed, positions = [r.output for r in kept], [r.positions for r in kept]
+            result = judge(committed, positions, out.to_torch(), False, tolerance_class(old.dtype, ref.dtype))
+        except (TensorError, ValueError, RuntimeError, IndexError) as e:
+            log.warning(
+                "session %s: the replay of stage %d on %s could not be compared: %s", sid, s, ref.node_id, e
+            )
+            return None
+        if result.passed:
+            log.info("session %s: replay of stage %d on %s matches the committed outputs of %s (rel-L2 %.2e, %s)",
+                     sid, s, ref.node_id, old.node_id, result.worst_rel_l2, result.tolerance)  # fmt: skip
+        else:
+            log.warning("session %s: replay of stage %d on %s DIFFERS from the committed outputs of %s from "
+                        "position %s (rel-L2 %.2e, %s)", sid, s, ref.node_id, old.node_id,
+                        result.first_bad_position, result.worst_rel_l2, result.tolerance)  # fmt: skip
+        return result
+
     def summary(self, session: Session) -> pb.SessionSummary:
         return pb.SessionSummary(
             session_id=session.session_id, tokens=session.tokens,
@@ -270,5 +365,5 @@ class TokenLoop:
             time_to_first_token_s=session.time_to_first_token_s,
             stages=[stage_stats(s) for s in session.stats()], stop_reason=session.stop_reason,
             audits=session.audits.summary(), rollbacks=session.rollbacks,
-            banned_nodes=sorted({r.node_id for r in session.rollbacks}),
+            banned_nodes=sorted({r.node_id for r in session.rollbacks}), failovers=session.failovers,
         )  # fmt: skip

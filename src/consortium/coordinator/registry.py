@@ -147,6 +147,13 @@ class Registry:
                 raise NotFoundError(f"unknown node {node_id!r}: register first")
             e.last_seen = time.monotonic()
 
+    def mark_dead(self, node_id: str) -> None:
+        """A node that failed a call counts as dead until its next heartbeat."""
+        with self._lock:
+            e = self._entries.get(node_id)
+            if e is not None and not e.node.local:
+                e.last_seen = time.monotonic() - self.node_timeout_s - 1.0
+
     def set_layers(self, node_id: str, layers: LayerRange, layers_digest: str) -> Node:
         with self._lock:
             e = self._entries[node_id]

@@ -307,9 +307,28 @@ class Coordinator:
                 s.drop_history()
 
     def replace_stage(self, session: Session, index: int, bad_node: str) -> tuple[StageRef, StageHandle]:
-        """An honest node for a stage whose node was caught: the coordinator itself, loading the
-        layers once (it already holds them if it audited that stage)."""
+        """A node for a stage whose node failed or was caught (it counts as dead until its next
+        heartbeat): a live, non-banned worker that already holds exactly those layers and is not
+        in the session (the first by id), else the coordinator itself, loading the layers once
+        (it already holds them if it audited that stage)."""
         old = session.stages[index]
+        self.registry.mark_dead(bad_node)
+        busy = {r.node_id for r in session.stages} | {bad_node}
+        standby = sorted(
+            (
+                n
+                for n in self.registry.alive()
+                if not n.local and n.layers == old.layers and n.node_id not in busy
+            ),
+            key=lambda n: n.node_id,
+        )
+        if standby:
+            n = standby[0]
+            log.warning("stage %d (layers %s) moves from %s to %s, which holds those layers", index, old.layers,
+                        bad_node, n.node_id)  # fmt: skip
+            return StageRef(index, n.node_id, n.address, n.layers, n.device, n.dtype, False), self._handle(
+                n.node_id
+            )
         key = (old.layers.start, old.layers.end)
         with self._handles_lock:
             handle = self._backups.get(key)

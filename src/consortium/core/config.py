@@ -77,6 +77,10 @@ class CoordinatorConfig:
     keep_history: int = 8  # finished sessions whose committed history stays in memory
     step_timeout_s: float = 60.0  # deadline of a decode call to a worker
     prefill_timeout_s: float = 300.0
+    # failover (DESIGN.md §5): a decode call's deadline is max(floor, factor x the stage's median
+    # recent round trip), at most step_timeout_s; a node that misses it is replaced
+    failover_floor_s: float = 2.0
+    failover_rtt_factor: float = 20.0
     assign_timeout_s: float = 600.0  # a worker loading the layers placement gave it
     log_file: Path | None = None
     # verification (DESIGN.md §4)

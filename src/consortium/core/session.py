@@ -118,6 +118,7 @@ class Session:
     frozen_stats: list[StageStats] | None = None  # set when the history is dropped
     audits: Any = None  # coordinator.verifier.SessionAudits
     rollbacks: list = field(default_factory=list)  # RollbackEvent messages, in order
+    failovers: list = field(default_factory=list)  # FailoverEvent messages, in order
 
     def __post_init__(self) -> None:
         if not self.history:

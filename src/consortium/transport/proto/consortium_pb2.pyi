@@ -321,7 +321,7 @@ class TokenEvent(_message.Message):
     def __init__(self, token: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SessionSummary(_message.Message):
-    __slots__ = ("session_id", "tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "stages", "stop_reason", "audits", "rollbacks", "banned_nodes")
+    __slots__ = ("session_id", "tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "stages", "stop_reason", "audits", "rollbacks", "banned_nodes", "failovers")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +333,7 @@ class SessionSummary(_message.Message):
     AUDITS_FIELD_NUMBER: _ClassVar[int]
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
     BANNED_NODES_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -344,7 +345,22 @@ class SessionSummary(_message.Message):
     audits: AuditSummary
     rollbacks: _containers.RepeatedCompositeFieldContainer[RollbackEvent]
     banned_nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., audits: _Optional[_Union[AuditSummary, _Mapping]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ..., banned_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    failovers: _containers.RepeatedCompositeFieldContainer[FailoverEvent]
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., audits: _Optional[_Union[AuditSummary, _Mapping]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ..., banned_nodes: _Optional[_Iterable[str]] = ..., failovers: _Optional[_Iterable[_Union[FailoverEvent, _Mapping]]] = ...) -> None: ...
+
+class FailoverEvent(_message.Message):
+    __slots__ = ("stage", "token_index", "failed_node", "backup_node", "latency_ms")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FAILED_NODE_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_NODE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    token_index: int
+    failed_node: str
+    backup_node: str
+    latency_ms: float
+    def __init__(self, stage: _Optional[int] = ..., token_index: _Optional[int] = ..., failed_node: _Optional[str] = ..., backup_node: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class RollbackEvent(_message.Message):
     __slots__ = ("stage", "position", "node_id", "reason", "kept_tokens", "new_node_id")

@@ -1,0 +1,138 @@
+"""Failover end to end (DESIGN.md §5): a worker killed (-9) or hung (SIGSTOP) mid-generation
+is replaced, the replacement's KV cache rebuilt by replaying the stage's committed inputs,
+and the session ends with exactly the tokens of an uninterrupted single-node run.
+
+The tiny model's cluster: worker-0 holds layers 0-1, worker-1 layers 1-2, the coordinator
+2-4 (and is the backup of any range: no standby worker holds the same layers).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+from conftest import consortium, processes_mentioning, start_cluster
+
+from consortium.core.config import LayerRange, SessionRequest
+from consortium.model.generate import generate, load_single_node
+from consortium.model.sampling import SamplingParams
+from consortium.verification.ledger import Ledger
+
+PROMPT = "the cat sat on the"
+SEEDED = SamplingParams(temperature=0.8, top_k=50, seed=11)
+GREEDY = SamplingParams(temperature=0.0)
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def single_node(tiny_gguf):
+    gguf, stage, tok = load_single_node(tiny_gguf)
+
+    def run(sampling: SamplingParams) -> list[int]:
+        return generate(stage, tok, tok.encode_prompt(PROMPT, chat=True), TOKENS, sampling).tokens
+
+    return run
+
+
+def _cluster(request, tiny_gguf, tmp_path):
+    ledger = tmp_path / "ledger.db"
+    cluster = start_cluster(
+        request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2)],
+        coordinator_args=["--ledger", str(ledger)],
+    )  # fmt: skip
+    return cluster, ledger
+
+
+def _proc(cluster, name: str):
+    return next(p for p in cluster.processes if p.name == name)
+
+
+def _run(client_for, cluster, sampling: SamplingParams, actions: dict[int, tuple[str, int]]):
+    """Runs a session; after k streamed tokens sends the signal actions[k] = (process, signal)."""
+    count = 0
+
+    def on_text(_text: str) -> None:
+        nonlocal count
+        count += 1
+        if count in actions:
+            name, sig = actions[count]
+            _proc(cluster, name).signal_group(sig)
+
+    req = SessionRequest(PROMPT, TOKENS, sampling, audit_probability=0.0)
+    return client_for(cluster).run(req, on_text=on_text)
+
+
+def test_killed_worker_fails_over_to_the_coordinator(request, tiny_gguf, tmp_path, client_for, single_node):
+    cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
+    r = _run(client_for, cluster, GREEDY, {8: ("worker-1", signal.SIGKILL)})
+    assert r.tokens == single_node(GREEDY)
+    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
+        (1, "worker-1", "coordinator")
+    ]
+    f = r.failovers[0]
+    assert 8 <= f["token_index"] < TOKENS and f["latency_ms"] > 0
+    assert r.rollbacks == [] and r.banned_nodes == []
+    assert [s.node_id for s in r.stages] == ["worker-0", "coordinator", "coordinator"]
+    assert json.loads(json.dumps(r.to_dict()))["failovers"][0]["failed_node"] == "worker-1"
+    led = Ledger(ledger, create=False, readonly=True)
+    events = led.events(r.session_id, "failover")
+    led.close()
+    assert len(events) == 1 and events[0]["backup_node"] == "coordinator" and events[0]["stage"] == 1
+    # the next session runs on the coordinator's backup of layers 1-2 without failing over
+    again = client_for(cluster).run(SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0))
+    assert again.tokens == single_node(SEEDED) and again.failovers == []
+    assert [s.node_id for s in again.stages] == ["worker-0", "coordinator", "coordinator"]
+
+
+def test_hung_worker_is_detected_and_fails_over(request, tiny_gguf, tmp_path, client_for, single_node):
+    cluster, _ = _cluster(request, tiny_gguf, tmp_path)
+    request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))  # before the stop
+    t0 = time.monotonic()
+    r = _run(client_for, cluster, SEEDED, {8: ("worker-1", signal.SIGSTOP)})
+    assert time.monotonic() - t0 < 30  # the adaptive deadline (2 s floor), not the 60 s step timeout
+    assert r.tokens == single_node(SEEDED)
+    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
+        (1, "worker-1", "coordinator")
+    ]
+
+
+def test_two_stages_fail_in_one_session(request, tiny_gguf, tmp_path, client_for, single_node):
+    """worker-0 (the first stage, fed tokens) dies and worker-1 hangs at the same moment: both
+    fail over, in whichever order the token loop meets them (a kill later in the session would
+    race a pipeline that is then mostly local and fast)."""
+    cluster, _ = _cluster(request, tiny_gguf, tmp_path)
+    request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))
+    count = 0
+
+    def on_text(_text: str) -> None:
+        nonlocal count
+        count += 1
+        if count == 5:
+            _proc(cluster, "worker-1").signal_group(signal.SIGSTOP)
+            _proc(cluster, "worker-0").signal_group(signal.SIGKILL)
+
+    req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0)
+    r = client_for(cluster).run(req, on_text=on_text)
+    assert r.tokens == single_node(SEEDED)
+    assert sorted((f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers) == [
+        (0, "worker-0", "coordinator"),
+        (1, "worker-1", "coordinator"),
+    ]
+    assert all(5 <= f["token_index"] < TOKENS for f in r.failovers)
+    assert {s.node_id for s in r.stages} == {"coordinator"}
+
+
+def test_demo_kill_at_shows_a_failover(tiny_gguf, tmp_path, single_node):
+    done = consortium("demo", "--model", str(tiny_gguf), "--prompt", PROMPT, "--max-tokens", str(TOKENS),
+                      "--temperature", "0", "--kill-at", "6", "--audit-probability", "0", "--json",
+                      "--log-dir", str(tmp_path), timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["tokens"] == single_node(GREEDY)
+    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in out["failovers"]] == [
+        (1, "worker-1", "coordinator")
+    ]
+    assert "killed worker-1" in done.stderr and "all processes stopped" in done.stderr
+    assert processes_mentioning(str(tmp_path)) == []

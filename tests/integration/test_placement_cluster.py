@@ -98,10 +98,12 @@ def test_workers_without_layers_get_ranges_by_capacity(request, tiny_gguf, tmp_p
     assert st["flexible_pending"] and not st["route"]
     req = SessionRequest("the cat sat", max_tokens=12)
     report = client.run(req)
-    layers = {s.node_id: s.layers for s in report.stages}
-    assert layers == {"worker-0": [0, 2], "worker-1": [2, 3], "coordinator": [3, 4]}
+    # sizes follow memory here; which worker goes first follows measured speed (noisy)
+    sizes = {s.node_id: s.layers[1] - s.layers[0] for s in report.stages}
+    assert sizes == {"worker-0": 2, "worker-1": 1, "coordinator": 1}
     route = client.cluster_status()["route"]
-    assert [r["layers"] for r in route] == [[0, 2], [2, 3], [3, 4]]
+    assert [r["layers"] for r in route] in ([[0, 2], [2, 3], [3, 4]], [[0, 1], [1, 3], [3, 4]])
+    assert [r["node_id"] for r in route] == [s.node_id for s in report.stages]
     _, stage, tok = load_single_node(str(tiny_gguf))
     assert (
         report.tokens

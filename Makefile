@@ -32,6 +32,8 @@ lint: setup
 
 bench: model
 	$(BIN)/python benchmarks/bench_single.py --out results/bench_single.json
+	$(BIN)/python benchmarks/bench_pipeline.py --out results/bench_pipeline.json
+	$(BIN)/python benchmarks/bench_verification.py --out results/bench_verification.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache results

@@ -136,3 +136,23 @@ def test_demo_kill_at_shows_a_failover(tiny_gguf, tmp_path, single_node):
     ]
     assert "killed worker-1" in done.stderr and "all processes stopped" in done.stderr
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_failover_with_every_unit_audited(request, tiny_gguf, tmp_path, client_for, single_node):
+    """Interplay with verification: the failed node's committed work is still audited (and
+    passes); no rollback, no ban; the backup (the coordinator) is not audited."""
+    cluster, _ = _cluster(request, tiny_gguf, tmp_path)
+    count = 0
+
+    def on_text(_text: str) -> None:
+        nonlocal count
+        count += 1
+        if count == 8:
+            _proc(cluster, "worker-1").signal_group(signal.SIGKILL)
+
+    req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
+    r = client_for(cluster).run(req, on_text=on_text)
+    assert r.tokens == single_node(SEEDED)
+    assert [(f["stage"], f["failed_node"]) for f in r.failovers] == [(1, "worker-1")]
+    assert r.rollbacks == [] and r.banned_nodes == []
+    assert r.audits["failed"] == 0 and r.audits["pending"] == 0 and r.audits["passed"] > 0

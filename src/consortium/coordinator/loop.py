@@ -267,7 +267,10 @@ class TokenLoop:
         cfg = self.cfg
         if rows > 1:
             return cfg.prefill_timeout_s
-        rtts = [r.round_trip_ms for r in session.history[stage].steps[-RTT_WINDOW:] if r.input.rows == 1]
+        steps = session.history[stage].steps
+        rtts = [r.round_trip_ms for r in steps[-RTT_WINDOW:] if r.input.rows == 1]
+        if not rtts:  # the first decode steps: bounded by the prefill's round trip (more work)
+            rtts = [r.round_trip_ms for r in steps[-1:]]
         if not rtts:
             return cfg.step_timeout_s
         adaptive = max(cfg.failover_floor_s, cfg.failover_rtt_factor * statistics.median(rtts) / 1000)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from conftest import consortium, processes_mentioning
+from tiny_model import TinySpec, write_tiny_gguf
 
 
 @pytest.mark.model
@@ -30,10 +31,14 @@ def test_demo_json_and_clean_shutdown(smollm_path, tmp_path):
     assert processes_mentioning(str(tmp_path)) == []
 
 
-def test_demo_ctrl_c_stops_every_process(tiny_gguf, tmp_path):
+def test_demo_ctrl_c_stops_every_process(tmp_path):
+    # a long context, so the session is still running when Ctrl-C comes (the default tiny
+    # model's 100 tokens can finish first on an idle machine)
+    model = write_tiny_gguf(tmp_path / "long.gguf", TinySpec(context_length=8192))
+    logs = tmp_path / "logs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "consortium", "demo", "--model", str(tiny_gguf), "--max-tokens", "100",
-         "--log-dir", str(tmp_path), "--no-chat", "--prompt", "a"],
+        [sys.executable, "-m", "consortium", "demo", "--model", str(model), "--max-tokens", "8000",
+         "--log-dir", str(logs), "--no-chat", "--prompt", "a"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
@@ -42,7 +47,7 @@ def test_demo_ctrl_c_stops_every_process(tiny_gguf, tmp_path):
         while "cluster ready" not in seen and time.monotonic() < deadline and proc.poll() is None:
             seen += proc.stderr.readline()
         assert "cluster ready" in seen, seen
-        assert len([p for p in processes_mentioning(str(tmp_path)) if p.pid != proc.pid]) == 3
+        assert len([p for p in processes_mentioning(str(logs)) if p.pid != proc.pid]) == 3
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
         _, err = proc.communicate(timeout=60)
     finally:
@@ -51,4 +56,4 @@ def test_demo_ctrl_c_stops_every_process(tiny_gguf, tmp_path):
             proc.communicate()
     assert proc.returncode == 130, err
     assert "all processes stopped" in err and "interrupted" in err and "Traceback" not in err
-    assert processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(logs)) == []

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -41,6 +42,12 @@ def test_demo_ctrl_c_stops_every_process(tmp_path):
          "--log-dir", str(logs), "--no-chat", "--prompt", "a"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    # Drain stdout as a terminal would (a full pipe would block the demo's writes), and
+    # interrupt once text is streaming, i.e. in the middle of the session.
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    err = ""
     try:
         deadline = time.monotonic() + 300
         seen = ""
@@ -48,12 +55,16 @@ def test_demo_ctrl_c_stops_every_process(tmp_path):
             seen += proc.stderr.readline()
         assert "cluster ready" in seen, seen
         assert len([p for p in processes_mentioning(str(logs)) if p.pid != proc.pid]) == 3
+        while not out and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the session ended before it could be interrupted"
         proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=120)  # stderr carries a few lines only: no pipe to drain meanwhile
+        err = proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
     assert proc.returncode == 130, err
     assert "all processes stopped" in err and "interrupted" in err and "Traceback" not in err
     assert processes_mentioning(str(logs)) == []

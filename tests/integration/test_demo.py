@@ -41,6 +41,8 @@ def test_demo_ctrl_c_stops_every_process(tmp_path):
         [sys.executable, "-m", "consortium", "demo", "--model", str(model), "--max-tokens", "8000",
          "--log-dir", str(logs), "--no-chat", "--prompt", "a"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as in a terminal: a runner started in the background (nohup ... &) passes SIGINT on ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     # Drain stdout as a terminal would (a full pipe would block the demo's writes), and
     # interrupt once text is streaming, i.e. in the middle of the session.

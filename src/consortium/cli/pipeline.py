@@ -306,7 +306,8 @@ def session_run(
     )
     with Client(ClientConfig(address, connect_timeout_s=connect_timeout)) as client:
         report = client.run(req, on_text=None if as_json else _print_delta,
-                            on_rollback=None if as_json else _print_rollback)  # fmt: skip
+                            on_rollback=None if as_json else _print_rollback,
+                            on_failover=None if as_json else _print_failover)  # fmt: skip
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return
@@ -402,7 +403,8 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         if kill_at is not None:
             on_text = _killer(cluster, "worker-1", kill_at, on_text, note)
         with Client(ClientConfig(cluster.address)) as client:
-            report = client.run(req, on_text=on_text, on_rollback=None if as_json else _print_rollback)
+            report = client.run(req, on_text=on_text, on_rollback=None if as_json else _print_rollback,
+                                on_failover=None if as_json else _print_failover)  # fmt: skip
         if not as_json:
             click.echo()
     finally:
@@ -418,6 +420,13 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
 def _print_rollback(ev) -> None:
     sys.stdout.write(f"\n[rollback to position {ev.position}: stage {ev.stage} node {ev.node_id} caught "
                      f"({ev.reason}); now on {ev.new_node_id}, {ev.kept_tokens} tokens kept]\n")  # fmt: skip
+    sys.stdout.flush()
+
+
+def _print_failover(ev) -> None:
+    sys.stdout.write(f"\n[failover at token {ev.token_index}: stage {ev.stage} node {ev.failed_node} failed; "
+                     f"now on {ev.backup_node} ({ev.replayed_positions} positions replayed in {ev.replay_ms:.0f} ms, "
+                     f"ready in {ev.latency_ms:.0f} ms)]\n")  # fmt: skip
     sys.stdout.flush()
 
 

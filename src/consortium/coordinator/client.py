@@ -56,7 +56,7 @@ class SessionReport:
     audits: dict  # total, passed, failed, pending
     rollbacks: list[dict]  # stage, position, node, reason, kept_tokens, new_node
     banned_nodes: list[str]
-    failovers: list[dict]  # stage, token_index, failed_node, backup_node, latency_ms
+    failovers: list[dict]  # stage, token_index, failed_node, backup_node, latency_ms, replay_ms, ...
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +98,7 @@ class Client:
         on_text: Callable[[str], None] | None = None,
         on_start: Callable[[pb.SessionStarted], None] | None = None,
         on_rollback: Callable[[pb.RollbackEvent], None] | None = None,
+        on_failover: Callable[[pb.FailoverEvent], None] | None = None,
     ) -> SessionReport:
         """Runs a session to its end, calling on_text with each text delta as tokens stream in."""
         s = req.sampling
@@ -122,6 +123,8 @@ class Client:
                     on_text(ev.token.text)
                 elif kind == "rollback" and on_rollback is not None:
                     on_rollback(ev.rollback)
+                elif kind == "failover" and on_failover is not None:
+                    on_failover(ev.failover)
                 elif kind == "done":
                     summary = ev.done
         except grpc.RpcError as e:
@@ -184,7 +187,8 @@ def rollback_dict(r: pb.RollbackEvent) -> dict:
 
 def failover_dict(f: pb.FailoverEvent) -> dict:
     return {"stage": f.stage, "token_index": f.token_index, "failed_node": f.failed_node,
-            "backup_node": f.backup_node, "latency_ms": f.latency_ms}  # fmt: skip
+            "backup_node": f.backup_node, "latency_ms": f.latency_ms, "replay_ms": f.replay_ms,
+            "replayed_positions": f.replayed_positions, "load_ms": f.load_ms}  # fmt: skip
 
 
 def format_report(report: SessionReport) -> list[str]:

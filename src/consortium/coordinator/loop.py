@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -48,6 +49,13 @@ log = logging.getLogger(__name__)
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 MAX_FAILOVERS_PER_STEP = 3
 RTT_WINDOW = 16  # recent decode round trips behind a stage's adaptive deadline
+
+
+@dataclass(frozen=True)
+class Replacement:
+    load_ms: float  # choosing the backup, including a standby loading the layers
+    replay_ms: float  # rebuilding its KV cache from the committed inputs
+    positions: int  # positions replayed
 
 
 def stage_info(ref) -> pb.StageInfo:
@@ -148,6 +156,8 @@ class TokenLoop:
             step += 1
             if logits is None:  # a bad receipt: the rollback happens at the top of the loop
                 continue
+            while session.events:  # failovers of this step, live
+                yield session.events.pop(0)
             token = sample(logits[-1], sampling, position=session.position)
             if not session.tokens:
                 session.time_to_first_token_s = time.perf_counter() - t0
@@ -158,6 +168,8 @@ class TokenLoop:
             self.ledger.put_token(sid, session.position, token)
             yield pb.GenerateEvent(token=pb.TokenEvent(token=token, text=stream.push(token)))
             x = WireTensor.from_tokens([token])
+        while session.events:
+            yield session.events.pop(0)
         session.stop_reason = "eos" if eos else "max_tokens"
         elapsed = time.perf_counter() - t0
         decode_time = elapsed - session.time_to_first_token_s
@@ -245,7 +257,7 @@ class TokenLoop:
         for i, h in enumerate(handles):
             if i != s:
                 h.rollback(sid, p, self.cfg.step_timeout_s)
-        ref = self._replace(session, handles, s, p, fraud.node_id, background_close=False)
+        ref, _ = self._replace(session, handles, s, p, fraud.node_id, background_close=False)
         n_prompt = len(session.prompt_ids)
         n_kept = max(0, p + 1 - n_prompt)
         session.tokens = session.tokens[:n_kept]
@@ -285,30 +297,37 @@ class TokenLoop:
         log.warning(
             "session %s: stage %d (%s) failed at position %d: %s; failing over", sid, s, failed, p, err
         )
-        ref = self._replace(session, handles, s, p, failed, background_close=True)
+        ref, rep = self._replace(session, handles, s, p, failed, background_close=True)
         latency_ms = (time.perf_counter() - t0) * 1000
         ev = pb.FailoverEvent(stage=s, token_index=len(session.tokens), failed_node=failed,
-                              backup_node=ref.node_id, latency_ms=latency_ms)  # fmt: skip
+                              backup_node=ref.node_id, latency_ms=latency_ms, replay_ms=rep.replay_ms,
+                              replayed_positions=rep.positions, load_ms=rep.load_ms, error=str(err))  # fmt: skip
         session.failovers.append(ev)
+        session.events.append(pb.GenerateEvent(failover=ev))
         self.ledger.event(sid, "failover", {"stage": s, "position": p, "token_index": ev.token_index,
                                             "failed_node": failed, "backup_node": ref.node_id,
-                                            "latency_ms": latency_ms, "error": str(err)})  # fmt: skip
-        log.warning("session %s: stage %d failed over from %s to %s at token %d in %.0f ms", sid, s, failed,
-                    ref.node_id, ev.token_index, latency_ms)  # fmt: skip
+                                            "latency_ms": latency_ms, "replay_ms": rep.replay_ms,
+                                            "load_ms": rep.load_ms, "error": str(err)})  # fmt: skip
+        log.warning("session %s: stage %d failed over from %s to %s at token %d in %.0f ms (replay of %d "
+                    "positions %.0f ms, load %.0f ms)", sid, s, failed, ref.node_id, ev.token_index, latency_ms,
+                    rep.positions, rep.replay_ms, rep.load_ms)  # fmt: skip
         return ref, handles[s]
 
     def _replace(self, session: Session, handles: list[StageHandle], s: int, p: int, old_node: str,
-                 background_close: bool) -> StageRef:  # fmt: skip
+                 background_close: bool) -> tuple[StageRef, Replacement]:  # fmt: skip
         """Give stage s to another node (the coordinator's choice) and rebuild its KV cache:
         replay the stage's committed inputs for positions < p in one prefill, and compare the
         replay with the committed outputs (a free audit). Shared by fraud rollback and failover."""
         sid, old = session.session_id, session.stages[s]
         self._close_quietly(handles[s], sid, old_node, background_close)
+        t0 = time.perf_counter()
         ref, handle = self.replace_stage(session, s, old_node)
+        load_ms = (time.perf_counter() - t0) * 1000
         handles[s], session.stages[s] = handle, ref
         session.history[s].stage = ref
-        handle.open(sid, session.capacity, ref.layers, self.cfg.step_timeout_s)
+        handle.open(sid, session.capacity, ref.layers, self.cfg.step_timeout_s)  # replaces a stale cache
         kept = session.history[s].inputs_until(p)
+        t1 = time.perf_counter()
         if kept:  # rebuild its KV cache from the committed inputs, in one prefill
             x = WireTensor.from_torch(concat_inputs([r.input for r in kept]))
             order = pb.WorkOrder(
@@ -318,7 +337,8 @@ class TokenLoop:
             )  # fmt: skip
             res = handle.execute(order, self.cfg.prefill_timeout_s)
             self._compare_replay(session, s, old, ref, kept, res)
-        return ref
+        replay_ms = (time.perf_counter() - t1) * 1000
+        return ref, Replacement(load_ms, replay_ms, kept[-1].positions.stop if kept else 0)
 
     def _close_quietly(self, h: StageHandle, sid: str, node_id: str, background: bool) -> None:
         def close() -> None:

@@ -119,6 +119,7 @@ class Session:
     audits: Any = None  # coordinator.verifier.SessionAudits
     rollbacks: list = field(default_factory=list)  # RollbackEvent messages, in order
     failovers: list = field(default_factory=list)  # FailoverEvent messages, in order
+    events: list = field(default_factory=list)  # GenerateEvents waiting to be streamed (failovers)
 
     def __post_init__(self) -> None:
         if not self.history:

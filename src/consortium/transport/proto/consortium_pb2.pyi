@@ -39,7 +39,7 @@ class LayerRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "backend", "device", "dtype", "packed", "memory_bytes", "speed_gflops", "layers", "model_digest", "layers_digest", "version", "threads", "public_key")
+    __slots__ = ("node_id", "address", "backend", "device", "dtype", "packed", "memory_bytes", "speed_gflops", "layers", "model_digest", "layers_digest", "version", "threads", "public_key", "standby")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class NodeInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     backend: str
@@ -68,7 +69,8 @@ class NodeInfo(_message.Message):
     version: str
     threads: int
     public_key: bytes
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., packed: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., speed_gflops: _Optional[float] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., model_digest: _Optional[str] = ..., layers_digest: _Optional[str] = ..., version: _Optional[str] = ..., threads: _Optional[int] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+    standby: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., packed: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., speed_gflops: _Optional[float] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., model_digest: _Optional[str] = ..., layers_digest: _Optional[str] = ..., version: _Optional[str] = ..., threads: _Optional[int] = ..., public_key: _Optional[bytes] = ..., standby: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("node",)
@@ -87,18 +89,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., n_layers: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "active_sessions", "cache_bytes")
+    __slots__ = ("node_id", "active_sessions", "cache_bytes", "session_ids")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     active_sessions: int
     cache_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("drop_sessions",)
+    DROP_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    drop_sessions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, drop_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AssignLayersRequest(_message.Message):
     __slots__ = ("layers", "model_digest")
@@ -301,16 +307,20 @@ class StageStats(_message.Message):
     def __init__(self, stage: _Optional[_Union[StageInfo, _Mapping]] = ..., prefill_ms: _Optional[float] = ..., mean_step_ms: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., steps: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "prompt_tokens", "max_tokens", "stages")
+    __slots__ = ("session_id", "prompt_tokens", "max_tokens", "stages", "resumed_tokens", "resumed_text")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_TEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_tokens: int
     max_tokens: int
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
-    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
+    resumed_tokens: _containers.RepeatedScalarFieldContainer[int]
+    resumed_text: str
+    def __init__(self, session_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., resumed_tokens: _Optional[_Iterable[int]] = ..., resumed_text: _Optional[str] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("token", "text")
@@ -349,18 +359,26 @@ class SessionSummary(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., audits: _Optional[_Union[AuditSummary, _Mapping]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ..., banned_nodes: _Optional[_Iterable[str]] = ..., failovers: _Optional[_Iterable[_Union[FailoverEvent, _Mapping]]] = ...) -> None: ...
 
 class FailoverEvent(_message.Message):
-    __slots__ = ("stage", "token_index", "failed_node", "backup_node", "latency_ms")
+    __slots__ = ("stage", "token_index", "failed_node", "backup_node", "latency_ms", "replay_ms", "replayed_positions", "load_ms", "error")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
     FAILED_NODE_FIELD_NUMBER: _ClassVar[int]
     BACKUP_NODE_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     stage: int
     token_index: int
     failed_node: str
     backup_node: str
     latency_ms: float
-    def __init__(self, stage: _Optional[int] = ..., token_index: _Optional[int] = ..., failed_node: _Optional[str] = ..., backup_node: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+    replay_ms: float
+    replayed_positions: int
+    load_ms: float
+    error: str
+    def __init__(self, stage: _Optional[int] = ..., token_index: _Optional[int] = ..., failed_node: _Optional[str] = ..., backup_node: _Optional[str] = ..., latency_ms: _Optional[float] = ..., replay_ms: _Optional[float] = ..., replayed_positions: _Optional[int] = ..., load_ms: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RollbackEvent(_message.Message):
     __slots__ = ("stage", "position", "node_id", "reason", "kept_tokens", "new_node_id")
@@ -391,16 +409,18 @@ class AuditSummary(_message.Message):
     def __init__(self, total: _Optional[int] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("started", "token", "done", "rollback")
+    __slots__ = ("started", "token", "done", "rollback", "failover")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    FAILOVER_FIELD_NUMBER: _ClassVar[int]
     started: SessionStarted
     token: TokenEvent
     done: SessionSummary
     rollback: RollbackEvent
-    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., token: _Optional[_Union[TokenEvent, _Mapping]] = ..., done: _Optional[_Union[SessionSummary, _Mapping]] = ..., rollback: _Optional[_Union[RollbackEvent, _Mapping]] = ...) -> None: ...
+    failover: FailoverEvent
+    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., token: _Optional[_Union[TokenEvent, _Mapping]] = ..., done: _Optional[_Union[SessionSummary, _Mapping]] = ..., rollback: _Optional[_Union[RollbackEvent, _Mapping]] = ..., failover: _Optional[_Union[FailoverEvent, _Mapping]] = ...) -> None: ...
 
 class SessionStatusRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -409,7 +429,7 @@ class SessionStatusRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionStatus(_message.Message):
-    __slots__ = ("session_id", "state", "prompt_tokens", "generated_tokens", "max_tokens", "position", "stages", "error", "age_s", "tokens_per_second")
+    __slots__ = ("session_id", "state", "prompt_tokens", "generated_tokens", "max_tokens", "position", "stages", "error", "age_s", "tokens_per_second", "tokens", "text", "failovers", "resumable")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +440,10 @@ class SessionStatus(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     AGE_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: str
     prompt_tokens: int
@@ -430,7 +454,19 @@ class SessionStatus(_message.Message):
     error: str
     age_s: float
     tokens_per_second: float
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., position: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., error: _Optional[str] = ..., age_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    failovers: _containers.RepeatedCompositeFieldContainer[FailoverEvent]
+    resumable: bool
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., position: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., error: _Optional[str] = ..., age_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., failovers: _Optional[_Iterable[_Union[FailoverEvent, _Mapping]]] = ..., resumable: _Optional[bool] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("session_id", "no_wait_audits")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_AUDITS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    no_wait_audits: bool
+    def __init__(self, session_id: _Optional[str] = ..., no_wait_audits: _Optional[bool] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()

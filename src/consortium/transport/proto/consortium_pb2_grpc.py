@@ -57,6 +57,11 @@ class CoordinatorStub:
                 request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.SessionStatusRequest.SerializeToString,
                 response_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.SessionStatus.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/consortium.v1.Coordinator/Resume',
+                request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.GenerateEvent.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/consortium.v1.Coordinator/GetStatus',
                 request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.ClusterStatusRequest.SerializeToString,
@@ -94,6 +99,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -122,6 +133,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetSession,
                     request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.SessionStatusRequest.FromString,
                     response_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.SessionStatus.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.ResumeRequest.FromString,
+                    response_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.GenerateEvent.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -240,6 +256,33 @@ class Coordinator:
             '/consortium.v1.Coordinator/GetSession',
             consortium_dot_transport_dot_proto_dot_consortium__pb2.SessionStatusRequest.SerializeToString,
             consortium_dot_transport_dot_proto_dot_consortium__pb2.SessionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/consortium.v1.Coordinator/Resume',
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.ResumeRequest.SerializeToString,
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

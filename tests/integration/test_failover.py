@@ -9,15 +9,18 @@ The tiny model's cluster: worker-0 holds layers 0-1, worker-1 layers 1-2, the co
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
+import grpc
 import pytest
 from conftest import consortium, processes_mentioning, start_cluster
 
 from consortium.core.config import LayerRange, SessionRequest
 from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
+from consortium.transport.rpc import RemoteError
 from consortium.verification.ledger import Ledger
 
 PROMPT = "the cat sat on the"
@@ -36,11 +39,11 @@ def single_node(tiny_gguf):
     return run
 
 
-def _cluster(request, tiny_gguf, tmp_path):
+def _cluster(request, tiny_gguf, tmp_path, coordinator_args=()):
     ledger = tmp_path / "ledger.db"
     cluster = start_cluster(
         request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2)],
-        coordinator_args=["--ledger", str(ledger)],
+        coordinator_args=["--ledger", str(ledger), *coordinator_args],
     )  # fmt: skip
     return cluster, ledger
 
@@ -156,3 +159,130 @@ def test_failover_with_every_unit_audited(request, tiny_gguf, tmp_path, client_f
     assert [(f["stage"], f["failed_node"]) for f in r.failovers] == [(1, "worker-1")]
     assert r.rollbacks == [] and r.banned_nodes == []
     assert r.audits["failed"] == 0 and r.audits["pending"] == 0 and r.audits["passed"] > 0
+
+
+def _standby_cluster(request, tiny_gguf, tmp_path, coordinator_args=()):
+    """worker-0 0-1, worker-1 1-2, worker-2 a standby (no layers), the coordinator 2-4."""
+    return start_cluster(
+        request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2), None],
+        coordinator_args=["--ledger", str(tmp_path / "ledger.db"), *coordinator_args],
+        worker_args=[[], [], ["--standby"]],
+    )  # fmt: skip
+
+
+def _roles(client) -> dict[str, str]:
+    return {n["node_id"]: n["role"] for n in client.cluster_status()["nodes"]}
+
+
+def _wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_standby_takes_over_and_the_restarted_worker_rejoins_as_spare(
+    request, tiny_gguf, tmp_path, client_for, single_node
+):
+    cluster = _standby_cluster(request, tiny_gguf, tmp_path)
+    client = client_for(cluster)
+    assert _roles(client) == {"coordinator": "serving", "worker-0": "serving", "worker-1": "serving",
+                              "worker-2": "standby"}  # fmt: skip
+    live = []
+    count = 0
+
+    def on_text(_text: str) -> None:
+        nonlocal count
+        count += 1
+        if count == 8:
+            _proc(cluster, "worker-1").signal_group(signal.SIGKILL)
+
+    req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0)
+    r = client.run(req, on_text=on_text, on_failover=live.append)
+    assert r.tokens == single_node(SEEDED)
+    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
+        (1, "worker-1", "worker-2")
+    ]
+    assert [ev.backup_node for ev in live] == ["worker-2"]  # streamed while the session ran
+    f = r.failovers[0]
+    assert f["load_ms"] > 0 and f["replayed_positions"] >= len(r.tokens) - TOKENS + 8
+    assert [s.node_id for s in r.stages] == ["worker-0", "worker-2", "coordinator"]
+    assert "loading layers 1-2: 1/1" in (tmp_path / "logs" / "worker-2.log").read_text()
+
+    # worker-1 restarted with the same identity: registers again and waits as a spare of 1-2
+    _proc(cluster, "worker-1").start(dict(os.environ, PYTHONUNBUFFERED="1"))
+    _wait_for(lambda: _roles(client).get("worker-1") == "spare", what="worker-1 to rejoin as a spare")
+    assert _roles(client)["worker-2"] == "serving"
+    again = client.run(SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=0.0))
+    assert again.tokens == single_node(GREEDY) and again.failovers == []
+    assert [s.node_id for s in again.stages] == ["worker-0", "worker-2", "coordinator"]
+
+
+def test_a_hung_worker_that_comes_back_drops_its_stale_caches(
+    request, tiny_gguf, tmp_path, client_for, single_node
+):
+    cluster = _standby_cluster(request, tiny_gguf, tmp_path)
+    request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))
+    client = client_for(cluster)
+    r = _run(client_for, cluster, GREEDY, {8: ("worker-1", signal.SIGSTOP)})
+    assert r.tokens == single_node(GREEDY)
+    assert [(f["failed_node"], f["backup_node"]) for f in r.failovers] == [("worker-1", "worker-2")]
+    _proc(cluster, "worker-1").signal_group(signal.SIGCONT)
+    log_file = tmp_path / "logs" / "worker-1.log"
+    _wait_for(lambda: f"dropped the KV cache of session {r.session_id}" in log_file.read_text(),
+              what="worker-1 to drop the stale cache")  # fmt: skip
+    # back, it queues behind the standby that replaced it
+    _wait_for(lambda: _roles(client).get("worker-1") == "spare", what="worker-1 to be a spare")
+    again = client.run(SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0))
+    assert again.tokens == single_node(SEEDED) and [s.node_id for s in again.stages][1] == "worker-2"
+
+
+def test_no_backup_fails_the_session_clearly_and_keeps_its_tokens(
+    request, tiny_gguf, tmp_path, client_for, single_node
+):
+    cluster, ledger = _cluster(request, tiny_gguf, tmp_path, ["--no-backup"])
+    client = client_for(cluster)
+    started = []
+    count = 0
+
+    def on_text(_text: str) -> None:
+        nonlocal count
+        count += 1
+        if count == 8:
+            _proc(cluster, "worker-1").signal_group(signal.SIGKILL)
+
+    req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=0.0)
+    with pytest.raises(RemoteError, match="no backup is available") as exc:
+        client.run(req, on_text=on_text, on_start=started.append)
+    assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    sid = started[0].session_id
+    st = client.session_status(sid)
+    baseline = single_node(GREEDY)
+    assert st["state"] == "failed" and "no backup" in st["error"]
+    assert 8 <= len(st["tokens"]) < TOKENS and st["tokens"] == baseline[: len(st["tokens"])]
+    led = Ledger(ledger, create=False, readonly=True)
+    try:
+        assert led.tokens(sid) == st["tokens"] and led.session(sid)["status"] == "failed"
+    finally:
+        led.close()
+
+
+def test_hang_during_prefill_is_caught_by_missing_heartbeats(
+    request, tiny_gguf, tmp_path, client_for, single_node
+):
+    """The prefill's deadline is long (a slow node may need it); a stopped node's heartbeats
+    stop, and the call is given up after --hang-after (3 s) of silence."""
+    cluster, _ = _cluster(request, tiny_gguf, tmp_path)
+    request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))
+    client = client_for(cluster)
+    client.cluster_status()
+    _proc(cluster, "worker-1").signal_group(signal.SIGSTOP)  # still "alive" for the route (8 s)
+    t0 = time.monotonic()
+    r = client.run(SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0))
+    assert r.tokens == single_node(SEEDED)
+    assert [(f["stage"], f["token_index"], f["failed_node"]) for f in r.failovers] == [(1, 0, "worker-1")]
+    assert "stopped heartbeating" in r.failovers[0]["error"]
+    assert time.monotonic() - t0 < 60

@@ -136,9 +136,14 @@ def coordinator() -> None:
               help="Layers this process runs itself, half-open (e.g. 20-30: the last layers and the head).")  # fmt: skip
 @engine_options
 @node_options
-@click.option("--heartbeat-interval", type=float, default=2.0, show_default=True, callback=_positive)
+@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True, callback=_positive,
+              help="Seconds between a worker's heartbeats (the coordinator tells the workers).")  # fmt: skip
 @click.option("--node-timeout", type=float, default=8.0, show_default=True, callback=_positive,
               help="Seconds without a heartbeat after which a node counts as dead.")  # fmt: skip
+@click.option("--hang-after", type=float, default=3.0, show_default=True, callback=_positive,
+              help="A long call (prefill, replay) fails over when the node sends no heartbeat for this long.")  # fmt: skip
+@click.option("--backup/--no-backup", default=True, show_default=True,
+              help="Take over a failed stage here when no spare or standby worker can.")  # fmt: skip
 @click.option("--max-sessions", type=int, default=16, show_default=True, callback=_positive)
 @audit_options
 @click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -146,8 +151,8 @@ def coordinator() -> None:
 @click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Admit only workers whose public key (hex, one per line) is listed.")  # fmt: skip
 def coordinator_start(model, port, layers, device, dtype, packed, host, threads, kv_cache_mb, session_idle_timeout,
-                      max_message_mb, log_file, exit_with_parent, heartbeat_interval, node_timeout, max_sessions,
-                      audit_probability, audit_seed, ledger, allow_keys):  # fmt: skip
+                      max_message_mb, log_file, exit_with_parent, heartbeat_interval, node_timeout, hang_after,
+                      backup, max_sessions, audit_probability, audit_seed, ledger, allow_keys):  # fmt: skip
     """Serve the node registry, sessions and the token loop (optionally hosting --layers)."""
     from consortium.coordinator.server import Coordinator
     from consortium.core.logs import setup_logging
@@ -159,7 +164,8 @@ def coordinator_start(model, port, layers, device, dtype, packed, host, threads,
         ledger=ledger, allow_keys=read_allowed_keys(allow_keys) if allow_keys else None,
         model=_model_path(model), host=host, port=port, layers=layers,
         engine=EngineConfig(device, dtype, packed, threads), heartbeat_interval_s=heartbeat_interval,
-        node_timeout_s=node_timeout, max_message_bytes=max_message_mb * MB, kv_cache_bytes=kv_cache_mb * MB,
+        node_timeout_s=node_timeout, hang_after_s=hang_after, backup=backup,
+        max_message_bytes=max_message_mb * MB, kv_cache_bytes=kv_cache_mb * MB,
         session_idle_timeout_s=session_idle_timeout, max_sessions=max_sessions, log_file=path,
     )  # fmt: skip
 
@@ -188,7 +194,7 @@ def coordinator_status(address, as_json):
     )
     for n in st["nodes"]:
         layers = f"{n['layers'][0]}-{n['layers'][1]}" if n["layers"] else "unassigned"
-        state = "alive" if n["alive"] else f"dead ({n['heartbeat_age_s']:.0f} s)"
+        state = n["role"] if n["alive"] else f"{n['role']} ({n['heartbeat_age_s']:.0f} s without a heartbeat)"
         click.echo(
             f"  {n['node_id']:<16} {n['address']:<22} layers {layers:<10} {n['device']}/{n['dtype']}  {state}"
         )
@@ -224,9 +230,11 @@ def worker() -> None:
 @click.option("--misbehave", default=None, metavar="KIND",
               help="TESTS ONLY (needs CONSORTIUM_ALLOW_MISBEHAVE=1): cheat as KIND: skip-layer, noise=SIGMA, "
                    "wrong-weights, int4-weights, int8-weights, flip-max, bad-signature, replay.")  # fmt: skip
+@click.option("--standby", is_flag=True,
+              help="Hold no layers: wait as a backup; a failover assigns the failed stage's layers, loaded on demand.")  # fmt: skip
 def worker_start(coordinator_address, port, model, layers, device, dtype, packed, host, threads, kv_cache_mb,
                  session_idle_timeout, max_message_mb, log_file, exit_with_parent, advertise, node_id,
-                 max_memory_mb, register_timeout, data_dir, misbehave):  # fmt: skip
+                 max_memory_mb, register_timeout, data_dir, misbehave, standby):  # fmt: skip
     """Hold a layer range, register with the coordinator and execute its work orders."""
     from consortium.core.logs import setup_logging
     from consortium.worker.server import WorkerNode
@@ -239,10 +247,19 @@ def worker_start(coordinator_address, port, model, layers, device, dtype, packed
         max_memory_bytes=max_memory_mb * MB if max_memory_mb else None, kv_cache_bytes=kv_cache_mb * MB,
         session_idle_timeout_s=session_idle_timeout, max_message_bytes=max_message_mb * MB,
         register_timeout_s=register_timeout, log_file=path, data_dir=data_dir, misbehave=misbehave,
+        standby=standby,
     )  # fmt: skip
 
     def banner(w) -> str:
-        held = f"layers {w.runner.layers}" if w.runner else "no layers yet (placement assigns them)"
+        held = (
+            f"layers {w.runner.layers}"
+            if w.runner
+            else (
+                "no layers (standby: a failover assigns them)"
+                if standby
+                else "no layers yet (placement assigns them)"
+            )
+        )
         return (f"worker {w.node_id} serving {held} on {w.address} ({w.device}/{dtype}), "
                 f"registered with {coordinator_address}")  # fmt: skip
 

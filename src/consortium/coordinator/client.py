@@ -150,7 +150,8 @@ class Client:
             "session_id": st.session_id, "state": st.state, "prompt_tokens": st.prompt_tokens,
             "generated_tokens": st.generated_tokens, "max_tokens": st.max_tokens, "position": st.position,
             "tokens_per_second": st.tokens_per_second, "age_s": st.age_s, "error": st.error,
-            "stages": [asdict(StageReport.from_proto(x)) for x in st.stages],
+            "stages": [asdict(StageReport.from_proto(x)) for x in st.stages], "tokens": list(st.tokens),
+            "text": st.text, "failovers": [failover_dict(f) for f in st.failovers], "resumable": st.resumable,
         }  # fmt: skip
 
     def cluster_status(self) -> dict:
@@ -162,7 +163,7 @@ class Client:
                 "node_id": n.node_id, "address": n.address, "alive": ns.alive, "local": ns.local,
                 "layers": [n.layers.start, n.layers.end] if n.HasField("layers") else None,
                 "device": n.device, "dtype": n.dtype, "speed_gflops": n.speed_gflops,
-                "memory_bytes": n.memory_bytes, "heartbeat_age_s": ns.heartbeat_age_s,
+                "memory_bytes": n.memory_bytes, "heartbeat_age_s": ns.heartbeat_age_s, "role": ns.role,
             })  # fmt: skip
         route = [
             {
@@ -188,7 +189,7 @@ def rollback_dict(r: pb.RollbackEvent) -> dict:
 def failover_dict(f: pb.FailoverEvent) -> dict:
     return {"stage": f.stage, "token_index": f.token_index, "failed_node": f.failed_node,
             "backup_node": f.backup_node, "latency_ms": f.latency_ms, "replay_ms": f.replay_ms,
-            "replayed_positions": f.replayed_positions, "load_ms": f.load_ms}  # fmt: skip
+            "replayed_positions": f.replayed_positions, "load_ms": f.load_ms, "error": f.error}  # fmt: skip
 
 
 def format_report(report: SessionReport) -> list[str]:

@@ -98,9 +98,14 @@ class TokenLoop:
         sid, cfg = session.session_id, self.cfg
         opened: list[StageHandle] = []
         try:
-            for ref, h in zip(session.stages, handles, strict=True):
-                h.open(sid, session.capacity, ref.layers, cfg.step_timeout_s)
-                opened.append(h)
+            for i, (ref, h) in enumerate(zip(session.stages, handles, strict=True)):
+                try:
+                    h.open(sid, session.capacity, ref.layers, cfg.step_timeout_s)
+                except RemoteError as e:  # dead or hung before the first step: fail over at position 0
+                    if ref.local or e.code not in FAILOVER_CODES:
+                        raise
+                    self._failover(session, handles, i, 0, e)
+                opened.append(handles[i])
             opened = handles  # a rollback may swap a stage's handle: close whatever runs at the end
             yield pb.GenerateEvent(
                 started=pb.SessionStarted(

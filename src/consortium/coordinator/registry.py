@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class Node:
     threads: int = 0
     local: bool = False
     public_key: bytes = b""  # Ed25519; verifies the node's receipts
+    standby: bool = False  # waits for a failover: placement never gives it a range
 
     @classmethod
     def from_proto(cls, info: pb.NodeInfo, n_layers: int) -> Node:
@@ -77,6 +79,7 @@ class Node:
             version=info.version,
             threads=info.threads,
             public_key=bytes(info.public_key),
+            standby=info.standby,
         )
 
     def to_proto(self) -> pb.NodeInfo:
@@ -85,7 +88,7 @@ class Node:
             dtype=self.dtype, packed=self.packed, memory_bytes=self.memory_bytes,
             speed_gflops=self.speed_gflops, model_digest=self.model_digest,
             layers_digest=self.layers_digest, version=self.version, threads=self.threads,
-            public_key=self.public_key,
+            public_key=self.public_key, standby=self.standby,
         )  # fmt: skip
         if self.layers is not None:
             info.layers.CopyFrom(pb.LayerRange(start=self.layers.start, end=self.layers.end))
@@ -95,6 +98,7 @@ class Node:
 @dataclass
 class _Entry:
     node: Node
+    since: int  # order in which nodes took their current range: the earliest holder serves it
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -115,6 +119,7 @@ class Registry:
         self.pinned_key, self.is_banned, self.allow_keys = pinned_key, is_banned, allow_keys
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        self._seq = itertools.count()
 
     def register(self, node: Node) -> None:
         """Adds or replaces (a restarted node) a node; refuses a different model, an id claimed
@@ -138,14 +143,17 @@ class Registry:
             old = self._entries.get(node.node_id)
             if old is not None and old.node.local:
                 raise PreconditionError(f"node id {node.node_id!r} is the coordinator's own")
-            self._entries[node.node_id] = _Entry(node)
+            self._entries[node.node_id] = _Entry(node, next(self._seq))
 
     def heartbeat(self, node_id: str) -> None:
         with self._lock:
             e = self._entries.get(node_id)
             if e is None:
                 raise NotFoundError(f"unknown node {node_id!r}: register first")
-            e.last_seen = time.monotonic()
+            now = time.monotonic()
+            if not self._alive(e, now):  # back after a failure: a spare behind whoever replaced it
+                e.since = next(self._seq)
+            e.last_seen = now
 
     def mark_dead(self, node_id: str) -> None:
         """A node that failed a call counts as dead until its next heartbeat."""
@@ -154,10 +162,19 @@ class Registry:
             if e is not None and not e.node.local:
                 e.last_seen = time.monotonic() - self.node_timeout_s - 1.0
 
+    def silent_for(self, node_id: str) -> float:
+        """Seconds since the node's last heartbeat (0 for the coordinator's own, inf if unknown)."""
+        with self._lock:
+            e = self._entries.get(node_id)
+        if e is None:
+            return float("inf")
+        return 0.0 if e.node.local else time.monotonic() - e.last_seen
+
     def set_layers(self, node_id: str, layers: LayerRange, layers_digest: str) -> Node:
         with self._lock:
             e = self._entries[node_id]
             e.node = replace(e.node, layers=layers, layers_digest=layers_digest)
+            e.since = next(self._seq)
             return e.node
 
     def is_alive(self, node_id: str, now: float | None = None) -> bool:
@@ -177,6 +194,21 @@ class Registry:
     def alive(self) -> list[Node]:
         """Live nodes that are not banned (a banned node gets no placement and no audits)."""
         return [n for n, ok, _ in self.snapshot() if ok and (n.local or not self.is_banned(n.node_id))]
+
+    def serving(self) -> tuple[list[Node], list[Node]]:
+        """Live holders of layer ranges split into (serving, spares): of several nodes holding the
+        same range, the one that took it first serves it (e.g. the backup that replaced a failed
+        node, not the failed node coming back), the others wait as spares for failovers."""
+        with self._lock:
+            order = {nid: e.since for nid, e in self._entries.items()}
+        serving: dict[LayerRange, Node] = {}
+        spares: list[Node] = []
+        for n in sorted((n for n in self.alive() if n.layers is not None), key=lambda n: order[n.node_id]):
+            if n.layers in serving:
+                spares.append(n)
+            else:
+                serving[n.layers] = n
+        return list(serving.values()), spares
 
     def get(self, node_id: str) -> Node:
         with self._lock:

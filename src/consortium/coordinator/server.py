@@ -35,7 +35,7 @@ from consortium.core.placement import (
     uncovered,
 )
 from consortium.core.session import RUNNING, Session, SessionNotFoundError, StageRef
-from consortium.errors import CacheError, InvalidRequestError
+from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.generate import check_request
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import DTYPES, resolve_device
@@ -43,13 +43,17 @@ from consortium.model.sampling import SamplingParams
 from consortium.model.tokenizer import GGUFTokenizer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
-from consortium.transport.rpc import abort_for, bind, make_server
+from consortium.transport.rpc import PreconditionError, abort_for, bind, make_server
 from consortium.verification.audit import LocalAuditor
 from consortium.verification.ledger import Ledger
 from consortium.worker.runner import StageRunner, set_threads
 
 log = logging.getLogger(__name__)
 BACKUP_PREFIX = "\x00backup:"  # placement holder of a range the coordinator took over (never a node id)
+
+
+class NoBackupError(PreconditionError):
+    """A stage's node failed and no other node can take its layers (FAILED_PRECONDITION)."""
 
 
 class Coordinator:
@@ -150,8 +154,10 @@ class Coordinator:
                 if isinstance(old, RemoteStage):
                     old.shutdown()
                 self._handles[node.node_id] = RemoteStage(
-                    node.node_id, node.address, self.cfg.max_message_bytes
-                )
+                    node.node_id, node.address, self.cfg.max_message_bytes,
+                    silent_for=lambda nid=node.node_id: self.registry.silent_for(nid),
+                    hang_after_s=self.cfg.hang_after_s,
+                )  # fmt: skip
         log.info("node %s registered from %s: layers %s, %s %s, %.1f GFLOP/s, %.1f GiB", node.node_id,
                  node.address, node.layers or "unassigned", node.device, node.dtype, node.speed_gflops,
                  node.memory_bytes / 2**30)  # fmt: skip
@@ -172,9 +178,9 @@ class Coordinator:
     def route(self) -> list[StageRef]:
         """The current pipeline; assigns ranges to live workers that have none if layers are uncovered."""
         with self._placement_lock:
-            alive = self.registry.alive()
-            fixed = [Holder(n.node_id, n.layers) for n in alive if n.layers is not None]
-            flexible = [n for n in alive if n.layers is None]
+            serving, _ = self.registry.serving()
+            flexible = self._flexible()
+            fixed = [Holder(n.node_id, n.layers) for n in serving]
             gaps = uncovered(fixed, self.args.n_layers)
             if gaps and flexible and not overlaps(fixed):
                 caps = [
@@ -189,9 +195,9 @@ class Coordinator:
                     log.info("placement: %s gets layers %s", h.node_id, h.layers)
                     info = self._handle(h.node_id).assign(h.layers, self.digest, self.cfg.assign_timeout_s)
                     self.registry.set_layers(h.node_id, h.layers, info.layers_digest)
-                alive = self.registry.alive()
-            holders = [Holder(n.node_id, n.layers) for n in alive if n.layers is not None]
-            # Ranges the coordinator took over from banned nodes stay with it.
+                serving, _ = self.registry.serving()
+            holders = [Holder(n.node_id, n.layers) for n in serving]
+            # Ranges the coordinator took over (a failover or a ban) stay with it while no worker holds them.
             gaps = set(uncovered(holders, self.args.n_layers)) if not overlaps(holders) else set()
             backups = {r for r in self._backups if LayerRange(*r) in gaps}
             holders += [Holder(BACKUP_PREFIX + f"{a}-{b}", LayerRange(a, b)) for a, b in backups]
@@ -203,11 +209,10 @@ class Coordinator:
                     for n, ok, _ in self.registry.snapshot()
                     if not ok and n.layers
                 ]
-                waiting = [n.node_id for n in alive if n.layers is None]
                 extra = f"; not alive: {describe(dead)}" if dead else ""
-                extra += f"; without a range: {', '.join(waiting)}" if waiting else ""
+                extra += f"; without a range: {', '.join(n.node_id for n in flexible)}" if flexible else ""
                 raise PlacementError(f"{e}{extra}") from None
-            nodes = {n.node_id: n for n in alive}
+            nodes = {n.node_id: n for n in serving}
             return [
                 self._backup_ref(i, h.layers) if h.node_id.startswith(BACKUP_PREFIX) else StageRef(
                     i, h.node_id, nodes[h.node_id].address, h.layers, nodes[h.node_id].device,
@@ -215,6 +220,10 @@ class Coordinator:
                 )
                 for i, h in enumerate(order)
             ]  # fmt: skip
+
+    def _flexible(self) -> list[Node]:
+        """Live workers without a range that placement may give one (standbys wait for failovers)."""
+        return [n for n in self.registry.alive() if n.layers is None and not n.standby]
 
     def _backup_ref(self, index: int, layers: LayerRange) -> StageRef:
         return StageRef(
@@ -227,16 +236,21 @@ class Coordinator:
 
     def status(self) -> pb.ClusterStatus:
         st = pb.ClusterStatus(model_digest=self.digest, n_layers=self.args.n_layers)
+        serving, spares = self.registry.serving()
+        roles = {n.node_id: "serving" for n in serving} | {n.node_id: "spare" for n in spares}
         for node, alive, age in self.registry.snapshot():
-            st.nodes.append(
-                pb.NodeStatus(node=node.to_proto(), alive=alive, heartbeat_age_s=age, local=node.local)
-            )
-        alive = self.registry.alive()
-        holders = [Holder(n.node_id, n.layers) for n in alive if n.layers is not None]
-        flexible = [n for n in alive if n.layers is None]
+            if node.node_id in self.verifier.banned and not node.local:
+                role = "banned"
+            elif not alive:
+                role = "dead"
+            else:
+                role = roles.get(node.node_id, "standby" if node.standby else "unassigned")
+            st.nodes.append(pb.NodeStatus(node=node.to_proto(), alive=alive, heartbeat_age_s=age,
+                                          local=node.local, role=role))  # fmt: skip
+        holders = [Holder(n.node_id, n.layers) for n in serving]
         try:
             order = check_tiling(holders, self.args.n_layers)
-            nodes = {n.node_id: n for n in alive}
+            nodes = {n.node_id: n for n in serving}
             for i, h in enumerate(order):
                 n = nodes[h.node_id]
                 st.route.append(pb.StageInfo(
@@ -246,10 +260,22 @@ class Coordinator:
                 ))  # fmt: skip
         except PlacementError as e:
             st.placement_error = str(e)
-            st.flexible_pending = bool(flexible) and not overlaps(holders)
+            st.flexible_pending = bool(self._flexible()) and not overlaps(holders)
         with self._sessions_lock:
             st.active_sessions = sum(s.state == RUNNING for s in self._sessions.values())
         return st
+
+    def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        """Marks the node alive and names the sessions it still caches but no longer runs (its
+        stage moved while it was hung or cut off, or this coordinator restarted): it drops them."""
+        self.registry.heartbeat(req.node_id)
+        with self._sessions_lock:
+            live = {
+                s.session_id
+                for s in self._sessions.values()
+                if s.state == RUNNING and any(r.node_id == req.node_id for r in s.stages)
+            }
+        return pb.HeartbeatResponse(drop_sessions=[sid for sid in req.session_ids if sid not in live])
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -308,26 +334,41 @@ class Coordinator:
 
     def replace_stage(self, session: Session, index: int, bad_node: str) -> tuple[StageRef, StageHandle]:
         """A node for a stage whose node failed or was caught (it counts as dead until its next
-        heartbeat): a live, non-banned worker that already holds exactly those layers and is not
-        in the session (the first by id), else the coordinator itself, loading the layers once
-        (it already holds them if it audited that stage)."""
+        heartbeat). In this order, each list sorted by node id so that the choice is
+        deterministic: a live worker already holding exactly those layers and not in the session
+        (a spare); a standby, which loads the layers now (the fastest with the memory for them);
+        the coordinator itself (unless started with --no-backup), loading the layers once."""
         old = session.stages[index]
         self.registry.mark_dead(bad_node)
         busy = {r.node_id for r in session.stages} | {bad_node}
-        standby = sorted(
-            (
-                n
-                for n in self.registry.alive()
-                if not n.local and n.layers == old.layers and n.node_id not in busy
-            ),
-            key=lambda n: n.node_id,
-        )
-        if standby:
-            n = standby[0]
-            log.warning("stage %d (layers %s) moves from %s to %s, which holds those layers", index, old.layers,
-                        bad_node, n.node_id)  # fmt: skip
-            return StageRef(index, n.node_id, n.address, n.layers, n.device, n.dtype, False), self._handle(
-                n.node_id
+        alive = sorted((n for n in self.registry.alive() if not n.local and n.node_id not in busy),
+                       key=lambda n: n.node_id)  # fmt: skip
+        for n in alive:
+            if n.layers == old.layers:
+                log.warning("stage %d (layers %s) moves from %s to %s, a spare holding those layers", index,
+                            old.layers, bad_node, n.node_id)  # fmt: skip
+                return self._ref(index, n), self._handle(n.node_id)
+
+        def fits(n: Node) -> bool:
+            return n.memory_bytes >= self._layer_bytes(n.dtype, n.packed) * len(old.layers)
+
+        standbys = [n for n in alive if n.standby and n.layers is None]
+        for n in sorted(standbys, key=lambda n: (not fits(n), -n.speed_gflops, n.node_id)):
+            log.warning("stage %d (layers %s) moves from %s to the standby %s, which loads them now", index,
+                        old.layers, bad_node, n.node_id)  # fmt: skip
+            try:
+                info = self._handle(n.node_id).assign(old.layers, self.digest, self.cfg.assign_timeout_s)
+            except ConsortiumError as e:
+                log.warning("standby %s could not take layers %s: %s", n.node_id, old.layers, e)
+                self.registry.mark_dead(n.node_id)
+                continue
+            n = self.registry.set_layers(n.node_id, old.layers, info.layers_digest)
+            return self._ref(index, n), self._handle(n.node_id)
+        if not self.cfg.backup:
+            raise NoBackupError(
+                f"stage {index} (layers {old.layers}) lost node {bad_node} and no backup is available: no live "
+                f"worker holds layers {old.layers}, no standby is free, and the coordinator does not take over "
+                f"stages (--no-backup)"
             )
         key = (old.layers.start, old.layers.end)
         with self._handles_lock:
@@ -341,6 +382,10 @@ class Coordinator:
         )
         log.warning("stage %d (layers %s) moves from %s to the coordinator", index, old.layers, bad_node)
         return ref, handle
+
+    @staticmethod
+    def _ref(index: int, n: Node) -> StageRef:
+        return StageRef(index, n.node_id, n.address, n.layers, n.device, n.dtype, n.local)
 
     def handles_for(self, session: Session) -> list[StageHandle]:
         return [self._stage_handle(r) for r in session.stages]
@@ -365,7 +410,8 @@ class Coordinator:
             session_id=s.session_id, state=s.state, prompt_tokens=len(s.prompt_ids),
             generated_tokens=len(s.tokens), max_tokens=s.max_tokens, position=s.position,
             stages=[stage_stats(x) for x in s.stats()], error=s.error, age_s=end - s.created,
-            tokens_per_second=s.tokens_per_second,
+            tokens_per_second=s.tokens_per_second, tokens=s.tokens, text=self.tokenizer.decode(s.tokens),
+            failovers=s.failovers,
         )  # fmt: skip
 
 
@@ -381,8 +427,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def Heartbeat(self, request, context):
         try:
-            self.c.registry.heartbeat(request.node_id)
-            return pb.HeartbeatResponse()
+            return self.c.heartbeat(request)
         except Exception as e:
             abort_for(context, e)
 

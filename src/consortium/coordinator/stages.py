@@ -4,6 +4,7 @@ both end in a StageRunner, so the two paths validate and compute identically."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -13,6 +14,8 @@ from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import RemoteError, make_channel
 from consortium.worker.runner import StageRunner
+
+POLL_S = 0.25  # how often a long call checks the node's heartbeats
 
 
 class StageHandle(Protocol):
@@ -56,20 +59,46 @@ class LocalStage:
 
 
 class RemoteStage:
-    def __init__(self, node_id: str, address: str, max_message_bytes: int):
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        max_message_bytes: int,
+        silent_for: Callable[[], float] | None = None,
+        hang_after_s: float = 3.0,
+    ):
         self.node_id, self.address = node_id, address
         self.channel = make_channel(address, max_message_bytes)
         self.stub = pb_grpc.WorkerStub(self.channel)
+        # seconds since the node's last heartbeat: a long call is abandoned when they stop
+        self.silent_for, self.hang_after_s = silent_for, hang_after_s
 
     @property
     def peer(self) -> str:
         return f"node {self.node_id} at {self.address}"
 
     def _call(self, method, request, timeout_s: float):
-        try:
-            return method(request, timeout=timeout_s)
-        except grpc.RpcError as e:
-            raise RemoteError.from_rpc(e, self.peer) from e
+        if self.silent_for is None or timeout_s <= self.hang_after_s:
+            try:
+                return method(request, timeout=timeout_s)
+            except grpc.RpcError as e:
+                raise RemoteError.from_rpc(e, self.peer) from e
+        # A long call (prefill, replay, loading layers): its deadline cannot tell a hung node
+        # from a slow one in seconds, the node's heartbeats can.
+        call = method.future(request, timeout=timeout_s)
+        while True:
+            try:
+                return call.result(timeout=POLL_S)
+            except grpc.FutureTimeoutError:
+                silent = self.silent_for()
+                if silent > self.hang_after_s:
+                    call.cancel()
+                    raise RemoteError(
+                        f"{self.peer} stopped heartbeating ({silent:.1f} s without one) during a call",
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ) from None
+            except grpc.RpcError as e:
+                raise RemoteError.from_rpc(e, self.peer) from e
 
     def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None:
         req = pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=_range(layers))

@@ -67,8 +67,8 @@ class CoordinatorConfig:
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
     node_id: str = "coordinator"
-    heartbeat_interval_s: float = 2.0
-    node_timeout_s: float = 8.0  # no heartbeat for this long: the node is dead
+    heartbeat_interval_s: float = 1.0
+    node_timeout_s: float = 8.0  # no heartbeat for this long: the node is dead (no new work)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     kv_cache_bytes: int = 2 * 2**30  # budget of the coordinator's own stage
     session_idle_timeout_s: float = 600.0
@@ -81,6 +81,10 @@ class CoordinatorConfig:
     # recent round trip), at most step_timeout_s; a node that misses it is replaced
     failover_floor_s: float = 2.0
     failover_rtt_factor: float = 20.0
+    # a call longer than the adaptive deadline (prefill, replay) fails over when the node's
+    # heartbeats stop for this long (a hung process: SIGSTOP, a frozen machine)
+    hang_after_s: float = 3.0
+    backup: bool = True  # the coordinator takes over a failed stage when no spare or standby can
     assign_timeout_s: float = 600.0  # a worker loading the layers placement gave it
     log_file: Path | None = None
     # verification (DESIGN.md §4)
@@ -95,6 +99,10 @@ class CoordinatorConfig:
         _check_port(self.port)
         if self.max_sessions < 1:
             raise ConsortiumError("max-sessions must be at least 1")
+        if self.hang_after_s <= self.heartbeat_interval_s:
+            raise ConsortiumError(
+                f"hang-after ({self.hang_after_s:g} s) must exceed the heartbeat interval ({self.heartbeat_interval_s:g} s)"
+            )
         check_probability(self.audit_probability)
 
 
@@ -117,9 +125,14 @@ class WorkerConfig:
     log_file: Path | None = None
     data_dir: Path | None = None  # holds node.key (default $CONSORTIUM_DATA_DIR or ~/.local/share/consortium)
     misbehave: str | None = None  # tests only: a cheat of verification/misbehave.py
+    standby: bool = False  # hold no layers until the coordinator needs a backup (failover)
 
     def __post_init__(self) -> None:
         _check_port(self.port)
+        if self.standby and self.layers is not None:
+            raise ConsortiumError(
+                "a standby worker holds no layers until a failover assigns them: drop --layers"
+            )
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ class CachePool:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._entries
 
+    def session_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
     def create(self, session_id: str, capacity: int) -> KVCache:
         """A fresh cache for the session (replacing any old one), or CacheError if over budget."""
         self.expire()

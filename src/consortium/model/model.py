@@ -9,6 +9,7 @@ stored in llama.cpp's interleaved RoPE layout, so RoPE here rotates adjacent pai
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -313,7 +314,7 @@ def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:
 class Stage(nn.Module):
     """Layers [start, end) of a model; the first stage embeds tokens, the last applies the head."""
 
-    def __init__(self, gguf: GGUFModel, spec: StageSpec):
+    def __init__(self, gguf: GGUFModel, spec: StageSpec, progress: Callable[[int, int], None] | None = None):
         super().__init__()
         args = gguf.args
         if not 0 <= spec.start < spec.end <= args.n_layers:
@@ -331,7 +332,11 @@ class Stage(nn.Module):
         dev = spec.device
 
         self.embed = Embedding(gguf, dev) if spec.start == 0 else None
-        blocks = [load_block(gguf, i, spec) for i in range(spec.start, spec.end)]
+        blocks = []
+        for i in range(spec.start, spec.end):
+            blocks.append(load_block(gguf, i, spec))
+            if progress is not None:  # (layers loaded, layers to load): a standby's on-demand load
+                progress(len(blocks), spec.end - spec.start)
         self.layers = nn.ModuleList(blocks)
         self.is_last = spec.end == args.n_layers
         if self.is_last:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -61,6 +62,7 @@ class StageRunner:
         identity: NodeIdentity | None = None,
         misbehaviour: Misbehaviour | None = None,
         node_id: str = "",
+        progress: Callable[[int, int], None] | None = None,
     ):
         layers.check(gguf.args.n_layers)
         self.gguf, self.layers, self.engine = gguf, layers, engine
@@ -70,7 +72,7 @@ class StageRunner:
         spec = StageSpec(
             layers.start, layers.end, device=engine.device, dtype=engine.dtype, packed=engine.packed
         )
-        self.stage = Stage(gguf, spec)
+        self.stage = Stage(gguf, spec, progress)
         if misbehaviour is not None:
             misbehaviour.corrupt_stage(self.stage)
         self.pool = CachePool(self.stage, kv_cache_bytes, idle_timeout_s)

@@ -161,9 +161,15 @@ class WorkerNode:
     def _load(self, layers: LayerRange) -> None:
         t0 = time.perf_counter()
         cfg = self.cfg
+        step = max(1, len(layers) // 4)
+
+        def progress(done: int, total: int) -> None:  # an on-demand load: the operator sees it move
+            if done % step == 0 or done == total:
+                log.info("loading layers %s: %d/%d (%.1f s)", layers, done, total, time.perf_counter() - t0)
+
         self.runner = StageRunner(
             self.gguf, layers, self.engine, cfg.kv_cache_bytes, cfg.session_idle_timeout_s,
-            identity=self.identity, misbehaviour=self.misbehaviour, node_id=self.node_id,
+            identity=self.identity, misbehaviour=self.misbehaviour, node_id=self.node_id, progress=progress,
         )  # fmt: skip
         log.info(
             "loaded layers %s (%s, %s) in %.1f s",
@@ -204,6 +210,7 @@ class WorkerNode:
             version=consortium.__version__,
             threads=_threads(),
             public_key=self.identity.public_key,
+            standby=cfg.standby,
         )
         if r is not None:
             info.layers.CopyFrom(pb.LayerRange(start=r.layers.start, end=r.layers.end))
@@ -238,12 +245,18 @@ class WorkerNode:
                 node_id=self.node_id,
                 active_sessions=len(r.pool) if r else 0,
                 cache_bytes=r.pool.used_bytes if r else 0,
+                session_ids=r.pool.session_ids() if r else [],
             )
             try:
-                self._coordinator.Heartbeat(req, timeout=max(self.heartbeat_interval_s, 1.0))
+                resp = self._coordinator.Heartbeat(req, timeout=max(self.heartbeat_interval_s, 1.0))
                 if warned:
                     log.info("coordinator reachable again")
                 warned = False
+                for sid in resp.drop_sessions:  # stale: the stage moved away while we were gone
+                    if r is not None and r.pool.drop(sid):
+                        log.warning(
+                            "dropped the KV cache of session %s: the coordinator no longer runs it here", sid
+                        )
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     return

@@ -473,16 +473,18 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node", "alive", "heartbeat_age_s", "local")
+    __slots__ = ("node", "alive", "heartbeat_age_s", "local", "role")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     alive: bool
     heartbeat_age_s: float
     local: bool
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., alive: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., local: _Optional[bool] = ...) -> None: ...
+    role: str
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., alive: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., local: _Optional[bool] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("model_digest", "n_layers", "nodes", "route", "placement_error", "active_sessions", "flexible_pending")

@@ -15,7 +15,7 @@ import time
 
 import grpc
 import pytest
-from conftest import consortium, processes_mentioning, start_cluster
+from conftest import STARTUP_S, consortium, processes_mentioning, start_cluster
 
 from consortium.core.config import LayerRange, SessionRequest
 from consortium.model.generate import generate, load_single_node
@@ -286,3 +286,53 @@ def test_hang_during_prefill_is_caught_by_missing_heartbeats(
     assert [(f["stage"], f["token_index"], f["failed_node"]) for f in r.failovers] == [(1, 0, "worker-1")]
     assert "stopped heartbeating" in r.failovers[0]["error"]
     assert time.monotonic() - t0 < 60
+
+
+def test_coordinator_restart_keeps_the_session_and_resume_continues_it_exactly(
+    request, tiny_gguf, tmp_path, client_for, single_node
+):
+    cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
+    started = []
+    count = 0
+
+    def on_text(_text: str) -> None:
+        nonlocal count
+        count += 1
+        if count == 10:
+            _proc(cluster, "coordinator").signal_group(signal.SIGKILL)
+
+    req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.5, audit_seed=3)
+    with pytest.raises(RemoteError):
+        client_for(cluster).run(req, on_text=on_text, on_start=started.append)
+    sid = started[0].session_id
+    coordinator = _proc(cluster, "coordinator")
+    coordinator.proc.wait(10)
+    coordinator.start(dict(os.environ, PYTHONUNBUFFERED="1"))  # same port, same ledger
+    cluster.wait_ready(STARTUP_S)  # the workers register again
+    client = client_for(cluster)
+    baseline = single_node(SEEDED)
+    st = client.session_status(sid)  # read back from the ledger
+    assert st["state"] == "interrupted" and st["resumable"]
+    assert 10 <= len(st["tokens"]) < TOKENS and st["tokens"] == baseline[: len(st["tokens"])]
+    assert st["text"]
+
+    resumed = []
+    r = client.resume(sid, on_start=resumed.append)
+    assert r.tokens == baseline and r.session_id == sid
+    assert list(resumed[0].resumed_tokens) == st["tokens"]
+    assert client.session_status(sid)["state"] == "finished"
+    with pytest.raises(RemoteError, match="finished"):
+        client.resume(sid)
+    with pytest.raises(RemoteError, match="unknown session") as exc:
+        client.resume("no-such-session")
+    assert exc.value.code == grpc.StatusCode.NOT_FOUND
+    led = Ledger(ledger, create=False, readonly=True)
+    try:
+        summary = led.verify_session(sid)  # receipts from before and after the restart chain up
+        assert summary.tokens == TOKENS
+        assert [e["kind"] for e in led.events(sid)].count("resumed") == 1
+    finally:
+        led.close()
+    show = consortium("session", "show", "--ledger", str(ledger), "--session-id", sid)
+    assert show.returncode == 0, show.stderr
+    assert json.loads(show.stdout)["tokens"] == baseline

@@ -352,6 +352,74 @@ def session_status(address, session_id, as_json):
     for s in st["stages"]:
         click.echo(f"  stage {s['index']}: {s['node_id']:<16} layers {s['layers'][0]}-{s['layers'][1]:<4} "
                    f"{s['device']}/{s['dtype']}  step {s['mean_step_ms']:.2f} ms, {s['steps']} steps")  # fmt: skip
+    for f in st["failovers"]:
+        click.echo(
+            f"  failover at token {f['token_index']}: stage {f['stage']} {f['failed_node']} -> {f['backup_node']}"
+        )
+    click.echo(f"  text: {st['text']!r}")
+    if st["resumable"]:
+        click.echo(
+            f"  resumable: consortium session resume --coordinator {address} --session-id {session_id}"
+        )
+
+
+@session.command("resume")
+@click.option("--coordinator", "address", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT")
+@click.option("--session-id", required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True, callback=_positive)
+@click.option("--no-wait-audits", is_flag=True, help="Finish without waiting for pending audits.")
+def session_resume(address, session_id, as_json, connect_timeout, no_wait_audits):
+    """Continue a session interrupted by a coordinator restart (or failed for want of a backup):
+    prints its text so far, then streams the rest; the tokens are those of an uninterrupted run."""
+    from consortium.coordinator.client import Client, format_report
+
+    def on_start(ev) -> None:
+        if not as_json:
+            _print_delta(ev.resumed_text)
+
+    with Client(ClientConfig(address, connect_timeout_s=connect_timeout)) as client:
+        report = client.resume(session_id, wait_audits=not no_wait_audits, on_start=on_start,
+                               on_text=None if as_json else _print_delta,
+                               on_rollback=None if as_json else _print_rollback,
+                               on_failover=None if as_json else _print_failover)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        return
+    click.echo()
+    for line in format_report(report):
+        click.echo(line, err=True)
+
+
+@session.command("show")
+@click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The coordinator's SQLite ledger (readable while it runs, or after it stopped).")  # fmt: skip
+@click.option("--session-id", default=None, help="One session (default: list them all).")
+def session_show(ledger, session_id):
+    """Read sessions back from a ledger, without a coordinator: status, prompt and generated token
+    ids, parameters, stages, failovers and rollbacks, audit counts (one JSON object)."""
+    from consortium.verification.ledger import Ledger
+
+    led = Ledger(ledger, create=False, readonly=True)
+    try:
+        if session_id is None:
+            click.echo(json.dumps([
+                {k: v for k, v in (led.session(sid) or {}).items() if k not in ("prompt_ids", "tokens")}
+                for sid in led.sessions()
+            ]))  # fmt: skip
+            return
+        rec = led.session(session_id)
+        if rec is None:
+            raise ConsortiumError(f"unknown session {session_id!r} in {ledger}")
+        audits = led.audits(session_id)
+        rec |= {
+            "events": led.events(session_id),
+            "audits": {"total": len(audits), "failed": sum(not a["passed"] for a in audits)},
+            "receipts": len(led.receipts(session_id)),
+        }
+        click.echo(json.dumps(rec))
+    finally:
+        led.close()
 
 
 # --- demo --------------------------------------------------------------------------------

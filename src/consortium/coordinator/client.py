@@ -112,8 +112,25 @@ class Client:
         if req.audit_seed is not None:
             msg.audit_seed = req.audit_seed
         self._connect()
+        return self._consume(self.stub.Generate(msg), on_text, on_start, on_rollback, on_failover)
+
+    def resume(
+        self,
+        session_id: str,
+        wait_audits: bool = True,
+        on_text: Callable[[str], None] | None = None,
+        on_start: Callable[[pb.SessionStarted], None] | None = None,
+        on_rollback: Callable[[pb.RollbackEvent], None] | None = None,
+        on_failover: Callable[[pb.FailoverEvent], None] | None = None,
+    ) -> SessionReport:
+        """Continues an interrupted session; on_text sees only the new text (the text generated
+        before is in the `started` event's resumed_text)."""
+        self._connect()
+        msg = pb.ResumeRequest(session_id=session_id, no_wait_audits=not wait_audits)
+        return self._consume(self.stub.Resume(msg), on_text, on_start, on_rollback, on_failover)
+
+    def _consume(self, stream, on_text, on_start, on_rollback, on_failover) -> SessionReport:
         summary = None
-        stream = self.stub.Generate(msg)
         try:
             for ev in stream:
                 kind = ev.WhichOneof("event")

@@ -34,7 +34,7 @@ from consortium.core.placement import (
     plan_flexible,
     uncovered,
 )
-from consortium.core.session import RUNNING, Session, SessionNotFoundError, StageRef
+from consortium.core.session import RESUMABLE, RUNNING, Session, SessionNotFoundError, StageRef
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.generate import check_request
 from consortium.model.gguf_file import GGUFModel
@@ -85,6 +85,9 @@ class Coordinator:
         self.digest = self.gguf.digest
         self.ledger = Ledger(cfg.ledger or Path(tempfile.mkdtemp(prefix="consortium-")) / "ledger.db")
         log.info("ledger: %s", self.ledger.path)
+        for sid in self.ledger.interrupt_running():
+            log.warning("session %s was cut off by the coordinator's stop: interrupted (`consortium session "
+                        "resume --session-id %s` continues it)", sid, sid)  # fmt: skip
         self.auditor = LocalAuditor(self.gguf, resolve_device(cfg.audit_device), "fp32")
         self.auditor.node_id = cfg.node_id
         self.verifier = Verifier(self.gguf, self.ledger, self.auditor, cfg.audit_seed)
@@ -289,12 +292,6 @@ class Coordinator:
         ids = self.tokenizer.encode_prompt(req.prompt, chat=not req.no_chat)
         ctx = self.args.context_length
         check_request(ids, req.max_tokens, ctx)
-        with self._sessions_lock:
-            running = sum(x.state == RUNNING for x in self._sessions.values())
-        if running >= self.cfg.max_sessions:
-            raise CacheError(
-                f"{running} sessions running; the coordinator takes at most {self.cfg.max_sessions}"
-            )
         stages = self.route()
         session = Session(
             session_id=uuid.uuid4().hex,
@@ -303,6 +300,7 @@ class Coordinator:
             max_tokens=min(req.max_tokens, ctx - len(ids)),
             stages=stages,
         )
+        self._check_capacity()
         probability = self.cfg.audit_probability
         if req.HasField("audit_probability"):
             probability = check_probability(req.audit_probability)
@@ -314,7 +312,7 @@ class Coordinator:
             session.session_id, ids,
             {"max_tokens": session.max_tokens, "temperature": sampling.temperature, "top_k": sampling.top_k,
              "top_p": sampling.top_p, "seed": sampling.seed, "chat": not req.no_chat,
-             "audit_probability": probability},
+             "audit_probability": probability, "model_digest": self.digest},
             [{"node": r.node_id, "layers": [r.layers.start, r.layers.end]} for r in stages],
         )  # fmt: skip
         with self._sessions_lock:
@@ -322,6 +320,59 @@ class Coordinator:
             self._trim_sessions()
         log.info("session %s: %d prompt tokens, up to %d new, stages %s", session.session_id, len(ids),
                  session.max_tokens, ", ".join(f"{r.node_id} {r.layers}" for r in stages))  # fmt: skip
+        return session
+
+    def _check_capacity(self) -> None:
+        with self._sessions_lock:
+            running = sum(x.state == RUNNING for x in self._sessions.values())
+        if running >= self.cfg.max_sessions:
+            raise CacheError(
+                f"{running} sessions running; the coordinator takes at most {self.cfg.max_sessions}"
+            )
+
+    def resume_session(self, req: pb.ResumeRequest) -> Session:
+        """A session the ledger holds as interrupted (or failed, or cancelled) continues from its
+        committed tokens: same id, prompt, sampling and seed, so the tokens it goes on to
+        generate are those it would have generated without the stop."""
+        sid = req.session_id
+        with self._sessions_lock:
+            live = self._sessions.get(sid)
+        if live is not None and live.state == RUNNING:
+            raise PreconditionError(f"session {sid} is running; nothing to resume")
+        rec = self.ledger.session(sid)
+        if rec is None:
+            raise SessionNotFoundError(f"unknown session {sid!r} (not in the ledger {self.ledger.path})")
+        params, tokens = rec["params"], rec["tokens"]
+        if rec["status"] not in RESUMABLE:
+            raise PreconditionError(f"session {sid} is {rec['status']}; only an interrupted, failed or cancelled "
+                                    "session can be resumed")  # fmt: skip
+        if params.get("model_digest", self.digest) != self.digest:
+            raise PreconditionError(f"session {sid} ran on model sha256 {params['model_digest'][:16]}…, this "
+                                    f"coordinator serves {self.digest[:16]}…")  # fmt: skip
+        if len(tokens) >= params["max_tokens"]:
+            raise PreconditionError(f"session {sid} already has its {params['max_tokens']} tokens")
+        self._check_capacity()
+        stages = self.route()
+        sampling = SamplingParams(temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"],
+                                  seed=params["seed"])  # fmt: skip
+        probability = params.get("audit_probability", self.cfg.audit_probability)
+        session = Session(
+            session_id=sid,
+            request=SessionRequest("", params["max_tokens"], sampling, params["chat"], probability,
+                                   wait_audits=not req.no_wait_audits),  # fmt: skip
+            prompt_ids=rec["prompt_ids"], max_tokens=params["max_tokens"], stages=stages, tokens=list(tokens),
+            resumed=len(tokens),
+        )  # fmt: skip
+        session.audits = self.verifier.new_session_audits(sid, probability, self.cfg.audit_seed)
+        session.first_step = self.ledger.resume_session(
+            sid, [{"node": r.node_id, "layers": [r.layers.start, r.layers.end]} for r in stages]
+        )
+        self.ledger.event(sid, "resumed", {"tokens": len(tokens), "from_status": rec["status"]})
+        with self._sessions_lock:
+            self._sessions[sid] = session
+            self._sessions.move_to_end(sid)
+        log.info("session %s resumed after %d tokens (%s), stages %s", sid, len(tokens), rec["status"],
+                 ", ".join(f"{r.node_id} {r.layers}" for r in stages))  # fmt: skip
         return session
 
     def _trim_sessions(self) -> None:
@@ -404,14 +455,37 @@ class Coordinator:
         return s
 
     def session_status(self, session_id: str) -> pb.SessionStatus:
-        s = self.session(session_id)
+        try:
+            s = self.session(session_id)
+        except SessionNotFoundError:
+            return self._ledger_status(session_id)
         end = s.finished if s.finished is not None else time.monotonic()
         return pb.SessionStatus(
             session_id=s.session_id, state=s.state, prompt_tokens=len(s.prompt_ids),
             generated_tokens=len(s.tokens), max_tokens=s.max_tokens, position=s.position,
             stages=[stage_stats(x) for x in s.stats()], error=s.error, age_s=end - s.created,
             tokens_per_second=s.tokens_per_second, tokens=s.tokens, text=self.tokenizer.decode(s.tokens),
-            failovers=s.failovers,
+            failovers=s.failovers, resumable=s.state in RESUMABLE and len(s.tokens) < s.max_tokens,
+        )  # fmt: skip
+
+    def _ledger_status(self, session_id: str) -> pb.SessionStatus:
+        """A session this process never ran (e.g. before a restart): read back from the ledger."""
+        rec = self.ledger.session(session_id)
+        if rec is None:
+            raise SessionNotFoundError(f"unknown session {session_id!r}")
+        tokens, max_tokens = rec["tokens"], rec["params"]["max_tokens"]
+        failovers = [
+            pb.FailoverEvent(stage=e["stage"], token_index=e["token_index"], failed_node=e["failed_node"],
+                             backup_node=e["backup_node"], latency_ms=e["latency_ms"],
+                             replay_ms=e.get("replay_ms", 0.0), load_ms=e.get("load_ms", 0.0),
+                             error=e.get("error", ""))
+            for e in self.ledger.events(session_id, "failover")
+        ]  # fmt: skip
+        return pb.SessionStatus(
+            session_id=session_id, state=rec["status"], prompt_tokens=len(rec["prompt_ids"]),
+            generated_tokens=len(tokens), max_tokens=max_tokens, position=0, error=rec["error"] or "",
+            age_s=max(0.0, time.time() - rec["created"]), tokens=tokens, text=self.tokenizer.decode(tokens),
+            failovers=failovers, resumable=rec["status"] in RESUMABLE and len(tokens) < max_tokens,
         )  # fmt: skip
 
 
@@ -436,6 +510,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             session = self.c.new_session(request)
         except Exception as e:
             abort_for(context, e)
+        yield from self._run(session, context)
+
+    def Resume(self, request, context):
+        try:
+            session = self.c.resume_session(request)
+        except Exception as e:
+            abort_for(context, e)
+        yield from self._run(session, context)
+
+    def _run(self, session: Session, context):
         context.add_callback(session.cancel.set)  # client gone: stop at the next step
         events = pumped(self.c.loop.run(session, self.c.handles_for(session)), session.cancel,
                         f"session-{session.session_id[:8]}")  # fmt: skip

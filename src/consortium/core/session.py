@@ -95,6 +95,8 @@ def _mean(xs: list[float]) -> float:
 
 
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
+INTERRUPTED = "interrupted"  # the coordinator stopped while it ran: `consortium session resume`
+RESUMABLE = frozenset({FAILED, CANCELLED, INTERRUPTED})
 
 
 @dataclass
@@ -120,6 +122,8 @@ class Session:
     rollbacks: list = field(default_factory=list)  # RollbackEvent messages, in order
     failovers: list = field(default_factory=list)  # FailoverEvent messages, in order
     events: list = field(default_factory=list)  # GenerateEvents waiting to be streamed (failovers)
+    resumed: int = 0  # tokens generated before a coordinator restart (a resumed session)
+    first_step: int = 0  # step number of the first step this coordinator runs
 
     def __post_init__(self) -> None:
         if not self.history:

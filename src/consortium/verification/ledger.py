@@ -170,6 +170,28 @@ class Ledger:
             [("UPDATE sessions SET status=?, error=? WHERE session_id=?", (status, error, session_id))]
         )
 
+    def interrupt_running(self) -> list[str]:
+        """At a coordinator's start: sessions still "running" were cut off by its stop; they become
+        "interrupted" (resumable), with everything committed so far kept."""
+        ids = self.sessions("running")
+        if ids:
+            self._write([(
+                "UPDATE sessions SET status='interrupted', error='the coordinator stopped while it ran' "
+                "WHERE status='running'", (),
+            )])  # fmt: skip
+        return ids
+
+    def resume_session(self, session_id: str, stages: list[dict]) -> int:
+        """Marks an interrupted session running again; returns the first free step number (the
+        resumed steps' receipts must not collide with the stored ones)."""
+        rows = self._query(
+            "SELECT coalesce(max(step), -1) FROM receipts WHERE session_id=?", (session_id,)
+        )  # fmt: skip
+        n_tokens = len(self.tokens(session_id))
+        self._write([("UPDATE sessions SET status='running', error=NULL, stages=? WHERE session_id=?",
+                      (json.dumps(stages), session_id))])  # fmt: skip
+        return max(rows[0][0] + 1, n_tokens + 1)
+
     def session(self, session_id: str) -> dict | None:
         rows = self._query(
             "SELECT session_id, created, status, prompt_ids, params, stages, error FROM sessions WHERE session_id=?",

@@ -17,10 +17,12 @@ import grpc
 import pytest
 from conftest import STARTUP_S, consortium, processes_mentioning, start_cluster
 
-from consortium.core.config import LayerRange, SessionRequest
+from consortium.coordinator.client import Client
+from consortium.coordinator.launcher import LocalProcess
+from consortium.core.config import ClientConfig, LayerRange, SessionRequest
 from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
-from consortium.transport.rpc import RemoteError
+from consortium.transport.rpc import RemoteError, free_port
 from consortium.verification.ledger import Ledger
 
 PROMPT = "the cat sat on the"
@@ -336,3 +338,77 @@ def test_coordinator_restart_keeps_the_session_and_resume_continues_it_exactly(
     show = consortium("session", "show", "--ledger", str(ledger), "--session-id", sid)
     assert show.returncode == 0, show.stderr
     assert json.loads(show.stdout)["tokens"] == baseline
+
+
+def _add_spare(cluster, tiny_gguf, tmp_path, name: str, extra_args=()):
+    """Starts one more worker holding layers 1-2 after the cluster is up: it waits as a spare."""
+    port = free_port()
+    p = LocalProcess(name, ["worker", "start", "--coordinator", cluster.address, "--model", str(tiny_gguf),
+                            "--layers", "1-2", "--port", str(port), "--node-id", name, "--threads", "1",
+                            "--data-dir", str(tmp_path / f"{name}.identity"), *extra_args],
+                     tmp_path / "logs" / f"{name}.log", port)  # fmt: skip
+    cluster.processes.append(p)  # stopped with the cluster
+    p.start(dict(os.environ, PYTHONUNBUFFERED="1"))
+    client = Client(ClientConfig(cluster.address))
+    try:
+        _wait_for(
+            lambda: _roles(client).get(name) == "spare", timeout_s=STARTUP_S, what=f"{name} to register"
+        )
+    finally:
+        client.close()
+    return p
+
+
+def _audits(ledger, sid: str) -> list[dict]:
+    led = Ledger(ledger, create=False, readonly=True)
+    try:
+        return led.audits(sid)
+    finally:
+        led.close()
+
+
+def test_a_spare_audits_and_its_death_mid_audit_moves_the_audit(
+    request, tiny_gguf, tmp_path, client_for, single_node
+):
+    """A worker holding the audited layers (not in the pipeline) is the auditor; killed while it
+    audits, the audit is reassigned (to the coordinator) and nobody is called a cheat."""
+    cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
+    _add_spare(cluster, tiny_gguf, tmp_path, "auditor")
+    count = 0
+
+    def on_text(_text: str) -> None:
+        nonlocal count
+        count += 1
+        if count == 8:
+            _proc(cluster, "auditor").signal_group(signal.SIGKILL)
+
+    req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
+    r = client_for(cluster).run(req, on_text=on_text)
+    assert r.tokens == single_node(SEEDED)
+    assert r.audits["failed"] == 0 and r.audits["pending"] == 0 and r.banned_nodes == [] and r.rollbacks == []
+    auditors = {(a["stage"], a["auditor"]) for a in _audits(ledger, r.session_id)}
+    assert (1, "auditor") in auditors and (1, "coordinator") in auditors and (0, "coordinator") in auditors
+    led = Ledger(ledger, create=False, readonly=True)
+    try:
+        assert [e["node"] for e in led.events(r.session_id, "auditor_lost")] == ["auditor"]
+    finally:
+        led.close()
+
+
+def test_a_lying_auditor_is_caught_and_the_honest_node_is_not_banned(
+    request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch
+):
+    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
+    cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
+    _add_spare(cluster, tiny_gguf, tmp_path, "liar", ["--misbehave", "noise=0.05"])
+    req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=1.0, audit_seed=2)
+    r = client_for(cluster).run(req)
+    assert r.tokens == single_node(GREEDY)
+    assert r.rollbacks == [] and r.banned_nodes == [] and r.audits["pending"] == 0
+    led = Ledger(ledger, create=False, readonly=True)
+    try:
+        assert led.is_banned("liar") and not led.is_banned("worker-1")
+        assert [e["kind"] for e in led.evidence("liar")] == ["false audit"]
+    finally:
+        led.close()
+    assert {a["auditor"] for a in _audits(ledger, r.session_id) if a["stage"] == 1} == {"coordinator"}

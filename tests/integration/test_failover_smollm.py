@@ -146,14 +146,14 @@ def test_tiny_kill_at_a_random_token(request, tiny_gguf, tmp_path, client_for, t
                                 on_text=on_text)  # fmt: skip
     assert killed and _proc(cluster, worker).proc.wait(10) == -signal.SIGKILL
     assert r.tokens == tiny_seeded
-    stage = int(worker.removeprefix("worker-"))
-    print(after, r.failovers)
-    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] in (
-        [(stage, worker, "coordinator")],
-        [],
-    )
+    # The kill lands while the worker computes the step after token `after` (or just before
+    # it); a kill after one of the last tokens may land after the last step: no failover then.
+    expected = [(int(worker.removeprefix("worker-")), worker, "coordinator")]
+    got = [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers]
+    assert got == expected or (got == [] and after >= TINY_TOKENS - 2), r.failovers
     for f in r.failovers:
         assert after <= f["token_index"] < TINY_TOKENS
+        assert f["replayed_positions"] == r.prompt_tokens + f["token_index"] - 1
 
 
 @pytest.mark.model
@@ -189,6 +189,5 @@ def test_smollm_worker_killed_during_the_prefill(request, smollm_path, tmp_path,
         (stage, 0, worker, "coordinator")
     ]
     assert r.failovers[0]["replayed_positions"] == 0
-    print(r.failovers, r.stages)
     assert [s.node_id for s in r.stages][stage] == "coordinator"
     assert len(_ledger_failovers(ledger, r.session_id)) == 1

@@ -125,6 +125,7 @@ class TokenLoop:
                 session.finish(CANCELLED if isinstance(e, GeneratorExit) else FAILED, repr(e))
             raise
         finally:
+            self.verifier.release(session)
             try:
                 self.ledger.set_session_status(sid, session.state, session.error or None)
             except ConsortiumError as e:

@@ -22,7 +22,7 @@ from consortium.coordinator.loop import TokenLoop, stage_stats
 from consortium.coordinator.pump import pumped
 from consortium.coordinator.registry import Node, Registry
 from consortium.coordinator.stages import LocalStage, RemoteStage, StageHandle
-from consortium.coordinator.verifier import Verifier
+from consortium.coordinator.verifier import AuditorLost, RemoteTarget, Verifier, audit_session_id
 from consortium.core.config import CoordinatorConfig, LayerRange, SessionRequest, check_probability
 from consortium.core.placement import (
     Capacity,
@@ -46,6 +46,7 @@ from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import PreconditionError, abort_for, bind, make_server
 from consortium.verification.audit import LocalAuditor
 from consortium.verification.ledger import Ledger
+from consortium.verification.receipts import check_work_receipt, input_digest
 from consortium.worker.runner import StageRunner, set_threads
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ class Coordinator:
                         "resume --session-id %s` continues it)", sid, sid)  # fmt: skip
         self.auditor = LocalAuditor(self.gguf, resolve_device(cfg.audit_device), "fp32")
         self.auditor.node_id = cfg.node_id
-        self.verifier = Verifier(self.gguf, self.ledger, self.auditor, cfg.audit_seed)
+        self.verifier = Verifier(self.gguf, self.ledger, self.auditor, cfg.audit_seed, self.remote_auditor,
+                                 on_lost=lambda n: self.registry.mark_dead(n))  # fmt: skip
         self.registry = Registry(
             self.digest, self.gguf.path.name, self.args.n_layers, cfg.node_timeout_s,
             pinned_key=self.ledger.public_key, is_banned=lambda n: n in self.verifier.banned,
@@ -273,11 +275,16 @@ class Coordinator:
         stage moved while it was hung or cut off, or this coordinator restarted): it drops them."""
         self.registry.heartbeat(req.node_id)
         with self._sessions_lock:
-            live = {
-                s.session_id
-                for s in self._sessions.values()
-                if s.state == RUNNING and any(r.node_id == req.node_id for r in s.stages)
-            }
+            sessions = list(self._sessions.values())
+        live = {
+            s.session_id
+            for s in sessions
+            if s.state == RUNNING and any(r.node_id == req.node_id for r in s.stages)
+        }
+        for s in sessions:  # audit sessions the node runs as a remote auditor
+            if s.audits is not None:
+                live |= {audit_session_id(s.session_id, i) for i, t in list(s.audits.targets.items())
+                         if t.node_id == req.node_id}  # fmt: skip
         return pb.HeartbeatResponse(drop_sessions=[sid for sid in req.session_ids if sid not in live])
 
     # --- sessions ----------------------------------------------------------------------
@@ -437,6 +444,33 @@ class Coordinator:
     @staticmethod
     def _ref(index: int, n: Node) -> StageRef:
         return StageRef(index, n.node_id, n.address, n.layers, n.device, n.dtype, n.local)
+
+    def remote_auditor(self, session: Session, stage: int, exclude: set[str]) -> RemoteTarget | None:
+        """A live worker holding exactly the stage's layers and not one of `exclude` (the audited
+        nodes, lost auditors) audits it: one on another backend than the audited node first, then
+        by node id. None: the coordinator audits it itself."""
+        ref = session.history[stage].stage
+        serving = {r.node_id for r in session.stages}
+        nodes = [n for n in self.registry.alive()
+                 if not n.local and n.layers == ref.layers and n.node_id not in exclude | serving]  # fmt: skip
+        audited = ref.device.split(":")[0]
+        for n in sorted(nodes, key=lambda n: (n.backend == audited, n.node_id)):
+            key = n.public_key
+            layers_digest = self.verifier.layers_digest(ref.layers.start, ref.layers.end)
+
+            def check(
+                order: pb.WorkOrder, res: pb.WorkResult, xw, out, key=key, digest=layers_digest
+            ) -> None:
+                expected_in = input_digest(order.session_id, order.stage_index, order.start_position, xw)
+                check_work_receipt(res.receipt, order, key, digest, expected_in, out)
+
+            try:
+                return RemoteTarget(self._handle(n.node_id), n, session.session_id, stage, ref.layers,
+                                    session.capacity, self.args, check)  # fmt: skip
+            except AuditorLost as e:
+                log.warning("node %s cannot audit stage %d: %s", n.node_id, stage, e)
+                self.registry.mark_dead(n.node_id)
+        return None
 
     def handles_for(self, session: Session) -> list[StageHandle]:
         return [self._stage_handle(r) for r in session.stages]

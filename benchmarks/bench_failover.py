@@ -242,17 +242,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"failover of {KILLED} (layers 10-20) to the coordinator, {a.dtype}{' packed' if a.packed else ''}, "
           f"medians of {a.rounds} rounds:")  # fmt: skip
-    print(f"{'context':>7} {'kill->next':>10} {'-load':>7} {'coord':>7} {'load':>7} {'replay':>7} "
-          f"{'positions':>9} {'step':>6} {'x step':>6}  equal")  # fmt: skip
+    print(f"{'context':>7} {'kill->next':>10} {'w/o load':>8} {'coord':>7} {'load':>7} {'replay':>7} "
+          f"{'replayed':>8} {'step':>6} {'steps':>6}  equal")  # fmt: skip
     for c in contexts:
         m = c["median"]
         print(f"{c['context_at_kill']:>7} {_fmt(m['kill_to_next_token_ms']):>10} "
-              f"{_fmt(m['kill_to_next_token_minus_load_ms']):>7} {_fmt(m['latency_ms']):>7} "
-              f"{_fmt(m['load_ms']):>7} {_fmt(m['replay_ms']):>7} {_fmt(m['replayed_positions']):>9} "
+              f"{_fmt(m['kill_to_next_token_minus_load_ms']):>8} {_fmt(m['latency_ms']):>7} "
+              f"{_fmt(m['load_ms']):>7} {_fmt(m['replay_ms']):>7} {_fmt(m['replayed_positions']):>8} "
               f"{_fmt(m['decode_step_ms'], 1):>6} {_fmt(m['stall_in_decode_steps'], 1):>6}  "
               f"{c['all_equal']}")  # fmt: skip
-    print(f"(ms; coord = the coordinator's latency_ms, step = decode step before the kill; goal: "
-          f"{result['goal']}: {result['goal_met']}) -> {a.out}")  # fmt: skip
+    print(f"(ms; w/o load = kill->next minus load_ms; coord = the coordinator's latency_ms; step = median "
+          f"decode step before the kill; steps = kill->next / step)\ngoal: {result['goal']}: "
+          f"{result['goal_met']} -> {a.out}")  # fmt: skip
     return 0 if result["all_equal"] else 1
 
 

@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
                 "context_at_kill": len(ids) + a.kill_after,
                 "prompt": prompt,
                 "baseline_tokens": base.tokens,
-                "single_node_ms_per_token": 1000 / base.tokens_per_second if base.tokens_per_second else None,
                 "all_equal": all(x["equal"] for x in runs),
                 "all_one_failover": all(x["failovers"] == 1 for x in runs),
                 "median": {k: _median([x[k] for x in runs if x[k] is not None]) for k in keys},

@@ -441,8 +441,10 @@ def session_show(ledger, session_id):
               help="TESTS ONLY (needs CONSORTIUM_ALLOW_MISBEHAVE=1): the worker of the middle layers cheats as KIND.")  # fmt: skip
 @click.option("--kill-at", type=int, default=None, metavar="N", callback=_positive,
               help="Kill -9 the worker of the middle layers when N tokens have been generated (shows a failover).")  # fmt: skip
+@click.option("--standby", is_flag=True,
+              help="Also start a standby worker (no layers): a failover moves the stage there, not to the coordinator.")  # fmt: skip
 def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, device, dtype, packed, no_chat,
-         log_dir, audit_probability, audit_seed, no_wait_audits, misbehave, kill_at):  # fmt: skip
+         log_dir, audit_probability, audit_seed, no_wait_audits, misbehave, kill_at, standby):  # fmt: skip
     """Start a coordinator (last third of the layers) and two workers here, run one session, stop all."""
     from consortium.coordinator.client import Client, format_report
     from consortium.coordinator.launcher import LocalCluster, thirds
@@ -471,8 +473,9 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         path = _model_path(model)
     first, second, last = thirds(GGUFModel(path).args.n_layers)
     log_dir = log_dir or default_log_dir() / time.strftime("demo-%Y%m%d-%H%M%S")
-    cluster = LocalCluster(path, last, [first, second], log_dir, EngineConfig(device, dtype, packed),
-                           worker_args=[[], ["--misbehave", misbehave] if misbehave else []])  # fmt: skip
+    cluster = LocalCluster(path, last, [first, second] + ([None] if standby else []), log_dir,
+                           EngineConfig(device, dtype, packed),
+                           worker_args=[[], ["--misbehave", misbehave] if misbehave else [], ["--standby"]])  # fmt: skip
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         note(
@@ -481,6 +484,8 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         for name, layers, log_file in (("coordinator", last, "coordinator.log"), ("worker-0", first, "worker-0.log"),
                                        ("worker-1", second, "worker-1.log")):  # fmt: skip
             note(f"  {name:<12} layers {layers}  log: {log_dir / log_file}")
+        if standby:
+            note(f"  {'worker-2':<12} standby     log: {log_dir / 'worker-2.log'}")
         t0 = time.perf_counter()
         cluster.start()
         note(f"cluster ready in {time.perf_counter() - t0:.1f} s; prompt: {prompt!r}")

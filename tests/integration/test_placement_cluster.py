@@ -69,7 +69,8 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
     with pytest.raises(ConsortiumError, match=r"gap 2-3 .*; not alive: extra 1-3"):
         client.run(SessionRequest("x", max_tokens=2))
 
-    # an idle session's KV cache is freed after --session-idle-timeout (1 s on worker-0)
+    # a KV cache of a session the coordinator does not run (opened here behind its back) is freed:
+    # by the heartbeat reply (drop_sessions), or at the latest after --session-idle-timeout (1 s)
     w0 = next(n for n in client.cluster_status()["nodes"] if n["node_id"] == "worker-0")
     channel = make_channel(w0["address"])
     request.addfinalizer(channel.close)
@@ -85,7 +86,8 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
     with pytest.raises(grpc.RpcError) as e:
         stub.Execute(order)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "session idle expired" in (tmp_path / "worker-0.log").read_text()
+    log_text = (tmp_path / "worker-0.log").read_text()
+    assert "session idle expired" in log_text or "dropped the KV cache of session idle" in log_text
 
 
 def test_workers_without_layers_get_ranges_by_capacity(request, tiny_gguf, tmp_path):

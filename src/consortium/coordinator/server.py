@@ -22,7 +22,7 @@ from consortium.coordinator.loop import TokenLoop, stage_stats
 from consortium.coordinator.pump import pumped
 from consortium.coordinator.registry import Node, Registry
 from consortium.coordinator.stages import LocalStage, RemoteStage, StageHandle
-from consortium.coordinator.verifier import AuditorLost, RemoteTarget, Verifier, audit_session_id
+from consortium.coordinator.verifier import RemoteTarget, Verifier, audit_session_id
 from consortium.core.config import CoordinatorConfig, LayerRange, SessionRequest, check_probability
 from consortium.core.placement import (
     Capacity,
@@ -453,24 +453,18 @@ class Coordinator:
         serving = {r.node_id for r in session.stages}
         nodes = [n for n in self.registry.alive()
                  if not n.local and n.layers == ref.layers and n.node_id not in exclude | serving]  # fmt: skip
+        if not nodes:
+            return None
         audited = ref.device.split(":")[0]
-        for n in sorted(nodes, key=lambda n: (n.backend == audited, n.node_id)):
-            key = n.public_key
-            layers_digest = self.verifier.layers_digest(ref.layers.start, ref.layers.end)
+        n = min(nodes, key=lambda n: (n.backend == audited, n.node_id))
+        key, layers_digest = n.public_key, self.verifier.layers_digest(ref.layers.start, ref.layers.end)
 
-            def check(
-                order: pb.WorkOrder, res: pb.WorkResult, xw, out, key=key, digest=layers_digest
-            ) -> None:
-                expected_in = input_digest(order.session_id, order.stage_index, order.start_position, xw)
-                check_work_receipt(res.receipt, order, key, digest, expected_in, out)
+        def check(order: pb.WorkOrder, res: pb.WorkResult, xw, out) -> None:  # like any work result
+            expected_in = input_digest(order.session_id, order.stage_index, order.start_position, xw)
+            check_work_receipt(res.receipt, order, key, layers_digest, expected_in, out)
 
-            try:
-                return RemoteTarget(self._handle(n.node_id), n, session.session_id, stage, ref.layers,
-                                    session.capacity, self.args, check)  # fmt: skip
-            except AuditorLost as e:
-                log.warning("node %s cannot audit stage %d: %s", n.node_id, stage, e)
-                self.registry.mark_dead(n.node_id)
-        return None
+        return RemoteTarget(self._handle(n.node_id), n, session.session_id, stage, ref.layers, session.capacity,
+                            self.args, check)  # fmt: skip
 
     def handles_for(self, session: Session) -> list[StageHandle]:
         return [self._stage_handle(r) for r in session.stages]

@@ -86,9 +86,13 @@ class RemoteTarget:
             audit_session_id(session_id, stage), stage, layers, args, check,
         )  # fmt: skip
         self.is_last = layers.end == args.n_layers
-        self.length, self.steps = 0, 0
+        self.capacity, self.length, self.steps = capacity, 0, 0
+
+    def open(self) -> None:
+        """Opens the audit session on the node (after the target is known to the coordinator, so
+        that a heartbeat in between does not tell the node to drop it)."""
         try:
-            handle.open(self.session_id, capacity, layers, AUDIT_TIMEOUT_S)
+            self.handle.open(self.session_id, self.capacity, self.layers, AUDIT_TIMEOUT_S)
         except ConsortiumError as e:
             raise AuditorLost(str(e)) from e
 
@@ -334,14 +338,14 @@ class Verifier:
         if target is None:
             hist = session.history[stage]
             exclude = {r.node_id for r in hist.steps} | {hist.stage.node_id} | audits.lost_auditors
-            target = None
-            try:
-                target = self.remote_auditor(session, stage, exclude)
-            except AuditorLost as e:
-                log.warning("no remote auditor for stage %d of session %s: %s", stage, session.session_id, e)
-            if target is None:
-                target = LocalTarget(self.auditor, hist.stage.layers, session.capacity)
-            audits.targets[stage] = target
+            target = self.remote_auditor(session, stage, exclude)
+            if target is not None:
+                audits.targets[stage] = target
+                target.open()  # AuditorLost: the audit loop picks another auditor
+            else:
+                target = audits.targets[stage] = LocalTarget(
+                    self.auditor, hist.stage.layers, session.capacity
+                )
             log.info("auditor of stage %d (layers %s) in session %s: %s", stage, hist.stage.layers,
                      session.session_id, target.node_id)  # fmt: skip
         return target

@@ -322,6 +322,12 @@ def test_coordinator_restart_keeps_the_session_and_resume_continues_it_exactly(
     assert st["state"] == "interrupted" and st["resumable"]
     assert 10 <= len(st["tokens"]) < TOKENS and st["tokens"] == baseline[: len(st["tokens"])]
     assert st["text"]
+    shown = consortium("session", "status", "--coordinator", cluster.address, "--session-id", sid)
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        f"session {sid}: interrupted" in shown.stdout
+        and "resumable: consortium session resume" in shown.stdout
+    )
 
     done = consortium("session", "resume", "--coordinator", cluster.address, "--session-id", sid, "--json")
     assert done.returncode == 0, done.stderr

@@ -85,6 +85,7 @@ def test_killed_worker_fails_over_to_the_coordinator(request, tiny_gguf, tmp_pat
     events = led.events(r.session_id, "failover")
     led.close()
     assert len(events) == 1 and events[0]["backup_node"] == "coordinator" and events[0]["stage"] == 1
+    assert events[0]["replay_check"]["passed"]  # the replay matched the committed outputs (a free audit)
     # the next session runs on the coordinator's backup of layers 1-2 without failing over
     again = client_for(cluster).run(SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0))
     assert again.tokens == single_node(SEEDED) and again.failovers == []

@@ -56,6 +56,7 @@ class Replacement:
     load_ms: float  # choosing the backup, including a standby loading the layers
     replay_ms: float  # rebuilding its KV cache from the committed inputs
     positions: int  # positions replayed
+    check: dict | None = None  # the replay compared with the committed outputs (the free audit)
 
 
 def stage_info(ref) -> pb.StageInfo:
@@ -319,7 +320,8 @@ class TokenLoop:
         self.ledger.event(sid, "failover", {"stage": s, "position": p, "token_index": ev.token_index,
                                             "failed_node": failed, "backup_node": ref.node_id,
                                             "latency_ms": latency_ms, "replay_ms": rep.replay_ms,
-                                            "load_ms": rep.load_ms, "error": str(err)})  # fmt: skip
+                                            "load_ms": rep.load_ms, "error": str(err),
+                                            "replay_check": rep.check})  # fmt: skip
         log.warning("session %s: stage %d failed over from %s to %s at token %d in %.0f ms (replay of %d "
                     "positions %.0f ms, load %.0f ms)", sid, s, failed, ref.node_id, ev.token_index, latency_ms,
                     rep.positions, rep.replay_ms, rep.load_ms)  # fmt: skip
@@ -340,6 +342,7 @@ class TokenLoop:
         handle.open(sid, session.capacity, ref.layers, self.cfg.step_timeout_s)  # replaces a stale cache
         kept = session.history[s].inputs_until(p)
         t1 = time.perf_counter()
+        check = None
         if kept:  # rebuild its KV cache from the committed inputs, in one prefill
             x = WireTensor.from_torch(concat_inputs([r.input for r in kept]))
             order = pb.WorkOrder(
@@ -348,9 +351,13 @@ class TokenLoop:
                 input=x.to_proto(),
             )  # fmt: skip
             res = handle.execute(order, self.cfg.prefill_timeout_s)
-            self._compare_replay(session, s, old, ref, kept, res)
+            result = self._compare_replay(session, s, old, ref, kept, res)
+            check = None if result is None else {
+                "passed": result.passed, "worst_rel_l2": result.worst_rel_l2, "tolerance": result.tolerance,
+                "first_bad_position": result.first_bad_position,
+            }  # fmt: skip
         replay_ms = (time.perf_counter() - t1) * 1000
-        return ref, Replacement(load_ms, replay_ms, kept[-1].positions.stop if kept else 0)
+        return ref, Replacement(load_ms, replay_ms, kept[-1].positions.stop if kept else 0, check)
 
     def _close_quietly(self, h: StageHandle, sid: str, node_id: str, background: bool) -> None:
         def close() -> None:

@@ -18,7 +18,12 @@ from consortium.transport.rpc import (
     OutOfRangeError,
     PreconditionError,
     RemoteError,
+    abort_for,
+    bind,
     check_address,
+    free_port,
+    make_channel,
+    make_server,
     status_for,
 )
 from consortium.transport.tensors import (
@@ -140,3 +145,36 @@ def test_stubs_pass_the_runtime_version_checks():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_an_error_the_peer_sends_is_not_mistaken_for_an_unreachable_peer():
+    """The coordinator relays a dead worker as UNAVAILABLE; the client must say what the
+    coordinator said, not that it cannot reach the coordinator."""
+
+    def fail(request, context):
+        abort_for(context, RemoteError("cannot reach node w1 at 127.0.0.1:9 (connection refused)",
+                                       grpc.StatusCode.UNAVAILABLE))  # fmt: skip
+
+    server = make_server(2)
+    handler = grpc.method_handlers_generic_handler("t.T", {"Fail": grpc.unary_unary_rpc_method_handler(fail)})
+    server.add_generic_rpc_handlers((handler,))
+    port = bind(server, "127.0.0.1", 0)
+    server.start()
+    try:
+        channel = make_channel(f"127.0.0.1:{port}")
+        call = channel.unary_unary("/t.T/Fail")
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"", timeout=5)
+        err = RemoteError.from_rpc(e.value, "coordinator at here")
+        assert err.code == grpc.StatusCode.UNAVAILABLE
+        assert str(err) == ("coordinator at here: cannot reach node w1 at 127.0.0.1:9 (connection refused) "
+                            "[UNAVAILABLE]")  # fmt: skip
+        channel.close()
+        dead = make_channel(f"127.0.0.1:{free_port()}").unary_unary("/t.T/Fail")
+        with pytest.raises(grpc.RpcError) as e:
+            dead(b"", timeout=5)
+        assert str(RemoteError.from_rpc(e.value, "coordinator at there")).startswith(
+            "cannot reach coordinator at there"
+        )
+    finally:
+        server.stop(0)

@@ -19,6 +19,9 @@ from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES, grpc_message
 log = logging.getLogger(__name__)
 
 
+SERVER_ERROR_KEY = "consortium-error"  # trailing metadata of every status our servers send
+
+
 class NotFoundError(ConsortiumError):
     """Unknown session or node (NOT_FOUND)."""
 
@@ -46,7 +49,10 @@ class RemoteError(ConsortiumError):
     def from_rpc(cls, e: grpc.RpcError, peer: str) -> RemoteError:
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = (e.details() if hasattr(e, "details") else str(e)) or ""
-        if code == grpc.StatusCode.UNAVAILABLE:
+        metadata = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
+        if metadata.get(SERVER_ERROR_KEY):  # the peer answered with an error (e.g. a worker it relays)
+            text = f"{peer}: {one_line(details)} [{code.name}]"
+        elif code == grpc.StatusCode.UNAVAILABLE:
             reason = "connection refused" if "onnection refused" in details else one_line(details, 200)
             text = f"cannot reach {peer} ({reason or 'unavailable'})"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -90,6 +96,9 @@ def abort_for(context: grpc.ServicerContext, exc: BaseException) -> None:
         message = f"internal error: {type(exc).__name__}: {exc}"
     else:
         message = str(exc)
+    # Marks the status as ours: the client then tells "the peer said UNAVAILABLE" (a node behind
+    # it is down) from "the peer cannot be reached".
+    context.set_trailing_metadata(((SERVER_ERROR_KEY, "1"),))
     context.abort(code, one_line(message, 2000))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -9,6 +12,7 @@ from gguf.quants import dequantize
 from tiny_model import TinySpec, write_tiny_gguf
 
 from consortium.errors import ModelFileError, UnsupportedModelError
+from consortium.model import files
 from consortium.model.gguf_file import SUPPORTED_QUANTS, GGUFModel
 
 
@@ -103,3 +107,24 @@ def test_rope_scaling_metadata(tmp_path):
     p = write_tiny_gguf(tmp_path / "yarn.gguf", TinySpec(extra_kv={"llama.rope.scaling.type": "yarn"}))
     with pytest.raises(UnsupportedModelError, match="rope scaling 'yarn'"):
         GGUFModel(p)
+
+
+def test_model_digest_is_remembered_until_the_file_changes(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("CONSORTIUM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(tiny_gguf, path)
+    hashed = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: hashed.append(p) or real(p))
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert GGUFModel(path).digest == want and len(hashed) == 1
+    assert GGUFModel(path).digest == want and len(hashed) == 1  # a new process start: remembered
+    with open(path, "ab") as f:  # the file changed: hashed again
+        f.write(b"\0")
+    assert files.cached_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() and len(hashed) == 2
+    (tmp_path / "cache" / "digests").chmod(0o500)  # an unwritable cache only costs the hashing
+    try:
+        path.write_bytes(path.read_bytes()[:-1])
+        assert files.cached_sha256(path) == want
+    finally:
+        (tmp_path / "cache" / "digests").chmod(0o700)

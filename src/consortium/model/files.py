@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -80,6 +81,50 @@ def verify(path: Path, src: ModelSource, progress: Progress | None = None) -> No
     digest = sha256_file(path, progress)
     if digest != src.sha256:
         raise ModelFileError(f"{path}: sha256 {digest}, expected {src.sha256}")
+    _remember(path, digest)
+
+
+def digest_cache_dir() -> Path:
+    env = os.environ.get("CONSORTIUM_CACHE_DIR")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "consortium") / "digests"
+
+
+def _digest_entry(path: Path) -> tuple[Path, dict]:
+    """Where a file's remembered digest lives, and the stat fields it is valid for."""
+    real = path.resolve()
+    st = real.stat()
+    key = {"path": str(real), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    name = hashlib.sha256(str(real).encode()).hexdigest()[:32] + ".json"
+    return digest_cache_dir() / name, key
+
+
+def _remember(path: Path, digest: str) -> None:
+    try:
+        entry, key = _digest_entry(path)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, "sha256": digest}, f)
+        os.replace(tmp, entry)  # atomic: processes starting together never read half an entry
+    except OSError:
+        pass  # a read-only home: hash again next time
+
+
+def cached_sha256(path: Path) -> str:
+    """SHA-256 of a model file, remembered per (path, size, mtime, inode): every node start
+    needs the model's identity, and re-reading gigabytes each time costs tens of seconds.
+    Any change to the file (a new mtime, size or inode) hashes it again."""
+    try:
+        entry, key = _digest_entry(path)
+        rec = json.loads(entry.read_text())
+        digest = rec["sha256"]
+        if rec["key"] == key and isinstance(digest, str) and len(digest) == 64:
+            return digest
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    _remember(path, digest)
+    return digest
 
 
 def _progress() -> Progress:

@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from consortium.errors import ModelFileError, UnsupportedModelError
+from consortium.model.files import cached_sha256
 
 SUPPORTED_ARCHS = ("llama",)
 Q = GGMLQuantizationType
@@ -202,12 +203,8 @@ class GGUFModel:
 
     @cached_property
     def digest(self) -> str:
-        """Identity of the model: SHA-256 of the whole file (computed once, streamed)."""
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        return h.hexdigest()
+        """Identity of the model: SHA-256 of the whole file (remembered while the file is unchanged)."""
+        return cached_sha256(self.path)
 
     def quant_summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -426,3 +426,28 @@ def test_a_lying_auditor_is_caught_and_the_honest_node_is_not_banned(
     finally:
         led.close()
     assert {a["auditor"] for a in _audits(ledger, r.session_id) if a["stage"] == 1} == {"coordinator"}
+
+
+def test_an_auditor_colluding_with_a_cheat_is_caught_by_the_coordinators_recheck(
+    request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch
+):
+    """worker-1 and its auditor run the same wrong weights, so the auditor passes the cheat;
+    the coordinator re-checks the remote passes (--audit-recheck 1), bans both and rolls back."""
+    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
+    ledger = tmp_path / "ledger.db"
+    cluster = start_cluster(
+        request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2)],
+        coordinator_args=["--ledger", str(ledger), "--audit-recheck", "1"],
+        worker_args=[[], ["--misbehave", "wrong-weights"]],
+    )  # fmt: skip
+    _add_spare(cluster, tiny_gguf, tmp_path, "colluder", ["--misbehave", "wrong-weights"])
+    req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=1.0, audit_seed=4)
+    r = client_for(cluster).run(req)
+    assert r.tokens == single_node(GREEDY)  # the cheat's work was withdrawn and redone honestly
+    assert r.banned_nodes == ["worker-1"] and r.rollbacks[0]["node"] == "worker-1"
+    led = Ledger(ledger, create=False, readonly=True)
+    try:
+        assert led.is_banned("colluder") and led.is_banned("worker-1")
+        assert [e["kind"] for e in led.evidence("colluder")] == ["false audit"]
+    finally:
+        led.close()

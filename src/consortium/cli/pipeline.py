@@ -150,9 +150,11 @@ def coordinator() -> None:
               help="SQLite ledger of receipts, audits, evidence, bans (default: a new one in a temporary folder).")  # fmt: skip
 @click.option("--allow-keys", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Admit only workers whose public key (hex, one per line) is listed.")  # fmt: skip
+@click.option("--audit-recheck", type=float, default=0.1, show_default=True,
+              help="Share of a remote auditor's passes this coordinator recomputes itself (a colluding auditor is banned).")  # fmt: skip
 def coordinator_start(model, port, layers, device, dtype, packed, host, threads, kv_cache_mb, session_idle_timeout,
                       max_message_mb, log_file, exit_with_parent, heartbeat_interval, node_timeout, hang_after,
-                      backup, max_sessions, audit_probability, audit_seed, ledger, allow_keys):  # fmt: skip
+                      backup, max_sessions, audit_probability, audit_seed, ledger, allow_keys, audit_recheck):  # fmt: skip
     """Serve the node registry, sessions and the token loop (optionally hosting --layers)."""
     from consortium.coordinator.server import Coordinator
     from consortium.core.logs import setup_logging
@@ -161,6 +163,7 @@ def coordinator_start(model, port, layers, device, dtype, packed, host, threads,
     click.echo(f"log: {path}")
     cfg = CoordinatorConfig(
         audit_probability=0.2 if audit_probability is None else audit_probability, audit_seed=audit_seed,
+        audit_recheck_probability=audit_recheck,
         ledger=ledger, allow_keys=read_allowed_keys(allow_keys) if allow_keys else None,
         model=_model_path(model), host=host, port=port, layers=layers,
         engine=EngineConfig(device, dtype, packed, threads), heartbeat_interval_s=heartbeat_interval,

@@ -92,7 +92,8 @@ class Coordinator:
         self.auditor = LocalAuditor(self.gguf, resolve_device(cfg.audit_device), "fp32")
         self.auditor.node_id = cfg.node_id
         self.verifier = Verifier(self.gguf, self.ledger, self.auditor, cfg.audit_seed, self.remote_auditor,
-                                 on_lost=lambda n: self.registry.mark_dead(n))  # fmt: skip
+                                 on_lost=lambda n: self.registry.mark_dead(n),
+                                 recheck_probability=cfg.audit_recheck_probability)  # fmt: skip
         self.registry = Registry(
             self.digest, self.gguf.path.name, self.args.n_layers, cfg.node_timeout_s,
             pinned_key=self.ledger.public_key, is_banned=lambda n: n in self.verifier.banned,

@@ -152,7 +152,7 @@ class Fraud:
 class SessionAudits:
     """Audit bookkeeping of one session (shared by the token loop and the audit thread)."""
 
-    rng: random.Random
+    rng: random.Random  # which units are audited (the token loop draws)
     probability: float
     requested: dict[int, list[int]] = field(default_factory=dict)  # stage -> audited unit end positions
     passed: int = 0
@@ -161,6 +161,7 @@ class SessionAudits:
     caught: set[str] = field(default_factory=set)  # nodes already rolled back and replaced
     targets: dict[int, LocalTarget | RemoteTarget] = field(default_factory=dict)  # stage -> its auditor
     lost_auditors: set[str] = field(default_factory=set)  # remote auditors that died or lied
+    recheck_rng: random.Random = field(default_factory=secrets.SystemRandom)  # the audit thread draws
     ended: bool = False  # the token loop is done: close the remote auditors once audits drain
     rewind_to: int | None = None  # a rollback's position, applied by the audit thread
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -190,10 +191,12 @@ class Verifier:
         audit_seed: int | None,
         remote_auditor: Callable[[Session, int, set[str]], RemoteTarget | None] = lambda s, i, x: None,
         on_lost: Callable[[str], None] = lambda node_id: None,
+        recheck_probability: float = 0.1,
     ):
         self.gguf, self.ledger, self.auditor, self.audit_seed = gguf, ledger, auditor, audit_seed
         # remote_auditor: a node to audit a session's stage, not one of `exclude`, or None (audit here)
         self.remote_auditor, self.on_lost = remote_auditor, on_lost
+        self.recheck_probability = recheck_probability  # share of remote passes re-checked here
         self._layers_digests: dict[tuple[int, int], str] = {}
         self._digest_lock = threading.Lock()
         self.banned: set[str] = set(ledger.banned_nodes())
@@ -216,8 +219,11 @@ class Verifier:
     def new_session_audits(self, session_id: str, probability: float, seed: int | None) -> SessionAudits:
         """Units are chosen unpredictably to workers (CSPRNG), or reproducibly under a seed."""
         seed = self.audit_seed if seed is None else seed
-        rng: random.Random = secrets.SystemRandom() if seed is None else random.Random(f"{seed}:{session_id}")
-        return SessionAudits(rng, probability)
+
+        def rng(purpose: str) -> random.Random:
+            return secrets.SystemRandom() if seed is None else random.Random(f"{seed}:{session_id}{purpose}")
+
+        return SessionAudits(rng(""), probability, recheck_rng=rng(":recheck"))
 
     def first_input_digest(self, session: Session, start: int, ids: list[int]) -> bytes:
         return token_digest(session.session_id, start, ids)
@@ -389,7 +395,7 @@ class Verifier:
         tol = tolerance_class(ref.dtype, target.dtype)
         recomputed = target.extend(concat_inputs([r.input for r in records]))
         res = judge([r.output for r in records], [r.positions for r in records], recomputed, is_last, tol)
-        if not res.passed and target.remote:
+        if target.remote and (not res.passed or audits.recheck_rng.random() < self.recheck_probability):
             res, target = self._second_opinion(session, stage, target, upto, res)
         if any(r not in hist.steps for r in records):
             target.truncate(start)
@@ -417,10 +423,13 @@ class Verifier:
             audits.idle.notify_all()
 
     def _second_opinion(self, session: Session, stage: int, remote: RemoteTarget, upto: int,
-                        verdict: AuditResult) -> tuple[AuditResult, LocalTarget]:  # fmt: skip
-        """A remote auditor says the stage's work is bad: the coordinator recomputes rows 0..upto
-        itself before it believes it. If its own recomputation passes, the auditor lied: it is
-        banned (its signed results are the evidence) and the stage is audited here from now on."""
+                        verdict: AuditResult) -> tuple[AuditResult, LocalTarget | RemoteTarget]:  # fmt: skip
+        """The coordinator recomputes rows 0..upto itself: always when a remote auditor reports a
+        mismatch (a lying auditor must not get an honest node banned), and for a random share
+        of its passes (an auditor colluding with the node it audits must not wave bad work
+        through). An auditor whose verdict the coordinator contradicts is banned (its signed
+        results are the evidence) and the stage is audited here from now on; the coordinator's
+        verdict stands."""
         audits: SessionAudits = session.audits
         hist = session.history[stage]
         ref = hist.stage
@@ -430,11 +439,17 @@ class Verifier:
         is_last = ref.layers.end == self.gguf.args.n_layers
         mine = judge([r.output for r in records], [r.positions for r in records], recomputed, is_last,
                      tolerance_class(ref.dtype, local.dtype))  # fmt: skip
+        if mine.passed and verdict.passed:
+            log.info("re-check of auditor %s (stage %d, session %s): agrees", remote.node_id, stage,
+                     session.session_id)  # fmt: skip
+            return verdict, remote
         remote.close()
         audits.targets[stage] = local
         audits.lost_auditors.add(remote.node_id)
-        if mine.passed:
-            reason = f"false audit: reported rel-L2 {verdict.worst_rel_l2:.3g} where the coordinator finds {mine.worst_rel_l2:.3g}"
+        if mine.passed != verdict.passed:
+            said = "passed" if verdict.passed else f"failed (rel-L2 {verdict.worst_rel_l2:.3g})"
+            reason = f"false audit: it {said} work the coordinator finds {'honest' if mine.passed else 'bad'} " \
+                     f"(rel-L2 {mine.worst_rel_l2:.3g})"  # fmt: skip
             log.warning("AUDITOR %s of stage %d in session %s lied (%s); banned", remote.node_id, stage,
                         session.session_id, reason)  # fmt: skip
             self.ledger.add_evidence(remote.node_id, session.session_id, "false audit",

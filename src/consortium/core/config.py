@@ -93,6 +93,8 @@ class CoordinatorConfig:
     ledger: Path | None = None  # SQLite ledger; None = a fresh one in a temporary directory
     allow_keys: frozenset[bytes] | None = None  # admit only these Ed25519 public keys
     audit_device: str = "cpu"  # where the coordinator recomputes audited work
+    # share of a remote auditor's passes the coordinator re-checks itself (against collusion)
+    audit_recheck_probability: float = 0.1
     audit_wait_timeout_s: float = 600.0  # a session's result waits this long for its audits
 
     def __post_init__(self) -> None:
@@ -104,6 +106,7 @@ class CoordinatorConfig:
                 f"hang-after ({self.hang_after_s:g} s) must exceed the heartbeat interval ({self.heartbeat_interval_s:g} s)"
             )
         check_probability(self.audit_probability)
+        check_probability(self.audit_recheck_probability)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,12 @@ def own_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _measure(prefill, decode, prompt: list[int], n: int, **facts: Any) -> dict[str, Any]:
+    """A warm-up run, then the timed one, with the engine's facts (load time, RSS, version)."""
+    _timed(prefill, decode, prompt, WARMUP_TOKENS)
+    return {**_timed(prefill, decode, prompt, n), **facts}
+
+
 def _timed(step_prefill, step_decode, prompt: list[int], n: int) -> dict[str, Any]:
     """Greedy generation of n tokens through the two callbacks (each returns the next token)."""
     busy0, own0 = machine_busy_s(), own_cpu_s()
@@ -113,9 +119,7 @@ def run_consortium(model: str, mode: str, prompt: list[int], n: int, threads: in
     def decode(tok: int) -> int:
         return int(stage(torch.tensor([tok]), cache).argmax())
 
-    _timed(prefill, decode, prompt, WARMUP_TOKENS)
-    r = _timed(prefill, decode, prompt, n)
-    return {**r, "load_s": load_s, "rss_after_load_mb": rss_loaded, "threads": threads}
+    return _measure(prefill, decode, prompt, n, load_s=load_s, rss_after_load_mb=rss_loaded, threads=threads)
 
 
 def run_llama_cpp(model: str, mode: str, prompt: list[int], n: int, threads: int) -> dict[str, Any]:
@@ -151,15 +155,8 @@ def run_llama_cpp(model: str, mode: str, prompt: list[int], n: int, threads: int
         llm.eval([tok])  # no stop check: decode past end-of-turn like the other engines
         return last_logits()
 
-    _timed(prefill, decode, prompt, WARMUP_TOKENS)
-    r = _timed(prefill, decode, prompt, n)
-    return {
-        **r,
-        "load_s": load_s,
-        "rss_after_load_mb": rss_loaded,
-        "threads": threads,
-        "version": llama_cpp.__version__,
-    }
+    return _measure(prefill, decode, prompt, n, load_s=load_s, rss_after_load_mb=rss_loaded, threads=threads,
+                    version=llama_cpp.__version__)  # fmt: skip
 
 
 def run_hf(model: str, mode: str, prompt: list[int], n: int, threads: int) -> dict[str, Any]:
@@ -191,15 +188,8 @@ def run_hf(model: str, mode: str, prompt: list[int], n: int, threads: int) -> di
         tok, past = step([tok], past)
         return tok
 
-    _timed(prefill, decode, prompt, WARMUP_TOKENS)
-    r = _timed(prefill, decode, prompt, n)
-    return {
-        **r,
-        "load_s": load_s,
-        "rss_after_load_mb": rss_loaded,
-        "threads": threads,
-        "version": transformers.__version__,
-    }
+    return _measure(prefill, decode, prompt, n, load_s=load_s, rss_after_load_mb=rss_loaded, threads=threads,
+                    version=transformers.__version__)  # fmt: skip
 
 
 RUNNERS = {"consortium": run_consortium, "llama.cpp": run_llama_cpp, "transformers": run_hf}

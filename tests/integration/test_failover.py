@@ -8,6 +8,7 @@ The tiny model's cluster: worker-0 holds layers 0-1, worker-1 layers 1-2, the co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,24 +55,37 @@ def _proc(cluster, name: str):
     return next(p for p in cluster.processes if p.name == name)
 
 
-def _run(client_for, cluster, sampling: SamplingParams, actions: dict[int, tuple[str, int]]):
-    """Runs a session; after k streamed tokens sends the signal actions[k] = (process, signal)."""
+def _signals(cluster, actions: dict[int, list[tuple[str, int]]]):
+    """An on_text callback: after k streamed tokens, send each (process, signal) of actions[k]."""
     count = 0
 
     def on_text(_text: str) -> None:
         nonlocal count
         count += 1
-        if count in actions:
-            name, sig = actions[count]
+        for name, sig in actions.get(count, []):
             _proc(cluster, name).signal_group(sig)
 
+    return on_text
+
+
+@contextlib.contextmanager
+def _read_ledger(path):
+    led = Ledger(path, create=False, readonly=True)
+    try:
+        yield led
+    finally:
+        led.close()
+
+
+def _run(client_for, cluster, sampling: SamplingParams, actions: dict[int, list[tuple[str, int]]]):
+    """Runs a session, sending the signals of `actions` as tokens stream in (see _signals)."""
     req = SessionRequest(PROMPT, TOKENS, sampling, audit_probability=0.0)
-    return client_for(cluster).run(req, on_text=on_text)
+    return client_for(cluster).run(req, on_text=_signals(cluster, actions))
 
 
 def test_killed_worker_fails_over_to_the_coordinator(request, tiny_gguf, tmp_path, client_for, single_node):
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
-    r = _run(client_for, cluster, GREEDY, {8: ("worker-1", signal.SIGKILL)})
+    r = _run(client_for, cluster, GREEDY, {8: [("worker-1", signal.SIGKILL)]})
     assert r.tokens == single_node(GREEDY)
     assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
         (1, "worker-1", "coordinator")
@@ -81,9 +95,8 @@ def test_killed_worker_fails_over_to_the_coordinator(request, tiny_gguf, tmp_pat
     assert r.rollbacks == [] and r.banned_nodes == []
     assert [s.node_id for s in r.stages] == ["worker-0", "coordinator", "coordinator"]
     assert json.loads(json.dumps(r.to_dict()))["failovers"][0]["failed_node"] == "worker-1"
-    led = Ledger(ledger, create=False, readonly=True)
-    events = led.events(r.session_id, "failover")
-    led.close()
+    with _read_ledger(ledger) as led:
+        events = led.events(r.session_id, "failover")
     assert len(events) == 1 and events[0]["backup_node"] == "coordinator" and events[0]["stage"] == 1
     assert events[0]["replay_check"]["passed"]  # the replay matched the committed outputs (a free audit)
     # the next session runs on the coordinator's backup of layers 1-2 without failing over
@@ -96,7 +109,7 @@ def test_hung_worker_is_detected_and_fails_over(request, tiny_gguf, tmp_path, cl
     cluster, _ = _cluster(request, tiny_gguf, tmp_path)
     request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))  # before the stop
     t0 = time.monotonic()
-    r = _run(client_for, cluster, SEEDED, {8: ("worker-1", signal.SIGSTOP)})
+    r = _run(client_for, cluster, SEEDED, {8: [("worker-1", signal.SIGSTOP)]})
     assert time.monotonic() - t0 < 30  # the adaptive deadline (2 s floor), not the 60 s step timeout
     assert r.tokens == single_node(SEEDED)
     assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
@@ -110,15 +123,7 @@ def test_two_stages_fail_in_one_session(request, tiny_gguf, tmp_path, client_for
     race a pipeline that is then mostly local and fast)."""
     cluster, _ = _cluster(request, tiny_gguf, tmp_path)
     request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))
-    count = 0
-
-    def on_text(_text: str) -> None:
-        nonlocal count
-        count += 1
-        if count == 5:
-            _proc(cluster, "worker-1").signal_group(signal.SIGSTOP)
-            _proc(cluster, "worker-0").signal_group(signal.SIGKILL)
-
+    on_text = _signals(cluster, {5: [("worker-1", signal.SIGSTOP), ("worker-0", signal.SIGKILL)]})
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0)
     r = client_for(cluster).run(req, on_text=on_text)
     assert r.tokens == single_node(SEEDED)
@@ -148,14 +153,7 @@ def test_failover_with_every_unit_audited(request, tiny_gguf, tmp_path, client_f
     """Interplay with verification: the failed node's committed work is still audited (and
     passes); no rollback, no ban; the backup (the coordinator) is not audited."""
     cluster, _ = _cluster(request, tiny_gguf, tmp_path)
-    count = 0
-
-    def on_text(_text: str) -> None:
-        nonlocal count
-        count += 1
-        if count == 8:
-            _proc(cluster, "worker-1").signal_group(signal.SIGKILL)
-
+    on_text = _signals(cluster, {8: [("worker-1", signal.SIGKILL)]})
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
     r = client_for(cluster).run(req, on_text=on_text)
     assert r.tokens == single_node(SEEDED)
@@ -195,14 +193,7 @@ def test_standby_takes_over_and_the_restarted_worker_rejoins_as_spare(
     assert _roles(client) == {"coordinator": "serving", "worker-0": "serving", "worker-1": "serving",
                               "worker-2": "standby"}  # fmt: skip
     live = []
-    count = 0
-
-    def on_text(_text: str) -> None:
-        nonlocal count
-        count += 1
-        if count == 8:
-            _proc(cluster, "worker-1").signal_group(signal.SIGKILL)
-
+    on_text = _signals(cluster, {8: [("worker-1", signal.SIGKILL)]})
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0)
     r = client.run(req, on_text=on_text, on_failover=live.append)
     assert r.tokens == single_node(SEEDED)
@@ -230,7 +221,7 @@ def test_a_hung_worker_that_comes_back_drops_its_stale_caches(
     cluster = _standby_cluster(request, tiny_gguf, tmp_path)
     request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))
     client = client_for(cluster)
-    r = _run(client_for, cluster, GREEDY, {8: ("worker-1", signal.SIGSTOP)})
+    r = _run(client_for, cluster, GREEDY, {8: [("worker-1", signal.SIGSTOP)]})
     assert r.tokens == single_node(GREEDY)
     assert [(f["failed_node"], f["backup_node"]) for f in r.failovers] == [("worker-1", "worker-2")]
     _proc(cluster, "worker-1").signal_group(signal.SIGCONT)
@@ -251,14 +242,7 @@ def test_no_backup_fails_the_session_clearly_and_keeps_its_tokens(
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path, ["--no-backup"])
     client = client_for(cluster)
     started = []
-    count = 0
-
-    def on_text(_text: str) -> None:
-        nonlocal count
-        count += 1
-        if count == 8:
-            _proc(cluster, "worker-1").signal_group(signal.SIGKILL)
-
+    on_text = _signals(cluster, {8: [("worker-1", signal.SIGKILL)]})
     req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=0.0)
     with pytest.raises(RemoteError, match="no backup is available") as exc:
         client.run(req, on_text=on_text, on_start=started.append)
@@ -268,11 +252,8 @@ def test_no_backup_fails_the_session_clearly_and_keeps_its_tokens(
     baseline = single_node(GREEDY)
     assert st["state"] == "failed" and "no backup" in st["error"]
     assert 8 <= len(st["tokens"]) < TOKENS and st["tokens"] == baseline[: len(st["tokens"])]
-    led = Ledger(ledger, create=False, readonly=True)
-    try:
+    with _read_ledger(ledger) as led:
         assert led.tokens(sid) == st["tokens"] and led.session(sid)["status"] == "failed"
-    finally:
-        led.close()
     assert st["resumable"]  # once a node can take the layers, the session goes on exactly
     _add_spare(cluster, tiny_gguf, tmp_path, "late", role="serving")  # worker-1 is dead
     assert client.resume(sid).tokens == baseline
@@ -301,14 +282,7 @@ def test_coordinator_restart_keeps_the_session_and_resume_continues_it_exactly(
 ):
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
     started = []
-    count = 0
-
-    def on_text(_text: str) -> None:
-        nonlocal count
-        count += 1
-        if count == 10:
-            _proc(cluster, "coordinator").signal_group(signal.SIGKILL)
-
+    on_text = _signals(cluster, {10: [("coordinator", signal.SIGKILL)]})
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.5, audit_seed=3)
     with pytest.raises(RemoteError):
         client_for(cluster).run(req, on_text=on_text, on_start=started.append)
@@ -342,13 +316,10 @@ def test_coordinator_restart_keeps_the_session_and_resume_continues_it_exactly(
     assert exc.value.code == grpc.StatusCode.NOT_FOUND
     missing = consortium("session", "resume", "--coordinator", cluster.address, "--session-id", "nope")
     assert_one_line_error(missing, "unknown session")
-    led = Ledger(ledger, create=False, readonly=True)
-    try:
+    with _read_ledger(ledger) as led:
         summary = led.verify_session(sid)  # receipts from before and after the restart chain up
         assert summary.tokens == TOKENS
         assert [e["kind"] for e in led.events(sid)].count("resumed") == 1
-    finally:
-        led.close()
     show = consortium("session", "show", "--ledger", str(ledger), "--session-id", sid)
     assert show.returncode == 0, show.stderr
     assert json.loads(show.stdout)["tokens"] == baseline
@@ -374,11 +345,8 @@ def _add_spare(cluster, tiny_gguf, tmp_path, name: str, extra_args=(), role: str
 
 
 def _audits(ledger, sid: str) -> list[dict]:
-    led = Ledger(ledger, create=False, readonly=True)
-    try:
+    with _read_ledger(ledger) as led:
         return led.audits(sid)
-    finally:
-        led.close()
 
 
 def test_a_spare_audits_and_its_death_mid_audit_moves_the_audit(
@@ -388,25 +356,15 @@ def test_a_spare_audits_and_its_death_mid_audit_moves_the_audit(
     audits, the audit is reassigned (to the coordinator) and nobody is called a cheat."""
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
     _add_spare(cluster, tiny_gguf, tmp_path, "auditor")
-    count = 0
-
-    def on_text(_text: str) -> None:
-        nonlocal count
-        count += 1
-        if count == 8:
-            _proc(cluster, "auditor").signal_group(signal.SIGKILL)
-
+    on_text = _signals(cluster, {8: [("auditor", signal.SIGKILL)]})
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
     r = client_for(cluster).run(req, on_text=on_text)
     assert r.tokens == single_node(SEEDED)
     assert r.audits["failed"] == 0 and r.audits["pending"] == 0 and r.banned_nodes == [] and r.rollbacks == []
     auditors = {(a["stage"], a["auditor"]) for a in _audits(ledger, r.session_id)}
     assert (1, "auditor") in auditors and (1, "coordinator") in auditors and (0, "coordinator") in auditors
-    led = Ledger(ledger, create=False, readonly=True)
-    try:
+    with _read_ledger(ledger) as led:
         assert [e["node"] for e in led.events(r.session_id, "auditor_lost")] == ["auditor"]
-    finally:
-        led.close()
 
 
 def test_a_lying_auditor_is_caught_and_the_honest_node_is_not_banned(
@@ -419,12 +377,9 @@ def test_a_lying_auditor_is_caught_and_the_honest_node_is_not_banned(
     r = client_for(cluster).run(req)
     assert r.tokens == single_node(GREEDY)
     assert r.rollbacks == [] and r.banned_nodes == [] and r.audits["pending"] == 0
-    led = Ledger(ledger, create=False, readonly=True)
-    try:
+    with _read_ledger(ledger) as led:
         assert led.is_banned("liar") and not led.is_banned("worker-1")
         assert [e["kind"] for e in led.evidence("liar")] == ["false audit"]
-    finally:
-        led.close()
     assert {a["auditor"] for a in _audits(ledger, r.session_id) if a["stage"] == 1} == {"coordinator"}
 
 
@@ -445,9 +400,6 @@ def test_an_auditor_colluding_with_a_cheat_is_caught_by_the_coordinators_recheck
     r = client_for(cluster).run(req)
     assert r.tokens == single_node(GREEDY)  # the cheat's work was withdrawn and redone honestly
     assert r.banned_nodes == ["worker-1"] and r.rollbacks[0]["node"] == "worker-1"
-    led = Ledger(ledger, create=False, readonly=True)
-    try:
+    with _read_ledger(ledger) as led:
         assert led.is_banned("colluder") and led.is_banned("worker-1")
         assert [e["kind"] for e in led.evidence("colluder")] == ["false audit"]
-    finally:
-        led.close()

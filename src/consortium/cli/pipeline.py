@@ -308,7 +308,7 @@ def session_run(
     no_wait_audits,
 ):
     """Generate through the pipeline: streams text, then a per-stage summary."""
-    from consortium.coordinator.client import Client, format_report
+    from consortium.coordinator.client import Client
     from consortium.model.sampling import SamplingParams
 
     if max_tokens <= 0:
@@ -325,15 +325,8 @@ def session_run(
         wait_audits=not no_wait_audits,
     )
     with Client(ClientConfig(address, connect_timeout_s=connect_timeout)) as client:
-        report = client.run(req, on_text=None if as_json else _print_delta,
-                            on_rollback=None if as_json else _print_rollback,
-                            on_failover=None if as_json else _print_failover)  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(report.to_dict()))
-        return
-    click.echo()
-    for line in format_report(report):
-        click.echo(line, err=True)
+        report = client.run(req, **_live(as_json))
+    _print_report(report, as_json)
 
 
 @session.command("status")
@@ -375,23 +368,17 @@ def session_status(address, session_id, as_json):
 def session_resume(address, session_id, as_json, connect_timeout, no_wait_audits):
     """Continue a session interrupted by a coordinator restart (or failed for want of a backup):
     prints its text so far, then streams the rest; the tokens are those of an uninterrupted run."""
-    from consortium.coordinator.client import Client, format_report
+    from consortium.coordinator.client import Client
 
     def on_start(ev) -> None:
         if not as_json:
             _print_delta(ev.resumed_text)
 
     with Client(ClientConfig(address, connect_timeout_s=connect_timeout)) as client:
-        report = client.resume(session_id, wait_audits=not no_wait_audits, on_start=on_start,
-                               on_text=None if as_json else _print_delta,
-                               on_rollback=None if as_json else _print_rollback,
-                               on_failover=None if as_json else _print_failover)  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(report.to_dict()))
-        return
-    click.echo()
-    for line in format_report(report):
-        click.echo(line, err=True)
+        report = client.resume(
+            session_id, wait_audits=not no_wait_audits, on_start=on_start, **_live(as_json)
+        )
+    _print_report(report, as_json)
 
 
 @session.command("show")
@@ -492,12 +479,11 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         t0 = time.perf_counter()
         cluster.start()
         note(f"cluster ready in {time.perf_counter() - t0:.1f} s; prompt: {prompt!r}")
-        on_text = None if as_json else _print_delta
+        live = _live(as_json)
         if kill_at is not None:
-            on_text = _killer(cluster, "worker-1", kill_at, on_text, note)
+            live["on_text"] = _killer(cluster, "worker-1", kill_at, live.get("on_text"), note)
         with Client(ClientConfig(cluster.address)) as client:
-            report = client.run(req, on_text=on_text, on_rollback=None if as_json else _print_rollback,
-                                on_failover=None if as_json else _print_failover)  # fmt: skip
+            report = client.run(req, **live)
         if not as_json:
             click.echo()
     finally:
@@ -508,6 +494,25 @@ def demo(prompt, max_tokens, as_json, model, seed, temperature, top_k, top_p, de
         return
     for line in format_report(report):
         click.echo(line)
+
+
+def _live(as_json: bool) -> dict:
+    """The streaming callbacks of session run/resume and the demo: text, rollbacks and
+    failovers as they happen (none with --json: one object at the end)."""
+    if as_json:
+        return {}
+    return {"on_text": _print_delta, "on_rollback": _print_rollback, "on_failover": _print_failover}
+
+
+def _print_report(report, as_json: bool) -> None:
+    from consortium.coordinator.client import format_report
+
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        return
+    click.echo()
+    for line in format_report(report):
+        click.echo(line, err=True)
 
 
 def _print_rollback(ev) -> None:

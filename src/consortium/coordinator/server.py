@@ -321,7 +321,7 @@ class Coordinator:
             {"max_tokens": session.max_tokens, "temperature": sampling.temperature, "top_k": sampling.top_k,
              "top_p": sampling.top_p, "seed": sampling.seed, "chat": not req.no_chat,
              "audit_probability": probability, "model_digest": self.digest},
-            [{"node": r.node_id, "layers": [r.layers.start, r.layers.end]} for r in stages],
+            _stages_record(stages),
         )  # fmt: skip
         with self._sessions_lock:
             self._sessions[session.session_id] = session
@@ -372,9 +372,7 @@ class Coordinator:
             resumed=len(tokens),
         )  # fmt: skip
         session.audits = self.verifier.new_session_audits(sid, probability, self.cfg.audit_seed)
-        session.first_step = self.ledger.resume_session(
-            sid, [{"node": r.node_id, "layers": [r.layers.start, r.layers.end]} for r in stages]
-        )
+        session.first_step = self.ledger.resume_session(sid, _stages_record(stages))
         self.ledger.event(sid, "resumed", {"tokens": len(tokens), "from_status": rec["status"]})
         with self._sessions_lock:
             self._sessions[sid] = session
@@ -516,6 +514,11 @@ class Coordinator:
             age_s=max(0.0, time.time() - rec["created"]), tokens=tokens, text=self.tokenizer.decode(tokens),
             failovers=failovers, resumable=rec["status"] in RESUMABLE and len(tokens) < max_tokens,
         )  # fmt: skip
+
+
+def _stages_record(stages: list[StageRef]) -> list[dict]:
+    """A session's pipeline as the ledger stores it."""
+    return [{"node": r.node_id, "layers": [r.layers.start, r.layers.end]} for r in stages]
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):

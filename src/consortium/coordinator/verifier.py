@@ -391,10 +391,7 @@ class Verifier:
                     audits.passed += len(ends)
                 audits.idle.notify_all()
             return
-        is_last = ref.layers.end == self.gguf.args.n_layers
-        tol = tolerance_class(ref.dtype, target.dtype)
-        recomputed = target.extend(concat_inputs([r.input for r in records]))
-        res = judge([r.output for r in records], [r.positions for r in records], recomputed, is_last, tol)
+        res = self._recompute(target, ref, records)
         if target.remote and (not res.passed or audits.recheck_rng.random() < self.recheck_probability):
             res, target = self._second_opinion(session, stage, target, upto, res)
         if any(r not in hist.steps for r in records):
@@ -422,6 +419,14 @@ class Verifier:
             audits.passed += len(ends) - len(failed_units)
             audits.idle.notify_all()
 
+    def _recompute(self, target: LocalTarget | RemoteTarget, ref, records: list[StepRecord]) -> AuditResult:
+        """Run the committed inputs of `records` through the auditor (continuing its cache) and
+        judge its rows against the committed outputs."""
+        recomputed = target.extend(concat_inputs([r.input for r in records]))
+        is_last = ref.layers.end == self.gguf.args.n_layers
+        return judge([r.output for r in records], [r.positions for r in records], recomputed, is_last,
+                     tolerance_class(ref.dtype, target.dtype))  # fmt: skip
+
     def _second_opinion(self, session: Session, stage: int, remote: RemoteTarget, upto: int,
                         verdict: AuditResult) -> tuple[AuditResult, LocalTarget | RemoteTarget]:  # fmt: skip
         """The coordinator recomputes rows 0..upto itself: always when a remote auditor reports a
@@ -434,11 +439,7 @@ class Verifier:
         hist = session.history[stage]
         ref = hist.stage
         local = LocalTarget(self.auditor, ref.layers, session.capacity)
-        records = [r for r in list(hist.steps) if r.start_position < upto]
-        recomputed = local.extend(concat_inputs([r.input for r in records]))
-        is_last = ref.layers.end == self.gguf.args.n_layers
-        mine = judge([r.output for r in records], [r.positions for r in records], recomputed, is_last,
-                     tolerance_class(ref.dtype, local.dtype))  # fmt: skip
+        mine = self._recompute(local, ref, [r for r in list(hist.steps) if r.start_position < upto])
         if mine.passed and verdict.passed:
             log.info("re-check of auditor %s (stage %d, session %s): agrees", remote.node_id, stage,
                      session.session_id)  # fmt: skip

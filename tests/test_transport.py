@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from consortium.model.kv_pool import UnknownSessionError
 from consortium.transport import codegen
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import (
+    SERVER_ERROR_KEY,
     NotFoundError,
     OutOfRangeError,
     PreconditionError,
@@ -24,6 +26,7 @@ from consortium.transport.rpc import (
     free_port,
     make_channel,
     make_server,
+    maps_errors,
     status_for,
 )
 from consortium.transport.tensors import (
@@ -44,8 +47,10 @@ def test_hidden_round_trip_is_bit_exact(dtype):
     msg = pb.Tensor.FromString(w.to_proto().SerializeToString())
     back, t = decode_hidden(msg, dim=64)
     assert back == w and t.dtype == dtype
-    assert torch.equal(t.view(torch.int16 if x.element_size() == 2 else torch.int32),
-                       x.view(torch.int16 if x.element_size() == 2 else torch.int32))  # fmt: skip
+    assert torch.equal(
+        t.view(torch.int16 if x.element_size() == 2 else torch.int32),
+        x.view(torch.int16 if x.element_size() == 2 else torch.int32),
+    )
 
 
 def test_tokens_round_trip_and_digest():
@@ -142,8 +147,10 @@ def test_stubs_pass_the_runtime_version_checks():
     """The generated code imports without protobuf/grpc version warnings or errors."""
     done = subprocess.run(
         [sys.executable, "-W", "error", "-c", "import consortium.transport.proto.consortium_pb2_grpc"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -152,29 +159,93 @@ def test_an_error_the_peer_sends_is_not_mistaken_for_an_unreachable_peer():
     coordinator said, not that it cannot reach the coordinator."""
 
     def fail(request, context):
-        abort_for(context, RemoteError("cannot reach node w1 at 127.0.0.1:9 (connection refused)",
-                                       grpc.StatusCode.UNAVAILABLE))  # fmt: skip
+        abort_for(
+            context,
+            RemoteError(
+                "cannot reach node w1 at 127.0.0.1:9 (connection refused)", grpc.StatusCode.UNAVAILABLE
+            ),
+        )
 
-    server = make_server(2)
-    handler = grpc.method_handlers_generic_handler("t.T", {"Fail": grpc.unary_unary_rpc_method_handler(fail)})
-    server.add_generic_rpc_handlers((handler,))
-    port = bind(server, "127.0.0.1", 0)
-    server.start()
-    try:
-        channel = make_channel(f"127.0.0.1:{port}")
+    with _serve({"Fail": grpc.unary_unary_rpc_method_handler(fail)}) as channel:
         call = channel.unary_unary("/t.T/Fail")
         with pytest.raises(grpc.RpcError) as e:
             call(b"", timeout=5)
         err = RemoteError.from_rpc(e.value, "coordinator at here")
         assert err.code == grpc.StatusCode.UNAVAILABLE
-        assert str(err) == ("coordinator at here: cannot reach node w1 at 127.0.0.1:9 (connection refused) "
-                            "[UNAVAILABLE]")  # fmt: skip
-        channel.close()
-        dead = make_channel(f"127.0.0.1:{free_port()}").unary_unary("/t.T/Fail")
-        with pytest.raises(grpc.RpcError) as e:
-            dead(b"", timeout=5)
-        assert str(RemoteError.from_rpc(e.value, "coordinator at there")).startswith(
-            "cannot reach coordinator at there"
+        assert str(err) == (
+            "coordinator at here: cannot reach node w1 at 127.0.0.1:9 (connection refused) [UNAVAILABLE]"
         )
+    dead = make_channel(f"127.0.0.1:{free_port()}").unary_unary("/t.T/Fail")
+    with pytest.raises(grpc.RpcError) as e:
+        dead(b"", timeout=5)
+    assert str(RemoteError.from_rpc(e.value, "coordinator at there")).startswith(
+        "cannot reach coordinator at there"
+    )
+
+
+@contextlib.contextmanager
+def _serve(handlers: dict):
+    """A real server with `handlers` under service t.T; yields a channel to it."""
+    server = make_server(2)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+    port = bind(server, "127.0.0.1", 0)
+    server.start()
+    channel = make_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
     finally:
+        channel.close()
         server.stop(0)
+
+
+class _Servicer:
+    def __init__(self, error: Exception):
+        self.error = error
+
+    @maps_errors
+    def Unary(self, request, context):
+        if request == b"fail":
+            raise self.error
+        return b"ok:" + request
+
+    @maps_errors
+    def Stream(self, request, context):
+        yield b"a"
+        yield b"b"
+        if request == b"fail":
+            raise self.error
+
+    @maps_errors
+    def Nested(self, request, context):  # an inner mapping already ended the call: its status stands
+        return self.Unary(b"fail", context)
+
+
+@pytest.mark.parametrize(
+    "error, code, details",
+    [
+        (NotFoundError("unknown session 'x'"), grpc.StatusCode.NOT_FOUND, "unknown session 'x'"),
+        (OutOfRangeError("positions  9..12\nexceed"), grpc.StatusCode.OUT_OF_RANGE, "positions 9..12 exceed"),
+        (KeyError("bug"), grpc.StatusCode.INTERNAL, "internal error: KeyError: 'bug'"),
+    ],
+)
+def test_maps_errors_ends_unary_and_streaming_calls_with_the_mapped_status(error, code, details):
+    s = _Servicer(error)
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(s.Unary),
+        "Stream": grpc.unary_stream_rpc_method_handler(s.Stream),
+        "Nested": grpc.unary_unary_rpc_method_handler(s.Nested),
+    }
+    with _serve(handlers) as channel:
+        unary, stream = channel.unary_unary("/t.T/Unary"), channel.unary_stream("/t.T/Stream")
+        assert unary(b"x", timeout=5) == b"ok:x" and list(stream(b"x", timeout=5)) == [b"a", b"b"]
+        got = []
+        for call in (
+            lambda: unary(b"fail", timeout=5),
+            lambda: got.extend(stream(b"fail", timeout=5)),
+            lambda: channel.unary_unary("/t.T/Nested")(b"", timeout=5),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert (e.value.code(), e.value.details()) == (code, details)
+            assert dict(e.value.trailing_metadata())[SERVER_ERROR_KEY] == "1"  # marked as the server's own
+        assert got == [b"a", b"b"]  # the stream's events before the error arrived

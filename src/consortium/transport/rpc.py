@@ -1,13 +1,17 @@
 """gRPC plumbing shared by coordinator, workers and clients: channels, servers, status codes.
 
-Servers map library errors to status codes in one table (`abort_for`); clients turn a
-failed call back into a one-line ConsortiumError (`RemoteError.from_rpc`).
+Servers map library errors to status codes in one table (`abort_for`, applied to a servicer
+method by `@maps_errors`); clients turn a failed call back into a one-line ConsortiumError
+(`RemoteError.from_rpc`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import socket
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -100,6 +104,37 @@ def abort_for(context: grpc.ServicerContext, exc: BaseException) -> None:
     # it is down) from "the peer cannot be reached".
     context.set_trailing_metadata(((SERVER_ERROR_KEY, "1"),))
     context.abort(code, one_line(message, 2000))
+
+
+def maps_errors(method: Callable) -> Callable:
+    """Decorates a servicer method `(self, request, context)`: an exception it raises ends the
+    call through `abort_for`. For a streaming (generator) method, an exception raised while the
+    response is iterated is mapped too, after the events already yielded."""
+
+    def _abort(context: grpc.ServicerContext, e: Exception) -> None:
+        if context.code() is not None:  # already aborted (e.g. by an inner mapping): keep that status
+            raise e
+        abort_for(context, e)
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as e:
+                _abort(context, e)
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            _abort(context, e)
+
+    return unary
 
 
 def make_server(max_workers: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Server:

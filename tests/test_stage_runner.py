@@ -9,12 +9,15 @@ import torch
 from consortium.core.config import EngineConfig, LayerRange
 from consortium.core.session import StageHistory, StageRef, StepRecord
 from consortium.errors import InvalidRequestError
+from consortium.identity import NodeIdentity
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.kv_pool import UnknownSessionError
 from consortium.model.model import Stage, StageSpec
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import OutOfRangeError, PreconditionError
 from consortium.transport.tensors import TensorError, WireTensor
+from consortium.verification.misbehave import MisbehavingRunner, Misbehaviour, make_runner
+from consortium.verification.receipts import ReceiptError, from_proto
 from consortium.worker.runner import OutOfSyncError, StageRunner
 
 
@@ -109,3 +112,45 @@ def test_history_must_be_contiguous():
     assert [r.step for r in h.inputs_until(3)] == [0]
     s = h.stats()
     assert (s.prefill_ms, s.mean_step_ms, s.mean_compute_ms, s.steps) == (1.0, 2.0, 1.5, 2)
+
+
+def _two_steps(runner, sid: str, hidden: torch.Tensor) -> list[pb.WorkResult]:
+    """A 3-row prefill (step 0) and one decode row (step 1) through a middle stage."""
+    _open(runner, sid)
+    first = runner.execute(_order(runner, sid, 0, WireTensor.from_torch(hidden[:3]), 0))
+    return [first, runner.execute(_order(runner, sid, 3, WireTensor.from_torch(hidden[3:]), 1))]
+
+
+def test_cheats_live_in_a_subclass_through_the_runners_hooks(tiny_gguf):
+    """StageRunner holds no cheat; make_runner builds the misbehaving subclass only when asked,
+    and each cheat changes what its hook says: the stage, the output rows, or the receipt."""
+    g, ident, mid = GGUFModel(tiny_gguf), NodeIdentity.generate(), LayerRange(1, 3)
+
+    def build(kind: str | None, **kw):
+        m = None if kind is None else Misbehaviour(kind, **kw)
+        return make_runner(g, mid, EngineConfig(), 2**22, 600.0, identity=ident, node_id="n", misbehaviour=m)
+
+    honest = build(None)
+    assert type(honest) is StageRunner and not hasattr(honest, "misbehaviour")
+    hidden = torch.randn(4, g.args.dim)
+    want = _two_steps(honest, "s", hidden)
+    for r in want:
+        from_proto(r.receipt).check_signature(ident.public_key)
+    cheats = [("skip-layer", {}), ("wrong-weights", {}), ("int4-weights", {}), ("flip-max", {})]
+    for kind, kw in cheats + [("noise", {"sigma": 0.01})]:
+        runner = build(kind, **kw)
+        assert isinstance(runner, MisbehavingRunner)
+        got = _two_steps(runner, "s", hidden)
+        for a, b in zip(got, want, strict=True):
+            assert not torch.equal(
+                WireTensor.from_proto(a.output).to_torch(), WireTensor.from_proto(b.output).to_torch()
+            )
+            from_proto(a.receipt).check_signature(ident.public_key)  # an honest signature over a wrong result
+    bad = _two_steps(build("bad-signature"), "s", hidden)
+    assert bad[0].output == want[0].output
+    with pytest.raises(ReceiptError, match="bad signature"):
+        from_proto(bad[0].receipt).check_signature(ident.public_key)
+    replay = _two_steps(build("replay"), "s", hidden)
+    assert replay[1].output == want[1].output
+    assert replay[0].receipt.step == 0 and replay[1].receipt == replay[0].receipt  # step 1 resends step 0's
+    from_proto(replay[1].receipt).check_signature(ident.public_key)

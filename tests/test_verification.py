@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from consortium.errors import ConsortiumError
 from consortium.identity import IdentityError, NodeIdentity, node_id_for, verify_signature
+from consortium.transport.proto import consortium_pb2 as pb
 from consortium.verification.commitment import CommitHeader, digest, seed_style_hash, token_digest
 from consortium.verification.ledger import Ledger, LedgerError
 from consortium.verification.misbehave import Misbehaviour, requantize
@@ -135,7 +139,9 @@ def test_misbehaviour_is_refused_unless_enabled(monkeypatch):
         Misbehaviour.parse("skip-layer")
     monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
     assert Misbehaviour.parse("noise=0.01") == Misbehaviour("noise", 0.01)
-    for bad in ["teleport", "noise=abc", "skip-layer=3"]:
+    assert Misbehaviour.parse("die-at=5") == Misbehaviour("die-at", step=5)
+    assert Misbehaviour.parse("hang-at=12") == Misbehaviour("hang-at", step=12)
+    for bad in ["teleport", "noise=abc", "skip-layer=3", "die-at", "die-at=0", "hang-at=-1", "hang-at=x"]:
         with pytest.raises(ConsortiumError):
             Misbehaviour.parse(bad)
 
@@ -151,6 +157,58 @@ def test_output_cheats():
     w = torch.randn(16, 64)
     assert 0 < (requantize(w, 4) - w).norm() / w.norm() < 0.2
     assert 0 < (requantize(w, 8) - w).norm() / w.norm() < 0.01
+
+
+def test_faults_fire_at_the_decode_order_of_step_n_of_a_normal_session():
+    m = Misbehaviour.parse("die-at=3", enabled=True)
+
+    def due(step: int, start: int, sid: str = "3f2a") -> bool:
+        return m.fault_due(pb.WorkOrder(session_id=sid, step=step, start_position=start))
+
+    assert due(3, 12)  # prompt of 10: step 3 decodes token 2 at position 12
+    assert not due(2, 11) and not due(4, 13)
+    assert not due(3, 0)  # a prefill (resumed session) or a replay to a backup starts at position 0
+    assert not due(3, 12, "3f2a.audit1")  # an auditor's recompute
+    assert not Misbehaviour("noise", 0.01).fault_due(pb.WorkOrder(session_id="s", step=0, start_position=5))
+
+
+_FAULT_SCRIPT = """
+import sys
+from consortium.core.config import EngineConfig, LayerRange
+from consortium.model.gguf_file import GGUFModel
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.tensors import WireTensor
+from consortium.verification.misbehave import Misbehaviour, make_runner
+
+r = make_runner(GGUFModel(sys.argv[1]), LayerRange(0, 1), EngineConfig(), 2**22, 600.0,
+                misbehaviour=Misbehaviour.parse(sys.argv[2], enabled=True))
+for sid in ("a", "b"):
+    r.open(pb.OpenSessionRequest(session_id=sid, capacity=16, layers=pb.LayerRange(start=0, end=1)))
+    for step, pos, ids in [(0, 0, [5, 9, 200]), (1, 3, [17]), (2, 4, [3]), (3, 5, [8])]:
+        order = pb.WorkOrder(session_id=sid, step=step, layers=pb.LayerRange(start=0, end=1),
+                             start_position=pos, input=WireTensor.from_tokens(ids).to_proto())
+        r.execute(order)
+        print(sid, step, flush=True)
+"""
+
+
+def test_die_at_and_hang_at_stop_the_process_before_answering_step_n(tiny_gguf):
+    """die-at=2: killed (-9) on step 2's order, after answering steps 0 and 1. hang-at=2: stopped
+    there; continued, it answers step 2 and never hangs again (session b passes step 2)."""
+    cmd = [sys.executable, "-c", _FAULT_SCRIPT, str(tiny_gguf)]
+    done = subprocess.run(cmd + ["die-at=2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL and done.stdout.split("\n")[:-1] == ["a 0", "a 1"], done.stderr
+    assert "die-at=2: dying (SIGKILL) at step 2" in done.stderr
+    p = subprocess.Popen(cmd + ["hang-at=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, status = os.waitpid(p.pid, os.WUNTRACED)  # returns once the child stops itself
+        assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+        os.kill(p.pid, signal.SIGCONT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert out.split() == [w for sid in "ab" for step in "0123" for w in (sid, step)]
 
 
 def test_ledger_records_and_verifies(tmp_path):

@@ -1,21 +1,30 @@
-"""Deliberately dishonest stages, for tests and calibration only.
+"""Deliberately dishonest or faulty stages, for tests and calibration only.
 
-Kept apart from the honest code path: a worker builds one only with `--misbehave KIND`,
-and only when CONSORTIUM_ALLOW_MISBEHAVE=1 is set. Each cheat is one a lazy or malicious
-node might try: skip work, use cheaper weights, perturb results, or lie in its receipts.
+Kept apart from the honest code path: a worker builds a `MisbehavingRunner` (a StageRunner
+subclass) only with `--misbehave KIND`, and only when CONSORTIUM_ALLOW_MISBEHAVE=1 is set.
+Each cheat is one a lazy or malicious node might try: skip work, use cheaper weights, perturb
+results, or lie in its receipts. `die-at=N` and `hang-at=N` fail at an exact step instead, so
+a failover test can predict the token where it happens.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from consortium.errors import ConsortiumError
-from consortium.model.model import Block, Linear, Stage, load_block
+from consortium.model.model import Block, Linear, Stage, StageSpec, load_block
 from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.tensors import WireTensor
+from consortium.worker.runner import StageRunner
+
+log = logging.getLogger(__name__)
 
 KINDS = (
     "skip-layer",
@@ -26,7 +35,11 @@ KINDS = (
     "flip-max",
     "bad-signature",
     "replay",
+    "die-at",
+    "hang-at",
 )
+FAULTS = ("die-at", "hang-at")
+AUDIT_MARK = ".audit"  # in every audit session id (the coordinator's audit_session_id)
 ENABLE_ENV = "CONSORTIUM_ALLOW_MISBEHAVE"
 
 
@@ -44,6 +57,7 @@ class _SkippedBlock(Block):
 class Misbehaviour:
     kind: str
     sigma: float = 0.0  # noise: standard deviation relative to each row's RMS
+    step: int = 0  # die-at / hang-at: the coordinator's step number that triggers the fault
 
     @classmethod
     def parse(cls, text: str, enabled: bool | None = None) -> Misbehaviour:
@@ -63,6 +77,10 @@ class Misbehaviour:
                     f"noise needs a relative sigma, e.g. noise=0.01 (got {text!r})"
                 ) from None
             return cls(kind, sigma)
+        if kind in FAULTS:
+            if not arg.isdigit() or int(arg) < 1:
+                raise ConsortiumError(f"{kind} needs a decode step N >= 1, e.g. {kind}=5 (got {text!r})")
+            return cls(kind, step=int(arg))
         if arg:
             raise ConsortiumError(f"misbehaviour {kind} takes no argument")
         return cls(kind)
@@ -112,6 +130,72 @@ class Misbehaviour:
             sig[0] ^= 1
             out.signature = bytes(sig)
         return out
+
+    def fault_due(self, order: pb.WorkOrder) -> bool:
+        """Whether die-at=N / hang-at=N fires on this work order: the decode order of step N of a
+        normal session, i.e. `order.step == N`, `order.start_position > 0` (not a prefill, resume
+        or replay, which start at 0) and no ".audit" in the session id (not an audit's recompute).
+
+        The coordinator numbers steps from the session's first step (0 for a new session: the
+        prefill), one per pass through the pipeline. In a new session without an earlier EOS or
+        rollback, step N consumes token N-1 at position prompt_tokens + N - 1: the client has
+        received tokens 0 .. N-1 (the prefill's and N-1 decode results) and the failover that
+        follows reports token_index N."""
+        return (
+            self.kind in FAULTS
+            and order.step == self.step
+            and order.start_position > 0
+            and AUDIT_MARK not in order.session_id
+        )
+
+    def fault(self) -> None:
+        """die-at: SIGKILL to itself (as `kill -9`). hang-at: SIGSTOP to itself (every thread,
+        heartbeats included, stops until SIGCONT; then the order completes, late)."""
+        what = "dying (SIGKILL)" if self.kind == "die-at" else "hanging (SIGSTOP)"
+        log.warning("misbehaviour %s=%d: %s at step %d", self.kind, self.step, what, self.step)
+        for h in logging.getLogger().handlers:  # the log line must survive the kill
+            h.flush()
+        os.kill(os.getpid(), signal.SIGKILL if self.kind == "die-at" else signal.SIGSTOP)
+
+
+class MisbehavingRunner(StageRunner):
+    """A StageRunner with a cheat or a fault: corrupts the stage as loaded (`_load_stage`), its
+    output rows (`_forward`) or its receipts (`_sign`), or fails at a step (`execute`). A fault
+    fires once per process: a hung worker that is continued serves on honestly."""
+
+    def __init__(self, *args, misbehaviour: Misbehaviour, **kwargs):
+        self.misbehaviour = misbehaviour  # set first: StageRunner.__init__ calls _load_stage
+        self._sent: list[pb.Receipt] = []  # honest receipts already sent (what `replay` resends)
+        self._faulted = False
+        super().__init__(*args, **kwargs)
+
+    def _load_stage(self, spec: StageSpec, progress: Callable[[int, int], None] | None) -> Stage:
+        return self.misbehaviour.corrupt_stage(super()._load_stage(spec, progress))
+
+    def execute(self, order: pb.WorkOrder) -> pb.WorkResult:
+        if not self._faulted and self.misbehaviour.fault_due(order):
+            self._faulted = True
+            self.misbehaviour.fault()
+        return super().execute(order)
+
+    def _forward(self, order: pb.WorkOrder) -> tuple[WireTensor, Tensor, float]:
+        inp, y, compute_ms = super()._forward(order)
+        return inp, self.misbehaviour.corrupt_output(y, order.step), compute_ms
+
+    def _sign(self, order: pb.WorkOrder, inp: WireTensor, out: WireTensor) -> pb.Receipt:
+        receipt = super()._sign(order, inp, out)
+        if not self.misbehaviour.corrupts_receipts:
+            return receipt
+        sent = self.misbehaviour.corrupt_receipt(receipt, self._sent)
+        self._sent.append(receipt)
+        return sent
+
+
+def make_runner(*args, misbehaviour: Misbehaviour | None = None, **kwargs) -> StageRunner:
+    """A StageRunner (StageRunner's arguments), misbehaving as told (tests only) or honest."""
+    if misbehaviour is None:
+        return StageRunner(*args, **kwargs)
+    return MisbehavingRunner(*args, misbehaviour=misbehaviour, **kwargs)
 
 
 def requantize(w: Tensor, bits: int) -> Tensor:

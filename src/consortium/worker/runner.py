@@ -22,7 +22,6 @@ from consortium.model.model import Stage, StageSpec
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import OutOfRangeError, PreconditionError
 from consortium.transport.tensors import WireTensor, decode_hidden, decode_tokens
-from consortium.verification.misbehave import Misbehaviour
 from consortium.verification.receipts import make_receipt, to_proto
 
 log = logging.getLogger(__name__)
@@ -52,6 +51,9 @@ def check_layers(msg: pb.LayerRange, mine: LayerRange) -> None:
 
 
 class StageRunner:
+    """Honest by construction; verification/misbehave.py subclasses it (tests only) through
+    the hooks `_load_stage`, `_forward` and `_sign`."""
+
     def __init__(
         self,
         gguf: GGUFModel,
@@ -60,24 +62,23 @@ class StageRunner:
         kv_cache_bytes: int,
         idle_timeout_s: float,
         identity: NodeIdentity | None = None,
-        misbehaviour: Misbehaviour | None = None,
         node_id: str = "",
         progress: Callable[[int, int], None] | None = None,
     ):
         layers.check(gguf.args.n_layers)
         self.gguf, self.layers, self.engine = gguf, layers, engine
         # identity: sign a receipt for every result (workers); None for the coordinator's own stage
-        self.identity, self.misbehaviour, self.node_id = identity, misbehaviour, node_id
-        self._sent: list[pb.Receipt] = []  # receipts already sent (only a replaying cheat uses them)
+        self.identity, self.node_id = identity, node_id
         spec = StageSpec(
             layers.start, layers.end, device=engine.device, dtype=engine.dtype, packed=engine.packed
         )
-        self.stage = Stage(gguf, spec, progress)
-        if misbehaviour is not None:
-            misbehaviour.corrupt_stage(self.stage)
+        self.stage = self._load_stage(spec, progress)
         self.pool = CachePool(self.stage, kv_cache_bytes, idle_timeout_s)
         self.layers_digest = gguf.layers_digest(layers.start, layers.end)
         self._compute = threading.Lock()  # one forward at a time: the device is a serial resource
+
+    def _load_stage(self, spec: StageSpec, progress: Callable[[int, int], None] | None) -> Stage:
+        return Stage(self.gguf, spec, progress)
 
     @property
     def args(self):
@@ -91,8 +92,13 @@ class StageRunner:
                 f"capacity {req.capacity} outside 1..{self.args.context_length} (model context)"
             )
         cache = self.pool.create(req.session_id, req.capacity)
-        log.info("session %s opened on layers %s: %d positions, %d bytes", req.session_id, self.layers,
-                 req.capacity, cache.nbytes)  # fmt: skip
+        log.info(
+            "session %s opened on layers %s: %d positions, %d bytes",
+            req.session_id,
+            self.layers,
+            req.capacity,
+            cache.nbytes,
+        )
         return pb.OpenSessionResponse(cache_bytes=cache.nbytes)
 
     def close(self, req: pb.CloseSessionRequest) -> pb.CloseSessionResponse:
@@ -103,7 +109,22 @@ class StageRunner:
         return pb.CloseSessionResponse(existed=existed)
 
     def execute(self, order: pb.WorkOrder) -> pb.WorkResult:
-        """Validates the order (session, layers, positions, tensor) and runs the stage."""
+        """Validates the order (session, layers, positions, tensor), runs the stage and signs."""
+        inp, y, compute_ms = self._forward(order)
+        out = WireTensor.from_torch(y)
+        result = pb.WorkResult(
+            session_id=order.session_id,
+            step=order.step,
+            start_position=order.start_position,
+            output=out.to_proto(),
+            compute_ms=compute_ms,
+        )
+        if self.identity is not None:
+            result.receipt.CopyFrom(self._sign(order, inp, out))
+        return result
+
+    def _forward(self, order: pb.WorkOrder) -> tuple[WireTensor, torch.Tensor, float]:
+        """The checked order through the stage: (input as received, output rows on the CPU, ms)."""
         check_session_id(order.session_id)
         check_layers(order.layers, self.layers)
         if order.all_logits and not self.stage.is_last:
@@ -130,26 +151,11 @@ class StageRunner:
             with self._compute:
                 t0 = time.perf_counter()
                 y = self.stage(x, cache, all_logits=order.all_logits).cpu()
-                compute_ms = (time.perf_counter() - t0) * 1000
-        if self.misbehaviour is not None:
-            y = self.misbehaviour.corrupt_output(y, order.step)
-        out = WireTensor.from_torch(y)
-        result = pb.WorkResult(
-            session_id=order.session_id,
-            step=order.step,
-            start_position=order.start_position,
-            output=out.to_proto(),
-            compute_ms=compute_ms,
-        )
-        if self.identity is not None:
-            receipt = to_proto(make_receipt(self.identity, self.node_id, order, self.layers_digest, inp, out))
-            if self.misbehaviour is not None and self.misbehaviour.corrupts_receipts:
-                receipt = self.misbehaviour.corrupt_receipt(receipt, self._sent)
-                self._sent.append(
-                    to_proto(make_receipt(self.identity, self.node_id, order, self.layers_digest, inp, out))
-                )
-            result.receipt.CopyFrom(receipt)
-        return result
+                return inp, y, (time.perf_counter() - t0) * 1000
+
+    def _sign(self, order: pb.WorkOrder, inp: WireTensor, out: WireTensor) -> pb.Receipt:
+        assert self.identity is not None
+        return to_proto(make_receipt(self.identity, self.node_id, order, self.layers_digest, inp, out))
 
     def rollback(self, req: pb.RollbackRequest) -> pb.RollbackResponse:
         """Forget positions >= req.position of a session (its later work was withdrawn)."""

@@ -20,15 +20,15 @@ from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import (
     PreconditionError,
     RemoteError,
-    abort_for,
     bind,
     check_address,
     local_address_towards,
     make_channel,
     make_server,
+    maps_errors,
     one_line,
 )
-from consortium.verification.misbehave import Misbehaviour
+from consortium.verification.misbehave import Misbehaviour, make_runner
 from consortium.worker.capacity import available_memory, measure_speed_gflops
 from consortium.worker.runner import StageRunner, set_threads
 
@@ -50,35 +50,25 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise PreconditionError(f"node {self.node.node_id} holds no layers yet (waiting for placement)")
         return r
 
+    @maps_errors
     def AssignLayers(self, request, context):
-        try:
-            return pb.AssignLayersResponse(node=self.node.assign(request))
-        except Exception as e:
-            abort_for(context, e)
+        return pb.AssignLayersResponse(node=self.node.assign(request))
 
+    @maps_errors
     def OpenSession(self, request, context):
-        try:
-            return self._runner().open(request)
-        except Exception as e:
-            abort_for(context, e)
+        return self._runner().open(request)
 
+    @maps_errors
     def CloseSession(self, request, context):
-        try:
-            return self._runner().close(request)
-        except Exception as e:
-            abort_for(context, e)
+        return self._runner().close(request)
 
+    @maps_errors
     def Execute(self, request, context):
-        try:
-            return self._runner().execute(request)
-        except Exception as e:
-            abort_for(context, e)
+        return self._runner().execute(request)
 
+    @maps_errors
     def Rollback(self, request, context):
-        try:
-            return self._runner().rollback(request)
-        except Exception as e:
-            abort_for(context, e)
+        return self._runner().rollback(request)
 
     def GetStatus(self, request, context):
         r = self.node.runner
@@ -167,10 +157,17 @@ class WorkerNode:
             if done % step == 0 or done == total:
                 log.info("loading layers %s: %d/%d (%.1f s)", layers, done, total, time.perf_counter() - t0)
 
-        self.runner = StageRunner(
-            self.gguf, layers, self.engine, cfg.kv_cache_bytes, cfg.session_idle_timeout_s,
-            identity=self.identity, misbehaviour=self.misbehaviour, node_id=self.node_id, progress=progress,
-        )  # fmt: skip
+        self.runner = make_runner(
+            self.gguf,
+            layers,
+            self.engine,
+            cfg.kv_cache_bytes,
+            cfg.session_idle_timeout_s,
+            identity=self.identity,
+            node_id=self.node_id,
+            progress=progress,
+            misbehaviour=self.misbehaviour,
+        )
         log.info(
             "loaded layers %s (%s, %s) in %.1f s",
             layers,

@@ -122,7 +122,7 @@ def one_round(
     after = [t for t in arrivals if kill is not None and t > kill]
     before = arrivals[:kill_after]
     gaps = [(b - a) * 1000 for a, b in zip(before[1:], before[2:], strict=False)]  # decode steps only
-    f = report.failovers[0] if report.failovers else {}
+    f = report.failovers[0].to_dict() if report.failovers else {}
     next_ms = (after[0] - kill) * 1000 if after else None
     return {
         "tokens": report.tokens,

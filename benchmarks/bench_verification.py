@@ -20,6 +20,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -75,9 +76,9 @@ def honest_runs(model: Path, tmp: Path, sessions: int, tokens: int) -> tuple[dic
                     reference[prompt] = r.tokens
                 totals["sessions"] += 1
                 totals["tokens"] += len(r.tokens)
-                totals["audits"] += r.audits["total"]
-                totals["passed"] += r.audits["passed"]
-                totals["failed"] += r.audits["failed"]
+                totals["audits"] += r.audits.total
+                totals["passed"] += r.audits.passed
+                totals["failed"] += r.audits.failed
                 totals["rollbacks"] += len(r.rollbacks)
                 print(f"honest session {i}: {len(r.tokens)} tokens, audits {r.audits}", flush=True)
     finally:
@@ -143,8 +144,8 @@ def cheat_runs(model: Path, tmp: Path, reference: dict[str, list[int]], tokens: 
                 "caught": bool(r.rollbacks),
                 "banned": r.banned_nodes,
                 "honest_tokens": r.tokens == reference[prompt],
-                "audits": r.audits,
-                "first_rollback": r.rollbacks[0] if r.rollbacks else None,
+                "audits": asdict(r.audits),
+                "first_rollback": asdict(r.rollbacks[0]) if r.rollbacks else None,
                 "wall_s": wall,
             }
             out[f"{kind}@{p}"] = res

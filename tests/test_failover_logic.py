@@ -19,7 +19,7 @@ from consortium.verification.ledger import Ledger
 
 
 def _loop(**kw) -> TokenLoop:
-    return TokenLoop(CoordinatorConfig(Path("m.gguf"), **kw), None, None, None, None, None, None)
+    return TokenLoop(CoordinatorConfig(Path("m.gguf"), **kw), None, None, None, None, None)
 
 
 def _session(rtts_ms: list[float], prefill_ms: float = 5000.0) -> Session:
@@ -91,7 +91,7 @@ def test_ledger_marks_cut_off_sessions_interrupted_and_resumes_them_with_fresh_s
     led.create_session("s2", [1, 2], {"max_tokens": 8}, [])
     led.set_session_status("s2", "finished")
     for pos, tok in ((2, 5), (3, 6), (4, 7)):
-        led.put_token("s1", pos, tok)
+        led.commit_step("s1", [], pos, tok)
     assert led.interrupt_running() == ["s1"]
     assert led.session("s1")["status"] == "interrupted" and led.session("s2")["status"] == "finished"
     assert led.interrupt_running() == []

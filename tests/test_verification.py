@@ -217,10 +217,9 @@ def test_ledger_records_and_verifies(tmp_path):
     for n in (a, b):
         led.upsert_node(n.node_id, n.public_key, "127.0.0.1:1", "cpu", "fp32")
     led.create_session("s1", [1, 2, 3], {"seed": 0}, [])
-    keys = {a.node_id: a.public_key, b.node_id: b.public_key}
     t = token_digest("s1", 0, [1, 2, 3])
-    led.add_receipts([_receipt(a, 0, t, b"h" * 32), _receipt(b, 1, b"h" * 32, b"o" * 32)], keys)
-    led.put_token("s1", 3, 42)
+    receipts = [(_receipt(a, 0, t, b"h" * 32), a.public_key), (_receipt(b, 1, b"h" * 32, b"o" * 32), b.public_key)]
+    led.commit_step("s1", receipts, 3, 42)  # one transaction: the step's receipts and its token
     s = led.verify_session("s1")
     assert (s.receipts, s.steps, s.tokens) == (2, 1, 1)
 
@@ -268,7 +267,7 @@ def test_ledger_bad_files(tmp_path):
     led.close()
     ro = Ledger(tmp_path / "ro.db", readonly=True)
     with pytest.raises(LedgerError, match="write failed"):
-        ro.put_token("s", 1, 5)
+        ro.commit_step("s", [], 1, 5)
     assert ro.session("s")["tokens"] == []  # nothing lost, nothing half-written
     with pytest.raises(LedgerError, match="unknown session"):
         ro.verify_session("nope")

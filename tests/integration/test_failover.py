@@ -87,11 +87,11 @@ def test_killed_worker_fails_over_to_the_coordinator(request, tiny_gguf, tmp_pat
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
     r = _run(client_for, cluster, GREEDY, {8: [("worker-1", signal.SIGKILL)]})
     assert r.tokens == single_node(GREEDY)
-    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
+    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [
         (1, "worker-1", "coordinator")
     ]
     f = r.failovers[0]
-    assert 8 <= f["token_index"] < TOKENS and f["latency_ms"] > 0
+    assert 8 <= f.token_index < TOKENS and f.latency_ms > 0
     assert r.rollbacks == [] and r.banned_nodes == []
     assert [s.node_id for s in r.stages] == ["worker-0", "coordinator", "coordinator"]
     assert json.loads(json.dumps(r.to_dict()))["failovers"][0]["failed_node"] == "worker-1"
@@ -112,7 +112,7 @@ def test_hung_worker_is_detected_and_fails_over(request, tiny_gguf, tmp_path, cl
     r = _run(client_for, cluster, SEEDED, {8: [("worker-1", signal.SIGSTOP)]})
     assert time.monotonic() - t0 < 30  # the adaptive deadline (2 s floor), not the 60 s step timeout
     assert r.tokens == single_node(SEEDED)
-    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
+    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [
         (1, "worker-1", "coordinator")
     ]
 
@@ -127,11 +127,11 @@ def test_two_stages_fail_in_one_session(request, tiny_gguf, tmp_path, client_for
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0)
     r = client_for(cluster).run(req, on_text=on_text)
     assert r.tokens == single_node(SEEDED)
-    assert sorted((f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers) == [
+    assert sorted((f.stage, f.failed_node, f.backup_node) for f in r.failovers) == [
         (0, "worker-0", "coordinator"),
         (1, "worker-1", "coordinator"),
     ]
-    assert all(5 <= f["token_index"] < TOKENS for f in r.failovers)
+    assert all(5 <= f.token_index < TOKENS for f in r.failovers)
     assert {s.node_id for s in r.stages} == {"coordinator"}
 
 
@@ -157,9 +157,9 @@ def test_failover_with_every_unit_audited(request, tiny_gguf, tmp_path, client_f
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
     r = client_for(cluster).run(req, on_text=on_text)
     assert r.tokens == single_node(SEEDED)
-    assert [(f["stage"], f["failed_node"]) for f in r.failovers] == [(1, "worker-1")]
+    assert [(f.stage, f.failed_node) for f in r.failovers] == [(1, "worker-1")]
     assert r.rollbacks == [] and r.banned_nodes == []
-    assert r.audits["failed"] == 0 and r.audits["pending"] == 0 and r.audits["passed"] > 0
+    assert r.audits.failed == 0 and r.audits.pending == 0 and r.audits.passed > 0
 
 
 def _standby_cluster(request, tiny_gguf, tmp_path, coordinator_args=()):
@@ -197,12 +197,12 @@ def test_standby_takes_over_and_the_restarted_worker_rejoins_as_spare(
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0)
     r = client.run(req, on_text=on_text, on_failover=live.append)
     assert r.tokens == single_node(SEEDED)
-    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
+    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [
         (1, "worker-1", "worker-2")
     ]
     assert [ev.backup_node for ev in live] == ["worker-2"]  # streamed while the session ran
     f = r.failovers[0]
-    assert f["load_ms"] > 0 and f["replayed_positions"] >= len(r.tokens) - TOKENS + 8
+    assert f.load_ms > 0 and f.replayed_positions >= len(r.tokens) - TOKENS + 8
     assert [s.node_id for s in r.stages] == ["worker-0", "worker-2", "coordinator"]
     assert "loading layers 1-2: 1/1" in (tmp_path / "logs" / "worker-2.log").read_text()
 
@@ -223,7 +223,7 @@ def test_a_hung_worker_that_comes_back_drops_its_stale_caches(
     client = client_for(cluster)
     r = _run(client_for, cluster, GREEDY, {8: [("worker-1", signal.SIGSTOP)]})
     assert r.tokens == single_node(GREEDY)
-    assert [(f["failed_node"], f["backup_node"]) for f in r.failovers] == [("worker-1", "worker-2")]
+    assert [(f.failed_node, f.backup_node) for f in r.failovers] == [("worker-1", "worker-2")]
     _proc(cluster, "worker-1").signal_group(signal.SIGCONT)
     log_file = tmp_path / "logs" / "worker-1.log"
     # gone either by the close the coordinator sent while it hung (served on SIGCONT) or by the
@@ -272,8 +272,8 @@ def test_hang_during_prefill_is_caught_by_missing_heartbeats(
     t0 = time.monotonic()
     r = client.run(SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0))
     assert r.tokens == single_node(SEEDED)
-    assert [(f["stage"], f["token_index"], f["failed_node"]) for f in r.failovers] == [(1, 0, "worker-1")]
-    assert "stopped heartbeating" in r.failovers[0]["error"]
+    assert [(f.stage, f.token_index, f.failed_node) for f in r.failovers] == [(1, 0, "worker-1")]
+    assert "stopped heartbeating" in r.failovers[0].error
     assert time.monotonic() - t0 < 60
 
 
@@ -360,7 +360,7 @@ def test_a_spare_audits_and_its_death_mid_audit_moves_the_audit(
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
     r = client_for(cluster).run(req, on_text=on_text)
     assert r.tokens == single_node(SEEDED)
-    assert r.audits["failed"] == 0 and r.audits["pending"] == 0 and r.banned_nodes == [] and r.rollbacks == []
+    assert r.audits.failed == 0 and r.audits.pending == 0 and r.banned_nodes == [] and r.rollbacks == []
     auditors = {(a["stage"], a["auditor"]) for a in _audits(ledger, r.session_id)}
     assert (1, "auditor") in auditors and (1, "coordinator") in auditors and (0, "coordinator") in auditors
     with _read_ledger(ledger) as led:
@@ -376,7 +376,7 @@ def test_a_lying_auditor_is_caught_and_the_honest_node_is_not_banned(
     req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=1.0, audit_seed=2)
     r = client_for(cluster).run(req)
     assert r.tokens == single_node(GREEDY)
-    assert r.rollbacks == [] and r.banned_nodes == [] and r.audits["pending"] == 0
+    assert r.rollbacks == [] and r.banned_nodes == [] and r.audits.pending == 0
     with _read_ledger(ledger) as led:
         assert led.is_banned("liar") and not led.is_banned("worker-1")
         assert [e["kind"] for e in led.evidence("liar")] == ["false audit"]
@@ -399,7 +399,7 @@ def test_an_auditor_colluding_with_a_cheat_is_caught_by_the_coordinators_recheck
     req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=1.0, audit_seed=4)
     r = client_for(cluster).run(req)
     assert r.tokens == single_node(GREEDY)  # the cheat's work was withdrawn and redone honestly
-    assert r.banned_nodes == ["worker-1"] and r.rollbacks[0]["node"] == "worker-1"
+    assert r.banned_nodes == ["worker-1"] and r.rollbacks[0].node == "worker-1"
     with _read_ledger(ledger) as led:
         assert led.is_banned("colluder") and led.is_banned("worker-1")
         assert [e["kind"] for e in led.evidence("colluder")] == ["false audit"]

@@ -122,17 +122,17 @@ def test_smollm_worker_killed_after_token_20(request, smollm_path, tmp_path, cli
     assert killed and _proc(cluster, "worker-1").proc.wait(10) == -signal.SIGKILL
     assert len(r.tokens) == SMOLLM_TOKENS and r.stop_reason == "max_tokens"
     assert r.tokens == list(smollm_single(SMOLLM_PROMPT, True, SMOLLM_TOKENS, GREEDY))
-    assert [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
+    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [
         (1, "worker-1", "coordinator")
     ]
     f = r.failovers[0]
-    assert SMOLLM_KILL_AFTER <= f["token_index"] < SMOLLM_TOKENS
+    assert SMOLLM_KILL_AFTER <= f.token_index < SMOLLM_TOKENS
     # the replay rebuilt every position the stage had committed before the failed step
-    assert f["replayed_positions"] == r.prompt_tokens + f["token_index"] - 1
+    assert f.replayed_positions == r.prompt_tokens + f.token_index - 1
     assert [s.node_id for s in r.stages] == ["worker-0", "coordinator", "coordinator"]
     events = _ledger_failovers(ledger, r.session_id)
     assert [(e["stage"], e["failed_node"], e["backup_node"], e["token_index"]) for e in events] == [
-        (1, "worker-1", "coordinator", f["token_index"])
+        (1, "worker-1", "coordinator", f.token_index)
     ]
 
 
@@ -149,11 +149,11 @@ def test_tiny_kill_at_a_random_token(request, tiny_gguf, tmp_path, client_for, t
     # The kill lands while the worker computes the step after token `after` (or just before
     # it); a kill after one of the last tokens may land after the last step: no failover then.
     expected = [(int(worker.removeprefix("worker-")), worker, "coordinator")]
-    got = [(f["stage"], f["failed_node"], f["backup_node"]) for f in r.failovers]
+    got = [(f.stage, f.failed_node, f.backup_node) for f in r.failovers]
     assert got == expected or (got == [] and after >= TINY_TOKENS - 2), r.failovers
     for f in r.failovers:
-        assert after <= f["token_index"] < TINY_TOKENS
-        assert f["replayed_positions"] == r.prompt_tokens + f["token_index"] - 1
+        assert after <= f.token_index < TINY_TOKENS
+        assert f.replayed_positions == r.prompt_tokens + f.token_index - 1
 
 
 @pytest.mark.model
@@ -185,9 +185,9 @@ def test_smollm_worker_killed_during_the_prefill(request, smollm_path, tmp_path,
     assert r.prompt_tokens > 300
     assert r.tokens == list(smollm_single(LONG_PROMPT, False, LONG_TOKENS, GREEDY))
     stage = int(worker.removeprefix("worker-"))
-    assert [(f["stage"], f["token_index"], f["failed_node"], f["backup_node"]) for f in r.failovers] == [
+    assert [(f.stage, f.token_index, f.failed_node, f.backup_node) for f in r.failovers] == [
         (stage, 0, worker, "coordinator")
     ]
-    assert r.failovers[0]["replayed_positions"] == 0
+    assert r.failovers[0].replayed_positions == 0
     assert [s.node_id for s in r.stages][stage] == "coordinator"
     assert len(_ledger_failovers(ledger, r.session_id)) == 1

@@ -49,7 +49,7 @@ def test_honest_cluster_passes_every_audit_and_receipts_verify(request, tiny_ggu
     reports = [_run(client_for, cluster, 1.0) for _ in range(3)]
     for r in reports:
         assert r.tokens == honest_tokens
-        assert r.audits["failed"] == 0 and r.audits["passed"] == r.audits["total"] > 0
+        assert r.audits.failed == 0 and r.audits.passed == r.audits.total > 0
         assert r.rollbacks == [] and r.banned_nodes == []
     done = consortium(
         "receipts", "verify", "--ledger", str(ledger), "--session", reports[0].session_id, "--json"
@@ -75,11 +75,11 @@ def test_cheat_is_caught_rolled_back_and_banned(request, tiny_gguf, tmp_path, cl
     r = _run(client_for, cluster, 1.0, seed=1)
     assert r.tokens == honest_tokens  # the final output is what an honest pipeline produces
     assert r.banned_nodes == ["worker-1"]
-    assert [(x["stage"], x["node"], x["new_node"]) for x in r.rollbacks] == [(1, "worker-1", "coordinator")]
+    assert [(x.stage, x.node, x.new_node) for x in r.rollbacks] == [(1, "worker-1", "coordinator")]
     if kind in ("bad-signature", "replay"):
-        assert "bad receipt" in r.rollbacks[0]["reason"]
+        assert "bad receipt" in r.rollbacks[0].reason
     else:  # caught by the first audited unit (probability 1: the prefill)
-        assert "failed audit" in r.rollbacks[0]["reason"] and r.audits["failed"] >= 1
+        assert "failed audit" in r.rollbacks[0].reason and r.audits.failed >= 1
     led = Ledger(ledger, create=False, readonly=True)
     assert led.is_banned("worker-1") and led.evidence("worker-1")
     if kind not in ("bad-signature", "replay"):
@@ -98,7 +98,7 @@ def test_cheat_at_low_audit_probability_still_ends_honest(request, tiny_gguf, tm
     r = _run(client_for, cluster, 0.2, seed=3)
     assert r.tokens == honest_tokens
     assert r.banned_nodes == ["worker-1"] and r.rollbacks
-    assert r.audits["pending"] == 0
+    assert r.audits.pending == 0
 
 
 def test_banned_or_unlisted_keys_are_refused(request, tiny_gguf, tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from consortium.core.config import LayerRange
@@ -14,6 +13,7 @@ from consortium.identity.keys import PUBLIC_KEY_BYTES
 from consortium.model.model import DTYPES
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import NotFoundError, PermissionDeniedError, PreconditionError, check_address
+from consortium.verification.ledger import Ledger
 
 MAX_NODE_ID = 64
 
@@ -84,12 +84,21 @@ class Node:
 
     def to_proto(self) -> pb.NodeInfo:
         info = pb.NodeInfo(
-            node_id=self.node_id, address=self.address, backend=self.backend, device=self.device,
-            dtype=self.dtype, packed=self.packed, memory_bytes=self.memory_bytes,
-            speed_gflops=self.speed_gflops, model_digest=self.model_digest,
-            layers_digest=self.layers_digest, version=self.version, threads=self.threads,
-            public_key=self.public_key, standby=self.standby,
-        )  # fmt: skip
+            node_id=self.node_id,
+            address=self.address,
+            backend=self.backend,
+            device=self.device,
+            dtype=self.dtype,
+            packed=self.packed,
+            memory_bytes=self.memory_bytes,
+            speed_gflops=self.speed_gflops,
+            model_digest=self.model_digest,
+            layers_digest=self.layers_digest,
+            version=self.version,
+            threads=self.threads,
+            public_key=self.public_key,
+            standby=self.standby,
+        )
         if self.layers is not None:
             info.layers.CopyFrom(pb.LayerRange(start=self.layers.start, end=self.layers.end))
         return info
@@ -109,14 +118,13 @@ class Registry:
         model_name: str,
         n_layers: int,
         node_timeout_s: float,
-        pinned_key: Callable[[str], bytes | None] = lambda node_id: None,
-        is_banned: Callable[[str], bool] = lambda node_id: False,
+        ledger: Ledger | None = None,
         allow_keys: frozenset[bytes] | None = None,
     ):
         self.model_digest, self.model_name, self.n_layers = model_digest, model_name, n_layers
-        self.node_timeout_s = node_timeout_s
-        # pinned_key/is_banned read the ledger: an id stays bound to its first key, bans persist
-        self.pinned_key, self.is_banned, self.allow_keys = pinned_key, is_banned, allow_keys
+        self.node_timeout_s, self.ledger, self.allow_keys = node_timeout_s, ledger, allow_keys
+        # the ledger pins an id to its first key, and bans persist across restarts
+        self._banned: set[str] = set(ledger.banned_nodes()) if ledger is not None else set()
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._seq = itertools.count()
@@ -127,7 +135,7 @@ class Registry:
         if not node.local:
             if self.allow_keys is not None and node.public_key not in self.allow_keys:
                 raise PermissionDeniedError(f"node {node.node_id}: its public key is not in the allowed keys")
-            pinned = self.pinned_key(node.node_id)
+            pinned = self.ledger.public_key(node.node_id) if self.ledger is not None else None
             if pinned is not None and pinned != node.public_key:
                 raise PermissionDeniedError(
                     f"node id {node.node_id!r} is bound to another public key ({pinned.hex()[:16]}…)"
@@ -144,6 +152,14 @@ class Registry:
             if old is not None and old.node.local:
                 raise PreconditionError(f"node id {node.node_id!r} is the coordinator's own")
             self._entries[node.node_id] = _Entry(node, next(self._seq))
+
+    def ban(self, node_id: str) -> None:
+        with self._lock:
+            self._banned.add(node_id)
+
+    def is_banned(self, node_id: str) -> bool:
+        with self._lock:
+            return node_id in self._banned
 
     def heartbeat(self, node_id: str) -> None:
         with self._lock:

@@ -23,10 +23,11 @@ class PlacementError(ConsortiumError):
 
 @dataclass(frozen=True)
 class Holder:
-    """A node holding a layer range."""
+    """A node holding a layer range (`backup`: the coordinator holds it after a failover or ban)."""
 
     node_id: str
     layers: LayerRange
+    backup: bool = False
 
     def __str__(self) -> str:
         return f"{self.node_id} {self.layers}"
@@ -165,3 +166,54 @@ def plan_flexible(gaps: list[LayerRange], nodes: list[Capacity]) -> list[Holder]
         g = max(gaps, key=lambda g: len(g) / (len(groups[g]) + 1))
         groups[g].append(c)
     return [h for g in gaps for h in split_range(g, groups[g])]
+
+
+# --- failover and audit choices ---------------------------------------------------------
+
+SPARE, STANDBY, COORDINATOR = "spare", "standby", "coordinator"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A live, admitted, non-banned worker as the backup and auditor choices see it."""
+
+    node_id: str
+    layers: LayerRange | None
+    backend: str = "cpu"
+    standby: bool = False
+    speed: float = 0.0
+    max_layers: int = 0  # layers its memory holds in its compute format
+
+
+@dataclass(frozen=True)
+class BackupChoice:
+    node_id: str
+    kind: str  # spare | standby | coordinator
+
+
+def backup_plan(
+    layers: LayerRange, candidates: list[Candidate], busy: set[str], coordinator: str | None
+) -> list[BackupChoice]:
+    """Who takes over `layers` from a failed or caught node, in the order to try: live workers
+    already holding exactly those layers and not in the session (spares, by id); then standbys,
+    which load the layers (those with the memory first, then the fastest, then by id); then the
+    coordinator itself (None: it does not back up). Deterministic, so that it can be logged."""
+    free = [c for c in candidates if c.node_id not in busy]
+    spares = sorted(c.node_id for c in free if c.layers == layers)
+    standbys = sorted(
+        (c for c in free if c.standby and c.layers is None),
+        key=lambda c: (c.max_layers < len(layers), -c.speed, c.node_id),
+    )
+    plan = [BackupChoice(n, SPARE) for n in spares] + [BackupChoice(c.node_id, STANDBY) for c in standbys]
+    return plan + ([BackupChoice(coordinator, COORDINATOR)] if coordinator is not None else [])
+
+
+def choose_auditor(
+    layers: LayerRange, audited_backend: str, candidates: list[Candidate], exclude: set[str]
+) -> str | None:
+    """A worker holding exactly `layers` and not one of `exclude` audits them: one on another
+    backend than the audited node first (DESIGN.md §4), then by id. None: the coordinator audits."""
+    able = [c for c in candidates if c.layers == layers and c.node_id not in exclude]
+    if not able:
+        return None
+    return min(able, key=lambda c: (c.backend == audited_backend, c.node_id)).node_id

@@ -11,28 +11,21 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from consortium.core.config import LayerRange, SessionRequest
+from consortium.core.config import SessionRequest
+from consortium.core.records import FailoverRecord, RollbackRecord, StageRef, StageStats
 from consortium.transport.rpc import NotFoundError
 from consortium.transport.tensors import WireTensor
+
+if TYPE_CHECKING:  # the coordinator's audit state; core does not import the coordinator
+    from consortium.coordinator.audits import SessionAudits
+
+__all__ = ["Session", "SessionNotFoundError", "StageHistory", "StageRef", "StageStats", "StepRecord"]
 
 
 class SessionNotFoundError(NotFoundError):
     """No session with this id on the coordinator."""
-
-
-@dataclass(frozen=True)
-class StageRef:
-    """One stage of a session's pipeline: which node runs which layers."""
-
-    index: int
-    node_id: str
-    address: str
-    layers: LayerRange
-    device: str
-    dtype: str
-    local: bool
 
 
 @dataclass(frozen=True)
@@ -79,17 +72,6 @@ class StageHistory:
         )
 
 
-@dataclass(frozen=True)
-class StageStats:
-    stage: StageRef
-    prefill_ms: float
-    mean_step_ms: float
-    mean_compute_ms: float
-    steps: int
-    bytes_sent: int
-    bytes_received: int
-
-
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
@@ -118,10 +100,10 @@ class Session:
     history: list[StageHistory] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     frozen_stats: list[StageStats] | None = None  # set when the history is dropped
-    audits: Any = None  # coordinator.verifier.SessionAudits
-    rollbacks: list = field(default_factory=list)  # RollbackEvent messages, in order
-    failovers: list = field(default_factory=list)  # FailoverEvent messages, in order
-    events: list = field(default_factory=list)  # GenerateEvents waiting to be streamed (failovers)
+    audits: SessionAudits | None = None  # set by the coordinator when the session starts
+    rollbacks: list[RollbackRecord] = field(default_factory=list)
+    failovers: list[FailoverRecord] = field(default_factory=list)
+    unsent_failovers: list[FailoverRecord] = field(default_factory=list)  # not yet streamed
     resumed: int = 0  # tokens generated before a coordinator restart (a resumed session)
     first_step: int = 0  # step number of the first step this coordinator runs
 

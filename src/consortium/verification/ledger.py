@@ -50,6 +50,33 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+TOKEN_SQL = "INSERT OR REPLACE INTO tokens (session_id, position, token) VALUES (?,?,?)"
+RECEIPT_SQL = (
+    "INSERT INTO receipts (session_id, step, start_position, n_positions, stage_index, layer_start, layer_end, "
+    "layers_digest, input_digest, output_digest, node_id, time_unix_ms, signature, public_key) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _receipt_row(r: Receipt, public_key: bytes) -> tuple:
+    return (
+        r.session_id,
+        r.step,
+        r.start_position,
+        r.n_positions,
+        r.stage_index,
+        r.layer_start,
+        r.layer_end,
+        r.layers_digest,
+        r.input_digest,
+        r.output_digest,
+        r.node_id,
+        r.time_unix_ms,
+        r.signature,
+        public_key,
+    )
+
+
 class LedgerError(ConsortiumError):
     """The ledger file is missing, unwritable or corrupt, or a stored record does not verify."""
 
@@ -57,8 +84,6 @@ class LedgerError(ConsortiumError):
 @dataclass(frozen=True)
 class NodeScore:
     node_id: str
-    work_completed: int
-    work_failed: int
     audits_passed: int
     audits_failed: int
     banned: bool
@@ -122,12 +147,16 @@ class Ledger:
 
     def upsert_node(self, node_id: str, public_key: bytes, address: str, backend: str, dtype: str) -> None:
         now = time.time()
-        self._write([(
-            "INSERT INTO nodes (node_id, public_key, address, backend, dtype, first_seen, last_seen) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET address=excluded.address, "
-            "backend=excluded.backend, dtype=excluded.dtype, last_seen=excluded.last_seen",
-            (node_id, public_key, address, backend, dtype, now, now),
-        )])  # fmt: skip
+        self._write(
+            [
+                (
+                    "INSERT INTO nodes (node_id, public_key, address, backend, dtype, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET address=excluded.address, "
+                    "backend=excluded.backend, dtype=excluded.dtype, last_seen=excluded.last_seen",
+                    (node_id, public_key, address, backend, dtype, now, now),
+                )
+            ]
+        )
 
     def public_key(self, node_id: str) -> bytes | None:
         rows = self._query("SELECT public_key FROM nodes WHERE node_id=?", (node_id,))
@@ -143,27 +172,32 @@ class Ledger:
     def banned_nodes(self) -> list[str]:
         return [r[0] for r in self._query("SELECT node_id FROM nodes WHERE banned=1 ORDER BY node_id")]
 
-    def count_work(self, node_id: str, ok: bool) -> None:
-        col = "work_completed" if ok else "work_failed"
-        self._write([(f"UPDATE nodes SET {col}={col}+1 WHERE node_id=?", (node_id,))])
-
     def score(self, node_id: str) -> NodeScore | None:
         rows = self._query(
-            "SELECT node_id, work_completed, work_failed, audits_passed, audits_failed, banned FROM nodes "
-            "WHERE node_id=?",
-            (node_id,),
+            "SELECT node_id, audits_passed, audits_failed, banned FROM nodes WHERE node_id=?", (node_id,)
         )
-        return NodeScore(*rows[0][:5], bool(rows[0][5])) if rows else None
+        return NodeScore(*rows[0][:3], bool(rows[0][3])) if rows else None
 
     # --- sessions and tokens ---------------------------------------------------------------
 
     def create_session(
         self, session_id: str, prompt_ids: list[int], params: dict, stages: list[dict]
     ) -> None:
-        self._write([(
-            "INSERT INTO sessions (session_id, created, status, prompt_ids, params, stages) VALUES (?,?,?,?,?,?)",
-            (session_id, time.time(), "running", json.dumps(prompt_ids), json.dumps(params), json.dumps(stages)),
-        )])  # fmt: skip
+        self._write(
+            [
+                (
+                    "INSERT INTO sessions (session_id, created, status, prompt_ids, params, stages) VALUES (?,?,?,?,?,?)",
+                    (
+                        session_id,
+                        time.time(),
+                        "running",
+                        json.dumps(prompt_ids),
+                        json.dumps(params),
+                        json.dumps(stages),
+                    ),
+                )
+            ]
+        )
 
     def set_session_status(self, session_id: str, status: str, error: str | None = None) -> None:
         self._write(
@@ -175,21 +209,30 @@ class Ledger:
         "interrupted" (resumable), with everything committed so far kept."""
         ids = self.sessions("running")
         if ids:
-            self._write([(
-                "UPDATE sessions SET status='interrupted', error='the coordinator stopped while it ran' "
-                "WHERE status='running'", (),
-            )])  # fmt: skip
+            self._write(
+                [
+                    (
+                        "UPDATE sessions SET status='interrupted', error='the coordinator stopped while it ran' "
+                        "WHERE status='running'",
+                        (),
+                    )
+                ]
+            )
         return ids
 
     def resume_session(self, session_id: str, stages: list[dict]) -> int:
         """Marks an interrupted session running again; returns the first free step number (the
         resumed steps' receipts must not collide with the stored ones)."""
-        rows = self._query(
-            "SELECT coalesce(max(step), -1) FROM receipts WHERE session_id=?", (session_id,)
-        )  # fmt: skip
+        rows = self._query("SELECT coalesce(max(step), -1) FROM receipts WHERE session_id=?", (session_id,))
         n_tokens = len(self.tokens(session_id))
-        self._write([("UPDATE sessions SET status='running', error=NULL, stages=? WHERE session_id=?",
-                      (json.dumps(stages), session_id))])  # fmt: skip
+        self._write(
+            [
+                (
+                    "UPDATE sessions SET status='running', error=NULL, stages=? WHERE session_id=?",
+                    (json.dumps(stages), session_id),
+                )
+            ]
+        )
         return max(rows[0][0] + 1, n_tokens + 1)
 
     def session(self, session_id: str) -> dict | None:
@@ -201,10 +244,15 @@ class Ledger:
             return None
         sid, created, status, prompt, params, stages, error = rows[0]
         return {
-            "session_id": sid, "created": created, "status": status, "prompt_ids": json.loads(prompt),
-            "params": json.loads(params), "stages": json.loads(stages), "error": error,
+            "session_id": sid,
+            "created": created,
+            "status": status,
+            "prompt_ids": json.loads(prompt),
+            "params": json.loads(params),
+            "stages": json.loads(stages),
+            "error": error,
             "tokens": self.tokens(sid),
-        }  # fmt: skip
+        }
 
     def sessions(self, status: str | None = None) -> list[str]:
         if status is None:
@@ -214,18 +262,17 @@ class Ledger:
             for r in self._query("SELECT session_id FROM sessions WHERE status=? ORDER BY created", (status,))
         ]
 
-    def put_token(self, session_id: str, position: int, token: int) -> None:
-        self._write([
-            ("INSERT OR REPLACE INTO tokens (session_id, position, token) VALUES (?,?,?)", (session_id, position, token))
-        ])  # fmt: skip
-
     def rollback_tokens(self, session_id: str, from_position: int) -> None:
         """Forget tokens at positions >= from_position and mark their receipts superseded."""
-        self._write([
-            ("DELETE FROM tokens WHERE session_id=? AND position>=?", (session_id, from_position)),
-            ("UPDATE receipts SET superseded=1 WHERE session_id=? AND start_position+n_positions>?",
-             (session_id, from_position)),
-        ])  # fmt: skip
+        self._write(
+            [
+                ("DELETE FROM tokens WHERE session_id=? AND position>=?", (session_id, from_position)),
+                (
+                    "UPDATE receipts SET superseded=1 WHERE session_id=? AND start_position+n_positions>?",
+                    (session_id, from_position),
+                ),
+            ]
+        )
 
     def tokens(self, session_id: str) -> list[int]:
         return [
@@ -236,10 +283,14 @@ class Ledger:
         ]
 
     def event(self, session_id: str, kind: str, detail: dict) -> None:
-        self._write([
-            ("INSERT INTO events (session_id, kind, detail, time) VALUES (?,?,?,?)",
-             (session_id, kind, json.dumps(detail), time.time()))
-        ])  # fmt: skip
+        self._write(
+            [
+                (
+                    "INSERT INTO events (session_id, kind, detail, time) VALUES (?,?,?,?)",
+                    (session_id, kind, json.dumps(detail), time.time()),
+                )
+            ]
+        )
 
     def events(self, session_id: str, kind: str | None = None) -> list[dict]:
         rows = self._query("SELECT kind, detail FROM events WHERE session_id=? ORDER BY id", (session_id,))
@@ -247,18 +298,16 @@ class Ledger:
 
     # --- receipts, audits, evidence --------------------------------------------------------
 
-    def add_receipts(self, receipts: list[Receipt], public_keys: dict[str, bytes]) -> None:
-        stmts = []
-        for r in receipts:
-            stmts.append((
-                "INSERT INTO receipts (session_id, step, start_position, n_positions, stage_index, layer_start, "
-                "layer_end, layers_digest, input_digest, output_digest, node_id, time_unix_ms, signature, "
-                "public_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (r.session_id, r.step, r.start_position, r.n_positions, r.stage_index, r.layer_start, r.layer_end,
-                 r.layers_digest, r.input_digest, r.output_digest, r.node_id, r.time_unix_ms, r.signature,
-                 public_keys[r.node_id]),
-            ))  # fmt: skip
-        self._write(stmts)
+    def commit_step(
+        self, session_id: str, receipts: list[tuple[Receipt, bytes]], position: int, token: int | None
+    ) -> None:
+        """One step of a session in one transaction: the receipts of its remote stages (with the
+        keys that checked them) and its token at `position` (None: the step ended in EOS)."""
+        stmts = [(RECEIPT_SQL, _receipt_row(r, key)) for r, key in receipts]
+        if token is not None:
+            stmts.append((TOKEN_SQL, (session_id, position, token)))
+        if stmts:
+            self._write(stmts)
 
     def receipts(self, session_id: str, include_superseded: bool = False) -> list[tuple[Receipt, bytes]]:
         rows = self._query(
@@ -275,17 +324,42 @@ class Ledger:
             out.append((r, bytes(row[13])))
         return out
 
-    def add_audit(self, session_id: str, stage_index: int, position: int, audited: str, auditor: str,
-                  passed: bool, tolerance: str, worst_rel_l2: float, worst_max_rel: float,
-                  first_bad_position: int | None) -> None:  # fmt: skip
+    def add_audit(
+        self,
+        session_id: str,
+        stage_index: int,
+        position: int,
+        audited: str,
+        auditor: str,
+        passed: bool,
+        tolerance: str,
+        worst_rel_l2: float,
+        worst_max_rel: float,
+        first_bad_position: int | None,
+    ) -> None:
         col = "audits_passed" if passed else "audits_failed"
-        self._write([
-            ("INSERT INTO audits (session_id, stage_index, position, audited_node, auditor_node, passed, tolerance, "
-             "worst_rel_l2, worst_max_rel, first_bad_position, time) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-             (session_id, stage_index, position, audited, auditor, int(passed), tolerance, worst_rel_l2,
-              worst_max_rel, first_bad_position, time.time())),
-            (f"UPDATE nodes SET {col}={col}+1 WHERE node_id=?", (audited,)),
-        ])  # fmt: skip
+        self._write(
+            [
+                (
+                    "INSERT INTO audits (session_id, stage_index, position, audited_node, auditor_node, passed, tolerance, "
+                    "worst_rel_l2, worst_max_rel, first_bad_position, time) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        session_id,
+                        stage_index,
+                        position,
+                        audited,
+                        auditor,
+                        int(passed),
+                        tolerance,
+                        worst_rel_l2,
+                        worst_max_rel,
+                        first_bad_position,
+                        time.time(),
+                    ),
+                ),
+                (f"UPDATE nodes SET {col}={col}+1 WHERE node_id=?", (audited,)),
+            ]
+        )
 
     def audits(self, session_id: str) -> list[dict]:
         rows = self._query(
@@ -293,15 +367,28 @@ class Ledger:
             "worst_max_rel, first_bad_position FROM audits WHERE session_id=? ORDER BY id",
             (session_id,),
         )
-        keys = ("stage", "position", "node", "auditor", "passed", "tolerance", "worst_rel_l2", "worst_max_rel",
-                "first_bad_position")  # fmt: skip
+        keys = (
+            "stage",
+            "position",
+            "node",
+            "auditor",
+            "passed",
+            "tolerance",
+            "worst_rel_l2",
+            "worst_max_rel",
+            "first_bad_position",
+        )
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def add_evidence(self, node_id: str, session_id: str | None, kind: str, detail: dict) -> None:
-        self._write([
-            ("INSERT INTO evidence (node_id, session_id, kind, detail, time) VALUES (?,?,?,?,?)",
-             (node_id, session_id, kind, json.dumps(detail, default=str), time.time()))
-        ])  # fmt: skip
+        self._write(
+            [
+                (
+                    "INSERT INTO evidence (node_id, session_id, kind, detail, time) VALUES (?,?,?,?,?)",
+                    (node_id, session_id, kind, json.dumps(detail, default=str), time.time()),
+                )
+            ]
+        )
 
     def evidence(self, node_id: str | None = None) -> list[dict]:
         rows = self._query("SELECT node_id, session_id, kind, detail FROM evidence ORDER BY id")

@@ -359,7 +359,7 @@ class SessionSummary(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., audits: _Optional[_Union[AuditSummary, _Mapping]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ..., banned_nodes: _Optional[_Iterable[str]] = ..., failovers: _Optional[_Iterable[_Union[FailoverEvent, _Mapping]]] = ...) -> None: ...
 
 class FailoverEvent(_message.Message):
-    __slots__ = ("stage", "token_index", "failed_node", "backup_node", "latency_ms", "replay_ms", "replayed_positions", "load_ms", "error")
+    __slots__ = ("stage", "token_index", "failed_node", "backup_node", "latency_ms", "replay_ms", "replayed_positions", "load_ms", "error", "position", "replay_check")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
     FAILED_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +369,8 @@ class FailoverEvent(_message.Message):
     REPLAYED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_CHECK_FIELD_NUMBER: _ClassVar[int]
     stage: int
     token_index: int
     failed_node: str
@@ -378,7 +380,21 @@ class FailoverEvent(_message.Message):
     replayed_positions: int
     load_ms: float
     error: str
-    def __init__(self, stage: _Optional[int] = ..., token_index: _Optional[int] = ..., failed_node: _Optional[str] = ..., backup_node: _Optional[str] = ..., latency_ms: _Optional[float] = ..., replay_ms: _Optional[float] = ..., replayed_positions: _Optional[int] = ..., load_ms: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    position: int
+    replay_check: ReplayCheck
+    def __init__(self, stage: _Optional[int] = ..., token_index: _Optional[int] = ..., failed_node: _Optional[str] = ..., backup_node: _Optional[str] = ..., latency_ms: _Optional[float] = ..., replay_ms: _Optional[float] = ..., replayed_positions: _Optional[int] = ..., load_ms: _Optional[float] = ..., error: _Optional[str] = ..., position: _Optional[int] = ..., replay_check: _Optional[_Union[ReplayCheck, _Mapping]] = ...) -> None: ...
+
+class ReplayCheck(_message.Message):
+    __slots__ = ("passed", "worst_rel_l2", "tolerance", "first_bad_position")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    WORST_REL_L2_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BAD_POSITION_FIELD_NUMBER: _ClassVar[int]
+    passed: bool
+    worst_rel_l2: float
+    tolerance: str
+    first_bad_position: int
+    def __init__(self, passed: _Optional[bool] = ..., worst_rel_l2: _Optional[float] = ..., tolerance: _Optional[str] = ..., first_bad_position: _Optional[int] = ...) -> None: ...
 
 class RollbackEvent(_message.Message):
     __slots__ = ("stage", "position", "node_id", "reason", "kept_tokens", "new_node_id")

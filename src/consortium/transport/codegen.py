@@ -33,8 +33,15 @@ def generate(out_dir: Path, proto: Path = PROTO_FILE) -> list[Path]:
         src = Path(tmp) / _REL
         src.mkdir(parents=True)
         shutil.copyfile(proto, src / "consortium.proto")
-        args = ["grpc_tools.protoc", f"-I{tmp}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", str(_REL / "consortium.proto")]  # fmt: skip
+        args = [
+            "grpc_tools.protoc",
+            f"-I{tmp}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            str(_REL / "consortium.proto"),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {proto}")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -77,8 +77,13 @@ class LocalAuditor:
 
     node_id = "coordinator"
 
-    def __init__(self, gguf: GGUFModel, device: str = "cpu", dtype: str = "fp32",
-                 on_load: Callable[[str], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        gguf: GGUFModel,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        on_load: Callable[[str], None] | None = None,
+    ):
         self.gguf, self.device, self.dtype, self.on_load = gguf, device, dtype, on_load
         self._stages: dict[tuple[int, int], Stage] = {}
         self._lock = threading.Lock()

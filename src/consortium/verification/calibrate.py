@@ -108,69 +108,14 @@ def calibrate(
     bounds = [round(i * n / n_stages) for i in range(n_stages + 1)]
     ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
     ids = [torch.tensor(tok.encode_prompt(p, chat=True)) for p in prompts]
-
-    # Reference pipeline: CPU fp32 prefill; remember each stage's input and output.
-    ref_stages = [Stage(gguf, StageSpec(a, b)) for a, b in ranges]
-    ref_io: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    for x in ids:
-        io = []
-        for st in ref_stages:
-            out = _run(st, x, decode=False)
-            io.append((x, out))
-            x = out
-        ref_io.append(io)
-
-    configs = [Config("cpu_fp32_decode", "cpu", "fp32", decode=True)]
-    for dev in devices:
-        for dt in dtypes:
-            if dev == "cpu" and dt == "fp32":
-                continue
-            configs.append(Config(f"{dev.split(':')[0]}_{dt}_prefill", dev, dt))
-            configs.append(Config(f"{dev.split(':')[0]}_{dt}_decode", dev, dt, decode=True))
-        if dev == "cpu" and "bf16" in dtypes and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            configs.append(Config("cpu_bf16_packed_decode", "cpu", "bf16", packed=True, decode=True))
-
-    measurements: dict[str, dict] = {}
-
-    def measure(
-        name: str, make_stage: Callable[[int, int], Stage], dtype: str, decode: bool, cheat=None
-    ) -> None:
-        units, hashes = [], []
-        for si, (a, b) in enumerate(ranges):
-            st = make_stage(a, b)
-            ref_st = ref_stages[si]
-            for io in ref_io:
-                x, ref_out = io[si]
-                if x.is_floating_point():  # the committed input, in the sender's dtype
-                    x = x.to(st.spec.torch_dtype)
-                    ref_out = _run(ref_st, x.float(), decode=False)
-                out = _run(st, x.to(st.spec.device), decode)
-                if cheat is not None:
-                    out = cheat.corrupt_output(out, step=si)
-                cmp = compare_rows(out, ref_out)
-                units.append((cmp.rel_l2, cmp.max_rel))
-                hashes += [
-                    float(h1 == h2)
-                    for h1, h2 in zip(seed_style_hash(out), seed_style_hash(ref_out), strict=True)
-                ]
-        measurements[name] = {"dtype": dtype, "decode": decode, **_stats(units, hashes)}
-        m = measurements[name]
-        log(f"{name:28s} rel_l2 max {m['rel_l2_max']:.2e}  max_rel max {m['max_rel_max']:.2e}  "
-            f"seed-hash match {m['seed_hash_row_match']:.1%}")  # fmt: skip
-
-    for c in configs:
+    bench = _Bench(ranges, [Stage(gguf, StageSpec(a, b)) for a, b in ranges], ids, log)
+    for c in _configs(devices, dtypes):
         spec = dict(device=c.device, dtype=c.dtype, packed=c.packed)
-        measure(c.name, lambda a, b, s=spec: Stage(gguf, StageSpec(a, b, **s)), c.dtype, c.decode)
+        bench.measure(c.name, lambda a, b, s=spec: Stage(gguf, StageSpec(a, b, **s)), c.dtype, c.decode)
     for text in CHEATS:
         cheat = Misbehaviour.parse(text, enabled=True)
-        measure(
-            "cheat_" + text.replace("=", "_"),
-            lambda a, b, ch=cheat: ch.corrupt_stage(Stage(gguf, StageSpec(a, b))),
-            "fp32",
-            False,
-            cheat,
-        )
-
+        make = lambda a, b, ch=cheat: ch.corrupt_stage(Stage(gguf, StageSpec(a, b)))  # noqa: E731
+        bench.measure("cheat_" + text.replace("=", "_"), make, "fp32", False, cheat)
     imported = _import_h200(h200) if h200 else {}
     report = {
         "model": gguf.path.name,
@@ -180,11 +125,71 @@ def calibrate(
         "stages": ranges,
         "prompts": len(prompts),
         "rows_per_config": sum(int(x.shape[0]) for x in ids) * len(ranges),
-        "measurements": measurements,
+        "measurements": bench.measurements,
         "imported": imported,
     }
-    report["proposed"] = propose(measurements, imported)
+    report["proposed"] = propose(bench.measurements, imported)
     return report
+
+
+def _configs(devices: list[str], dtypes: list[str]) -> list[Config]:
+    configs = [Config("cpu_fp32_decode", "cpu", "fp32", decode=True)]
+    for dev in devices:
+        for dt in dtypes:
+            if dev == "cpu" and dt == "fp32":
+                continue
+            configs.append(Config(f"{dev.split(':')[0]}_{dt}_prefill", dev, dt))
+            configs.append(Config(f"{dev.split(':')[0]}_{dt}_decode", dev, dt, decode=True))
+        if dev == "cpu" and "bf16" in dtypes and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            configs.append(Config("cpu_bf16_packed_decode", "cpu", "bf16", packed=True, decode=True))
+    return configs
+
+
+class _Bench:
+    """The reference pipeline (CPU fp32 prefill, each stage's input and output remembered) and
+    the measurements of other configurations and cheats against it."""
+
+    def __init__(
+        self,
+        ranges: list[tuple[int, int]],
+        ref_stages: list[Stage],
+        ids: list[torch.Tensor],
+        log: Callable[[str], None],
+    ):
+        self.ranges, self.ref_stages, self.log = ranges, ref_stages, log
+        self.measurements: dict[str, dict] = {}
+        self.ref_io: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for x in ids:
+            io = []
+            for st in ref_stages:
+                out = _run(st, x, decode=False)
+                io.append((x, out))
+                x = out
+            self.ref_io.append(io)
+
+    def measure(
+        self, name: str, make_stage: Callable[[int, int], Stage], dtype: str, decode: bool, cheat=None
+    ) -> None:
+        units, hashes = [], []
+        for si, (a, b) in enumerate(self.ranges):
+            st = make_stage(a, b)
+            for io in self.ref_io:
+                x, ref_out = io[si]
+                if x.is_floating_point():  # the committed input, in the sender's dtype
+                    x = x.to(st.spec.torch_dtype)
+                    ref_out = _run(self.ref_stages[si], x.float(), decode=False)
+                out = _run(st, x.to(st.spec.device), decode)
+                if cheat is not None:
+                    out = cheat.corrupt_output(out, step=si)
+                cmp = compare_rows(out, ref_out)
+                units.append((cmp.rel_l2, cmp.max_rel))
+                pairs = zip(seed_style_hash(out), seed_style_hash(ref_out), strict=True)
+                hashes += [float(h1 == h2) for h1, h2 in pairs]
+        m = self.measurements[name] = {"dtype": dtype, "decode": decode, **_stats(units, hashes)}
+        self.log(
+            f"{name:28s} rel_l2 max {m['rel_l2_max']:.2e}  max_rel max {m['max_rel_max']:.2e}  "
+            f"seed-hash match {m['seed_hash_row_match']:.1%}"
+        )
 
 
 def _import_h200(path: str | Path) -> dict:

@@ -33,13 +33,18 @@ class CommitHeader:
     def encode(self) -> bytes:
         sid = self.session_id.encode()
         dt = self.dtype.encode()
-        return b"".join([
-            DOMAIN,
-            struct.pack(">I", len(sid)), sid,
-            struct.pack(">iqq", self.stage_index, self.start_position, self.n_positions),
-            struct.pack(">I", len(dt)), dt,
-            struct.pack(">I", len(self.shape)), *(struct.pack(">q", s) for s in self.shape),
-        ])  # fmt: skip
+        return b"".join(
+            [
+                DOMAIN,
+                struct.pack(">I", len(sid)),
+                sid,
+                struct.pack(">iqq", self.stage_index, self.start_position, self.n_positions),
+                struct.pack(">I", len(dt)),
+                dt,
+                struct.pack(">I", len(self.shape)),
+                *(struct.pack(">q", s) for s in self.shape),
+            ]
+        )
 
 
 def digest(header: CommitHeader, data: bytes) -> bytes:

@@ -41,13 +41,26 @@ class Receipt:
         def s(b: bytes) -> bytes:
             return struct.pack(">I", len(b)) + b
 
-        return b"".join([
-            DOMAIN, s(self.session_id.encode()),
-            struct.pack(">qqqiii", self.step, self.start_position, self.n_positions,
-                        self.stage_index, self.layer_start, self.layer_end),
-            s(self.layers_digest.encode()), s(self.input_digest), s(self.output_digest),
-            s(self.node_id.encode()), struct.pack(">q", self.time_unix_ms),
-        ])  # fmt: skip
+        return b"".join(
+            [
+                DOMAIN,
+                s(self.session_id.encode()),
+                struct.pack(
+                    ">qqqiii",
+                    self.step,
+                    self.start_position,
+                    self.n_positions,
+                    self.stage_index,
+                    self.layer_start,
+                    self.layer_end,
+                ),
+                s(self.layers_digest.encode()),
+                s(self.input_digest),
+                s(self.output_digest),
+                s(self.node_id.encode()),
+                struct.pack(">q", self.time_unix_ms),
+            ]
+        )
 
     def signed(self, identity: NodeIdentity) -> Receipt:
         return replace(self, signature=identity.sign(self.signing_bytes()))
@@ -117,19 +130,37 @@ def make_receipt(
 
 def to_proto(r: Receipt) -> pb.Receipt:
     return pb.Receipt(
-        session_id=r.session_id, step=r.step, start_position=r.start_position, n_positions=r.n_positions,
-        stage_index=r.stage_index, layers=pb.LayerRange(start=r.layer_start, end=r.layer_end),
-        layers_digest=r.layers_digest, input_digest=r.input_digest, output_digest=r.output_digest,
-        node_id=r.node_id, time_unix_ms=r.time_unix_ms, signature=r.signature,
-    )  # fmt: skip
+        session_id=r.session_id,
+        step=r.step,
+        start_position=r.start_position,
+        n_positions=r.n_positions,
+        stage_index=r.stage_index,
+        layers=pb.LayerRange(start=r.layer_start, end=r.layer_end),
+        layers_digest=r.layers_digest,
+        input_digest=r.input_digest,
+        output_digest=r.output_digest,
+        node_id=r.node_id,
+        time_unix_ms=r.time_unix_ms,
+        signature=r.signature,
+    )
 
 
 def from_proto(m: pb.Receipt) -> Receipt:
     return Receipt(
-        m.session_id, m.step, m.start_position, m.n_positions, m.stage_index, m.layers.start, m.layers.end,
-        m.layers_digest, bytes(m.input_digest), bytes(m.output_digest), m.node_id, m.time_unix_ms,
+        m.session_id,
+        m.step,
+        m.start_position,
+        m.n_positions,
+        m.stage_index,
+        m.layers.start,
+        m.layers.end,
+        m.layers_digest,
+        bytes(m.input_digest),
+        bytes(m.output_digest),
+        m.node_id,
+        m.time_unix_ms,
         bytes(m.signature),
-    )  # fmt: skip
+    )
 
 
 def check_work_receipt(
@@ -148,8 +179,14 @@ def check_work_receipt(
         raise ReceiptError(f"no receipt for step {order.step} of stage {order.stage_index}")
     r = from_proto(msg)
     r.check_signature(public_key)
-    want = (order.session_id, order.step, order.start_position, order.stage_index, order.layers.start,
-            order.layers.end)  # fmt: skip
+    want = (
+        order.session_id,
+        order.step,
+        order.start_position,
+        order.stage_index,
+        order.layers.start,
+        order.layers.end,
+    )
     got = (r.session_id, r.step, r.start_position, r.stage_index, r.layer_start, r.layer_end)
     if got != want:
         raise ReceiptError(f"receipt describes {got}, not the work order {want} (replayed or forged)")

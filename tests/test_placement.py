@@ -6,10 +6,16 @@ import pytest
 
 from consortium.core.config import LayerRange
 from consortium.core.placement import (
+    COORDINATOR,
+    SPARE,
+    STANDBY,
+    Candidate,
     Capacity,
     Holder,
     PlacementError,
+    backup_plan,
     check_tiling,
+    choose_auditor,
     plan_flexible,
     split_range,
     uncovered,
@@ -87,3 +93,42 @@ def test_plan_flexible_fills_several_gaps():
     check_tiling(plan + [Holder("coord", L(10, 20))], 30)
     with pytest.raises(PlacementError, match="only 1 worker"):
         plan_flexible([L(0, 10), L(20, 30)], caps[:1])
+
+
+def test_backup_plan_tries_spares_then_standbys_then_the_coordinator():
+    r = LayerRange(10, 20)
+    nodes = [
+        Candidate("w9", r),  # a spare
+        Candidate("w2", r),  # a spare, but it serves the session
+        Candidate("w1", r),  # a spare
+        Candidate("slow", None, standby=True, speed=1.0, max_layers=30),
+        Candidate("fast", None, standby=True, speed=9.0, max_layers=30),
+        Candidate("small", None, standby=True, speed=99.0, max_layers=5),  # fastest, but 10 layers don't fit
+        Candidate("busy", None),  # no range, not a standby: placement's, not a backup
+        Candidate("other", LayerRange(0, 10)),
+    ]
+    plan = backup_plan(r, nodes, busy={"w2", "dead"}, coordinator="coordinator")
+    assert [(c.node_id, c.kind) for c in plan] == [
+        ("w1", SPARE),
+        ("w9", SPARE),
+        ("fast", STANDBY),
+        ("slow", STANDBY),
+        ("small", STANDBY),
+        ("coordinator", COORDINATOR),
+    ]
+    assert backup_plan(r, [], busy=set(), coordinator=None) == []  # --no-backup and nobody else
+
+
+def test_auditor_is_another_backend_first_then_by_id_and_never_an_excluded_node():
+    r = LayerRange(0, 10)
+    nodes = [
+        Candidate("b", r, "cpu"),
+        Candidate("a", r, "cpu"),
+        Candidate("z", r, "cuda"),
+        Candidate("x", None),
+    ]
+    assert choose_auditor(r, "cpu", nodes, exclude=set()) == "z"
+    assert choose_auditor(r, "cuda", nodes, exclude=set()) == "a"
+    assert choose_auditor(r, "cpu", nodes, exclude={"z", "a"}) == "b"
+    assert choose_auditor(r, "cpu", nodes, exclude={"z", "a", "b"}) is None
+    assert choose_auditor(LayerRange(0, 5), "cpu", nodes, exclude=set()) is None

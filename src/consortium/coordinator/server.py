@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 
 import consortium
-from consortium.coordinator.cluster import NodeCluster
+from consortium.coordinator.cluster import NodeCluster, stage_ref
 from consortium.coordinator.loop import TokenLoop
 from consortium.coordinator.pump import pumped
 from consortium.coordinator.registry import Node, Registry
@@ -214,7 +214,7 @@ class Coordinator:
         try:
             order = check_tiling(holders, self.args.n_layers)
             nodes = {n.node_id: n for n in serving}
-            st.route.extend(stage_info(i, nodes[h.node_id]) for i, h in enumerate(order))
+            st.route.extend(stage_ref(i, nodes[h.node_id]).to_proto() for i, h in enumerate(order))
         except PlacementError as e:
             st.placement_error = str(e)
             st.flexible_pending = bool(self.cluster.flexible()) and not overlaps(holders)
@@ -351,18 +351,6 @@ class Coordinator:
         finally:
             events.close()
             self.sessions.trim()
-
-
-def stage_info(index: int, n: Node) -> pb.StageInfo:
-    return pb.StageInfo(
-        index=index,
-        node_id=n.node_id,
-        address=n.address,
-        layers=pb.LayerRange(start=n.layers.start, end=n.layers.end),
-        device=n.device,
-        dtype=n.dtype,
-        local=n.local,
-    )
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):

@@ -10,6 +10,11 @@ from consortium.core.config import LayerRange
 from consortium.transport.proto import consortium_pb2 as pb
 
 
+def _to_proto(message, record, **override):
+    """A proto message from a record whose field names it shares (`override`: those it doesn't)."""
+    return message(**{**{f.name: getattr(record, f.name) for f in fields(record)}, **override})
+
+
 def _from_dict(cls, d: dict):
     """A record from a stored dict; keys the record does not know are ignored, missing ones
     take the field's default (a ledger written by an older version)."""
@@ -55,21 +60,8 @@ class FailoverRecord:
     replay_check: ReplayCheck | None = None
 
     def to_proto(self) -> pb.FailoverEvent:
-        m = pb.FailoverEvent(
-            stage=self.stage,
-            token_index=self.token_index,
-            failed_node=self.failed_node,
-            backup_node=self.backup_node,
-            latency_ms=self.latency_ms,
-            replay_ms=self.replay_ms,
-            replayed_positions=self.replayed_positions,
-            load_ms=self.load_ms,
-            error=self.error,
-            position=self.position,
-        )
-        if self.replay_check is not None:
-            m.replay_check.CopyFrom(self.replay_check.to_proto())
-        return m
+        check = self.replay_check.to_proto() if self.replay_check is not None else None
+        return _to_proto(pb.FailoverEvent, self, replay_check=check)
 
     @classmethod
     def from_proto(cls, m: pb.FailoverEvent) -> FailoverRecord:
@@ -109,14 +101,9 @@ class RollbackRecord:
     new_node: str  # who runs the stage now
 
     def to_proto(self) -> pb.RollbackEvent:
-        return pb.RollbackEvent(
-            stage=self.stage,
-            position=self.position,
-            node_id=self.node,
-            reason=self.reason,
-            kept_tokens=self.kept_tokens,
-            new_node_id=self.new_node,
-        )
+        m = pb.RollbackEvent(stage=self.stage, position=self.position, reason=self.reason)
+        m.node_id, m.kept_tokens, m.new_node_id = self.node, self.kept_tokens, self.new_node
+        return m
 
     @classmethod
     def from_proto(cls, m: pb.RollbackEvent) -> RollbackRecord:
@@ -138,7 +125,7 @@ class AuditCounts:
     pending: int = 0  # still running when the session ended (--no-wait-audits)
 
     def to_proto(self) -> pb.AuditSummary:
-        return pb.AuditSummary(total=self.total, passed=self.passed, failed=self.failed, pending=self.pending)
+        return _to_proto(pb.AuditSummary, self)
 
     @classmethod
     def from_proto(cls, m: pb.AuditSummary) -> AuditCounts:
@@ -158,14 +145,8 @@ class StageRef:
     local: bool
 
     def to_proto(self) -> pb.StageInfo:
-        return pb.StageInfo(
-            index=self.index,
-            node_id=self.node_id,
-            address=self.address,
-            layers=pb.LayerRange(start=self.layers.start, end=self.layers.end),
-            device=self.device,
-            dtype=self.dtype,
-            local=self.local,
+        return _to_proto(
+            pb.StageInfo, self, layers=pb.LayerRange(start=self.layers.start, end=self.layers.end)
         )
 
 
@@ -180,15 +161,7 @@ class StageStats:
     bytes_received: int
 
     def to_proto(self) -> pb.StageStats:
-        return pb.StageStats(
-            stage=self.stage.to_proto(),
-            prefill_ms=self.prefill_ms,
-            mean_step_ms=self.mean_step_ms,
-            mean_compute_ms=self.mean_compute_ms,
-            steps=self.steps,
-            bytes_sent=self.bytes_sent,
-            bytes_received=self.bytes_received,
-        )
+        return _to_proto(pb.StageStats, self, stage=self.stage.to_proto())
 
 
 @dataclass(frozen=True)

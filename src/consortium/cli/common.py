@@ -1,10 +1,19 @@
-"""Shared pieces of the CLI: the error-reporting group and common option sets."""
+"""Shared pieces of the CLI: the error-reporting group, options whose defaults come from the
+config dataclasses (each default is written once, in core/config.py), and common option sets."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import MISSING, fields
+from typing import Any
+
 import click
 
+from consortium.core.config import ClientConfig, CoordinatorConfig, EngineConfig, SessionRequest
 from consortium.errors import ConsortiumError
+from consortium.model.sampling import SamplingParams
+
+MB = 2**20
 
 
 class Group(click.Group):
@@ -21,28 +30,114 @@ class Group(click.Group):
             ctx.exit(130)
 
 
-def model_option(f):
-    return click.option(
-        "--model", "model", default=None, metavar="GGUF",
-        help="GGUF model path (default: the pulled SmolLM2-135M-Instruct Q4_1).",
-    )(f)  # fmt: skip
+def default(cls: type, name: str) -> Any:
+    """The default of dataclass field `name` of `cls`."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default is MISSING else f.default
 
 
-def engine_options(f):
-    f = click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda[:N] or mps.")(f)
-    f = click.option(
-        "--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True
-    )(f)
-    f = click.option(
-        "--packed/--no-packed", default=False, show_default=True,
+def config_option(cls: type, name: str, *decls: str, scale: int = 1, positive: bool = False, **kw):
+    """A click option for field `name` of `cls` (like vLLM's get_kwargs): the default and its
+    type come from the dataclass, shown in the flag's unit (`scale`: bytes per unit, e.g. MB);
+    the command receives the value in the field's unit under the field's name."""
+    value = default(cls, name)
+    if value is not None and scale != 1:
+        value //= scale
+    if value is not None and not isinstance(value, bool):
+        kw.setdefault("type", type(value))
+        kw.setdefault("show_default", True)
+
+    def convert(ctx, param, v):
+        if positive and v is not None and v <= 0:
+            raise click.BadParameter(f"must be positive, got {v}")
+        return v * scale if v is not None else v
+
+    return click.option(*decls, name, default=value, callback=convert, **kw)
+
+
+def fill(cls: type, options: dict[str, Any], **extra: Any) -> Any:
+    """`cls` built from `extra` and the options named after its fields (taken out of `options`);
+    an option left at None keeps the field's default."""
+    names = {f.name for f in fields(cls)} - set(extra)
+    picked = {k: options.pop(k) for k in list(options) if k in names}
+    return cls(**{k: v for k, v in picked.items() if v is not None}, **extra)
+
+
+def options(*decorators):
+    """One decorator applying click options in the order listed (the order of --help)."""
+
+    def apply(f):
+        for decorate in reversed(decorators):
+            f = decorate(f)
+        return f
+
+    return apply
+
+
+model_option = click.option(
+    "--model",
+    default=None,
+    metavar="GGUF",
+    help="GGUF model path (default: the pulled SmolLM2-135M-Instruct Q4_1).",
+)
+engine_options = options(  # fill(EngineConfig, options)
+    config_option(
+        EngineConfig,
+        "packed",
+        "--packed/--no-packed",
+        show_default=True,
         help="Keep 4-bit weights packed and use the CPU int4 kernel (needs --dtype bf16).",
-    )(f)  # fmt: skip
-    return f
+    ),
+    config_option(EngineConfig, "dtype", "--dtype", type=click.Choice(["fp32", "fp16", "bf16"])),
+    config_option(EngineConfig, "device", "--device", help="auto, cpu, cuda[:N] or mps."),
+)
+sampling_options = options(  # fill(SamplingParams, options)
+    config_option(SamplingParams, "top_p", "--top-p", help="1 = off."),
+    config_option(SamplingParams, "top_k", "--top-k", help="0 = off."),
+    config_option(SamplingParams, "temperature", "--temperature", help="0 = greedy."),
+    config_option(SamplingParams, "seed", "--seed"),
+)
+max_tokens_option = config_option(SessionRequest, "max_tokens", "--max-tokens")
+no_chat_option = click.option(
+    "--no-chat", is_flag=True, help="Send the prompt as is, without the chat template."
+)
+audit_options = options(
+    config_option(
+        SessionRequest,
+        "audit_seed",
+        "--audit-seed",
+        type=int,
+        help="Choose audited units reproducibly (default: a CSPRNG).",
+    ),
+    config_option(
+        SessionRequest,
+        "audit_probability",
+        "--audit-probability",
+        type=float,
+        help=f"Share of work units audited (default {default(CoordinatorConfig, 'audit_probability'):g}).",
+    ),
+)
+wait_audits_option = click.option(
+    "--no-wait-audits", is_flag=True, help="Finish without waiting for pending audits."
+)
+coordinator_option = config_option(ClientConfig, "coordinator", "--coordinator", metavar="HOST:PORT")
+connect_timeout_option = config_option(ClientConfig, "connect_timeout_s", "--connect-timeout", positive=True)
 
 
-def sampling_options(f):
-    f = click.option("--seed", type=int, default=0, show_default=True)(f)
-    f = click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")(f)
-    f = click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")(f)
-    f = click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")(f)
-    return f
+def json_option(help: str):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def session_request(options: dict[str, Any]) -> SessionRequest:
+    """The checked SessionRequest of --prompt, --max-tokens, sampling_options, --no-chat and, where the
+    command has them, audit_options and --no-wait-audits (taken out of `options`)."""
+    sampling = fill(SamplingParams, options)
+    chat = not options.pop("no_chat")
+    extra = {"wait_audits": not options.pop("no_wait_audits")} if "no_wait_audits" in options else {}
+    return fill(SessionRequest, options, sampling=sampling, chat=chat, **extra).check()
+
+
+def print_delta(text: str) -> None:
+    """Streams generated text to stdout as it comes."""
+    sys.stdout.write(text)
+    sys.stdout.flush()

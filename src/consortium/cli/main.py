@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
-from consortium.cli.common import Group, engine_options, model_option, sampling_options
+from consortium.cli.common import (
+    Group,
+    engine_options,
+    json_option,
+    max_tokens_option,
+    model_option,
+    no_chat_option,
+    print_delta,
+    sampling_options,
+    session_request,
+)
+from consortium.cli.pipeline import COMMANDS as PIPELINE_COMMANDS
+from consortium.cli.session import COMMANDS as SESSION_COMMANDS
 from consortium.cli.verification import calibrate, identity, receipts
-from consortium.errors import ConsortiumError
 
 
 @click.group(cls=Group)
@@ -82,41 +92,53 @@ def model_info(path: str | None, as_json: bool) -> None:
     Console().print(table)
 
 
+@model.command("synth")
+@click.option(
+    "--shape", required=True, type=click.Choice(["llama3-8b", "llama3.2-1b", "smollm2-135m", "tiny"])
+)
+@click.option("--quant", required=True, type=click.Choice(["q4_k_m", "q4_0", "q8_0", "f16"]))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", type=int, default=None, help="Only the first N layers (a shorter model for tests).")
+def model_synth(shape: str, quant: str, out: str, seed: int, layers: int | None) -> None:
+    """Write a random-weights GGUF with the tensor layout, quant types and tokenizer of a real model."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from consortium.model.synth import synth
+
+    with Progress(
+        TextColumn("synth"), BarColumn(), DownloadColumn(), TimeElapsedColumn(), transient=True
+    ) as bar:
+        task = bar.add_task("synth", total=None)
+        path = synth(
+            shape, quant, out, seed, layers, lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    click.echo(str(path))
+
+
 # --- single-node generation -------------------------------------------------------------
 
 
 @cli.command()
 @model_option
 @click.option("--prompt", required=True)
-@click.option("--max-tokens", type=int, default=64, show_default=True)
+@max_tokens_option
 @sampling_options
 @engine_options
-@click.option("--no-chat", is_flag=True, help="Send the prompt as is, without the chat template.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(
-    model, prompt, max_tokens, seed, temperature, top_k, top_p, device, dtype, packed, no_chat, as_json
-):
+@no_chat_option
+@json_option("Print one JSON object instead of streaming text.")
+def generate(model, device, dtype, packed, as_json, **options):
     """Generate on this machine alone (the baseline distributed runs must equal)."""
     from consortium.model.files import resolve_model
     from consortium.model.generate import check_request, generate, load_single_node
     from consortium.model.model import resolve_device
-    from consortium.model.sampling import SamplingParams
 
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    req = session_request(options)
     device = resolve_device(device)
-    if max_tokens <= 0:
-        raise ConsortiumError(f"max-tokens must be positive, got {max_tokens}")
-    if not prompt.strip():
-        raise ConsortiumError("empty prompt")
     gguf, stage, tok = load_single_node(resolve_model(model), device, dtype, packed)
-    ids = tok.encode_prompt(prompt, chat=not no_chat)
-    check_request(ids, max_tokens, gguf.args.context_length)
-
-    def echo(delta: str) -> None:
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-
-    result = generate(stage, tok, ids, max_tokens, params, on_text=None if as_json else echo)
+    ids = tok.encode_prompt(req.prompt, chat=req.chat)
+    check_request(ids, req.max_tokens, gguf.args.context_length)
+    result = generate(stage, tok, ids, req.max_tokens, req.sampling, on_text=None if as_json else print_delta)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
@@ -128,15 +150,7 @@ def generate(
         )
 
 
-# --- pipeline: coordinator, worker, session, demo (cli/pipeline.py) ------------------------
-
-from consortium.cli.pipeline import COMMANDS as _PIPELINE_COMMANDS  # noqa: E402  (needs the helpers above)
-
-for _command in _PIPELINE_COMMANDS:
-    cli.add_command(_command)
-
-
-for _command in (identity, calibrate, receipts):
+for _command in (*PIPELINE_COMMANDS, *SESSION_COMMANDS, identity, calibrate, receipts):
     cli.add_command(_command)
 
 

@@ -38,8 +38,13 @@ def identity_show(data_dir: str | None, as_json: bool) -> None:
 @click.option(
     "--stages", type=int, default=3, show_default=True, help="Pipeline stages to split the model into."
 )
-@click.option("--import-h200", "h200", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Also take honest CUDA figures from a shared H200 numerics file.")  # fmt: skip
+@click.option(
+    "--import-h200",
+    "h200",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also take honest CUDA figures from a shared H200 numerics file.",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Report JSON path.")
 def calibrate(model, devices, dtypes, stages, h200, out) -> None:
     """Measure honest spread per backend/dtype and the cheats' signatures; propose thresholds."""
@@ -48,13 +53,21 @@ def calibrate(model, devices, dtypes, stages, h200, out) -> None:
     from consortium.verification.calibrate import calibrate as run
 
     devs = [resolve_device(d.strip()) for d in devices.split(",") if d.strip()]
-    report = run(resolve_model(model), devs, [d.strip() for d in dtypes.split(",")], stages, h200=h200,
-                 log=lambda s: click.echo(s, err=True))  # fmt: skip
+    report = run(
+        resolve_model(model),
+        devs,
+        [d.strip() for d in dtypes.split(",")],
+        stages,
+        h200=h200,
+        log=lambda s: click.echo(s, err=True),
+    )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=1) + "\n")
     for klass, p in report["proposed"].items():
-        click.echo(f"{klass}: tau rel-L2 {p['rel_l2']:.3g}, tau max/RMS {p['max_rel']:.3g}; "
-                   f"separates every required cheat: {p['separates_all_required']}")  # fmt: skip
+        click.echo(
+            f"{klass}: tau rel-L2 {p['rel_l2']:.3g}, tau max/RMS {p['max_rel']:.3g}; "
+            f"separates every required cheat: {p['separates_all_required']}"
+        )
     click.echo(f"report written to {out}")
 
 
@@ -79,5 +92,7 @@ def receipts_verify(ledger_path: str, session_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": True, **s.to_dict()}))
     else:
-        click.echo(f"ok: session {s.session_id}: {s.receipts} receipts over {s.steps} steps from "
-                   f"{len(s.nodes)} nodes verify; {s.tokens} tokens")  # fmt: skip
+        click.echo(
+            f"ok: session {s.session_id}: {s.receipts} receipts over {s.steps} steps from "
+            f"{len(s.nodes)} nodes verify; {s.tokens} tokens"
+        )

@@ -1,8 +1,10 @@
-"""Starts a coordinator and workers as local processes (the demo, benchmarks, tests).
+"""Starts a coordinator and workers as local processes (the demo, benchmarks, tests), and the
+demo itself (run_demo: a three-process cluster here, one session, everything stopped).
 
-Each process runs in its own process group and session, logs to its own file, and
-exits if this process dies (--exit-with-parent). `stop()` terminates every group,
-then kills what is left: nothing outlives the cluster, also on Ctrl-C.
+Each process runs in its own process group and session, logs to its own file, binds port 0
+and reports the port it got in a port file (write_port_file), and exits if this process dies
+(--exit-with-parent). `stop()` terminates every group, then kills what is left: nothing
+outlives the cluster, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,37 +15,83 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from consortium.core.config import EngineConfig, LayerRange
+from consortium.core.config import ClientConfig, EngineConfig, LayerRange, SessionRequest, default_log_dir
 from consortium.errors import ConsortiumError
-from consortium.transport.rpc import free_port
+
+DEMO_PROMPT = "Explain in one paragraph why the sky appears blue."
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Reports a child's bound port: written whole or not at all (rename), once it serves."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+def read_port_file(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except FileNotFoundError:
+        return None
 
 
 @dataclass
 class LocalProcess:
+    """One `consortium coordinator|worker start` child; `port` is known once it reported it."""
+
     name: str
     args: list[str]
     log_file: Path
-    port: int
     proc: subprocess.Popen | None = None
+    port: int | None = None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    @property
+    def port_file(self) -> Path:
+        return self.log_file.with_suffix(".port")
+
     def start(self, env: dict[str, str]) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.port_file.unlink(missing_ok=True)  # a previous run's, in a reused log folder
+        extra = ["--log-file", str(self.log_file), "--exit-with-parent", "--port-file", str(self.port_file)]
         with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consortium", *self.args, "--log-file", str(self.log_file), "--exit-with-parent"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                [sys.executable, "-m", "consortium", *self.args, *extra],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
                 start_new_session=True,  # own process group: Ctrl-C in a terminal reaches only us
-            )  # fmt: skip
+            )
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
+
+    def check_running(self) -> None:
+        if self.exited() is not None:
+            raise ConsortiumError(
+                f"{self.name} exited with status {self.exited()}: {self.log_tail()} (log: {self.log_file})"
+            )
+
+    def wait_port(self, timeout_s: float) -> int:
+        """The port the process bound, once it serves (it writes its port file then)."""
+        deadline = time.monotonic() + timeout_s
+        while (port := read_port_file(self.port_file)) is None:
+            self.check_running()
+            if time.monotonic() > deadline:
+                raise ConsortiumError(
+                    f"{self.name} is not serving after {timeout_s:g} s (log: {self.log_file})"
+                )
+            time.sleep(0.05)
+        self.port = port
+        return port
 
     def log_tail(self, lines: int = 3) -> str:
         try:
@@ -72,14 +120,16 @@ class LocalCluster:
     coordinator_args: list[str] = field(default_factory=list)
     worker_args: list[list[str]] = field(default_factory=list)
     processes: list[LocalProcess] = field(default_factory=list)
+    port: int | None = None  # the coordinator's, once it serves
 
     def __post_init__(self) -> None:
-        self.port = free_port(self.host)
         if not self.engine.threads:  # the processes share this machine's cores
             self.engine = replace(self.engine, threads=local_threads(1 + len(self.worker_layers)))
 
     @property
     def address(self) -> str:
+        if self.port is None:
+            raise ConsortiumError("the local cluster's coordinator is not serving yet")
         return f"{self.host}:{self.port}"
 
     def _engine_args(self) -> list[str]:
@@ -87,29 +137,45 @@ class LocalCluster:
         args = ["--device", e.device, "--dtype", e.dtype, "--packed" if e.packed else "--no-packed"]
         return args + (["--threads", str(e.threads)] if e.threads else [])
 
-    def start(self, timeout_s: float = 120.0, complete: bool = True) -> None:
-        """Starts every process and waits until all nodes are registered and, if `complete`,
-        their ranges make a pipeline (or await placement)."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        coord = ["coordinator", "start", "--model", str(self.model), "--host", self.host,
-                 "--port", str(self.port), *self._engine_args(), *self.coordinator_args]  # fmt: skip
+    def _coordinator(self) -> LocalProcess:
+        args = ["coordinator", "start", "--model", str(self.model), "--host", self.host, "--port", "0"]
+        args += self._engine_args() + self.coordinator_args
         if self.coordinator_layers is not None:
-            coord += ["--layers", str(self.coordinator_layers)]
-        self.processes.append(LocalProcess("coordinator", coord, self.log_dir / "coordinator.log", self.port))
-        for i, layers in enumerate(self.worker_layers):
-            port = free_port(self.host)
-            args = ["worker", "start", "--coordinator", self.address, "--model", str(self.model), "--host",
-                    self.host, "--port", str(port), "--node-id", f"worker-{i}", *self._engine_args(),
-                    "--data-dir", str(self.log_dir / f"worker-{i}.identity")]  # each its own Ed25519 key  # fmt: skip
-            if layers is not None:
-                args += ["--layers", str(layers)]
-            if i < len(self.worker_args):
-                args += self.worker_args[i]
-            self.processes.append(LocalProcess(f"worker-{i}", args, self.log_dir / f"worker-{i}.log", port))
+            args += ["--layers", str(self.coordinator_layers)]
+        return LocalProcess("coordinator", args, self.log_dir / "coordinator.log")
+
+    def _worker(self, i: int, layers: LayerRange | None) -> LocalProcess:
+        args = [
+            "worker",
+            "start",
+            "--coordinator",
+            self.address,
+            "--model",
+            str(self.model),
+            "--host",
+            self.host,
+        ]
+        args += ["--node-id", f"worker-{i}", *self._engine_args()]
+        args += ["--data-dir", str(self.log_dir / f"worker-{i}.identity")]  # each its own Ed25519 key
+        if layers is not None:
+            args += ["--layers", str(layers)]
+        if i < len(self.worker_args):
+            args += self.worker_args[i]
+        return LocalProcess(f"worker-{i}", args, self.log_dir / f"worker-{i}.log")
+
+    def start(self, timeout_s: float = 120.0, complete: bool = True) -> None:
+        """Starts the coordinator on a port of its choosing, then the workers, and waits until all
+        nodes are registered and, if `complete`, their ranges make a pipeline (or await placement)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        deadline = time.monotonic() + timeout_s
         try:
-            for p in self.processes:  # workers retry registration until the coordinator listens
-                p.start(env)
-            self.wait_ready(timeout_s, complete)
+            self.processes.append(self._coordinator())
+            self.processes[0].start(env)
+            self.port = self.processes[0].wait_port(timeout_s)
+            for i, layers in enumerate(self.worker_layers):
+                self.processes.append(self._worker(i, layers))
+                self.processes[-1].start(env)
+            self.wait_ready(deadline - time.monotonic(), complete)
         except BaseException:
             self.stop()
             raise
@@ -117,7 +183,6 @@ class LocalCluster:
     def wait_ready(self, timeout_s: float, complete: bool = True) -> None:
         """Polls the coordinator until every node is registered and alive."""
         from consortium.coordinator.client import Client
-        from consortium.core.config import ClientConfig
 
         expected = len(self.worker_layers) + (1 if self.coordinator_layers is not None else 0)
         deadline = time.monotonic() + timeout_s
@@ -125,10 +190,7 @@ class LocalCluster:
         with Client(ClientConfig(self.address, connect_timeout_s=1.0)) as client:
             while time.monotonic() < deadline:
                 for p in self.processes:
-                    if p.exited() is not None:
-                        raise ConsortiumError(
-                            f"{p.name} exited with status {p.exited()}: {p.log_tail()} (log: {p.log_file})"
-                        )
+                    p.check_running()
                 try:
                     st = client.cluster_status()
                     alive = sum(n["alive"] for n in st["nodes"])
@@ -155,6 +217,9 @@ class LocalCluster:
                 p.signal_group(signal.SIGKILL)
                 p.proc.wait(5)
 
+    def process(self, name: str) -> LocalProcess:
+        return next(p for p in self.processes if p.name == name)
+
     def __enter__(self) -> LocalCluster:
         return self
 
@@ -177,3 +242,102 @@ def thirds(n_layers: int) -> list[LayerRange]:
         raise ConsortiumError(f"a three-stage pipeline needs at least 3 layers; the model has {n_layers}")
     cuts = [round(n_layers * k / 3) for k in range(4)]
     return [LayerRange(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+# --- the demo ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`consortium demo`: a coordinator (the last third of the layers) and two workers here."""
+
+    request: SessionRequest = field(default_factory=lambda: SessionRequest(DEMO_PROMPT))
+    model: Path | None = None  # None: the default model, pulled first if missing
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log_dir: Path | None = None  # None: a new demo-* folder under the log directory
+    misbehave: str | None = None  # tests only: the worker of the middle layers cheats so
+    kill_at: int | None = None  # kill -9 the worker of the middle layers after this many tokens
+    standby: bool = False  # also a standby worker: a failover moves the stage there
+    quiet: bool = False  # no pull progress on stdout
+
+
+def run_demo(cfg: DemoConfig, note: Callable[[str], None], on_end: Callable[[], None] | None = None, **live):
+    """Starts the demo's cluster, runs its session (`live`: the streaming callbacks of
+    Client.run; `on_end` runs when the session ended), stops every process, also on Ctrl-C;
+    `note` gets the progress lines. Returns the SessionReport."""
+    from consortium.coordinator.client import Client
+
+    cfg.request.check()
+    if cfg.misbehave:
+        from consortium.verification.misbehave import Misbehaviour
+
+        Misbehaviour.parse(cfg.misbehave)  # refused here, before anything starts, unless enabled
+    cluster = demo_cluster(cfg, _demo_model(cfg, note))
+    try:
+        for line in demo_layout(cluster):
+            note(line)
+        t0 = time.perf_counter()
+        cluster.start()
+        note(
+            f"cluster ready on {cluster.address} in {time.perf_counter() - t0:.1f} s; prompt: {cfg.request.prompt!r}"
+        )
+        if cfg.kill_at is not None:
+            live["on_text"] = kill_at_token(
+                cluster.process("worker-1"), cfg.kill_at, live.get("on_text"), note
+            )
+        with Client(ClientConfig(cluster.address)) as client:
+            report = client.run(cfg.request, **live)
+        if on_end is not None:
+            on_end()
+    finally:
+        cluster.stop()
+        note("all processes stopped")
+    return report
+
+
+def demo_cluster(cfg: DemoConfig, model: Path) -> LocalCluster:
+    """The demo's processes: workers of the first and middle thirds (and a standby), the
+    coordinator hosting the last third."""
+    from consortium.model.gguf_file import GGUFModel
+
+    first, second, last = thirds(GGUFModel(model).args.n_layers)
+    log_dir = cfg.log_dir or default_log_dir() / time.strftime("demo-%Y%m%d-%H%M%S")
+    cheat = ["--misbehave", cfg.misbehave] if cfg.misbehave else []
+    workers: list[LayerRange | None] = [first, second] + ([None] if cfg.standby else [])
+    return LocalCluster(model, last, workers, log_dir, cfg.engine, worker_args=[[], cheat, ["--standby"]])
+
+
+def demo_layout(cluster: LocalCluster) -> list[str]:
+    """Which process runs which layers, and where each logs."""
+    last, (first, second) = cluster.coordinator_layers, cluster.worker_layers[:2]
+    lines = [f"starting: coordinator (layers {last}), workers (layers {first}, {second})"]
+    for name, layers in (("coordinator", last), ("worker-0", first), ("worker-1", second)):
+        lines.append(f"  {name:<12} layers {layers}  log: {cluster.log_dir / name}.log")
+    if len(cluster.worker_layers) > 2:
+        lines.append(f"  {'worker-2':<12} standby     log: {cluster.log_dir / 'worker-2.log'}")
+    return lines
+
+
+def _demo_model(cfg: DemoConfig, note: Callable[[str], None]) -> Path:
+    from consortium.model.files import default_model_path, pull, resolve_model
+
+    if cfg.model is None and not default_model_path().is_file():
+        note("pulling the default model ...")
+        return pull(quiet=cfg.quiet)
+    return resolve_model(cfg.model)
+
+
+def kill_at_token(proc: LocalProcess, at: int, on_text, note: Callable[[str], None]):
+    """An on_text callback that kills -9 `proc` when `at` tokens have streamed in."""
+    count = 0
+
+    def on_token(text: str) -> None:
+        nonlocal count
+        count += 1
+        if on_text is not None:
+            on_text(text)
+        if count == at:
+            proc.signal_group(signal.SIGKILL)
+            note(f"\n[killed {proc.name} (pid {proc.pid}) with SIGKILL after {at} tokens]")
+
+    return on_token

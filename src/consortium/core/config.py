@@ -6,9 +6,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consortium.errors import ConsortiumError
+from consortium.errors import ConsortiumError, InvalidRequestError
 from consortium.model.sampling import SamplingParams
 from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
+
+LOCALHOST = "127.0.0.1"
+DEFAULT_PORT = 50051
 
 
 @dataclass(frozen=True, order=True)
@@ -60,11 +63,10 @@ class EngineConfig:
 @dataclass(frozen=True)
 class CoordinatorConfig:
     model: Path
-    host: str = "127.0.0.1"
-    port: int = 50051
-    layers: LayerRange | None = (
-        None  # the stage the coordinator hosts itself (seed topology: the last layers)
-    )
+    host: str = LOCALHOST
+    port: int = DEFAULT_PORT
+    # the stage the coordinator hosts itself (seed topology: the last layers)
+    layers: LayerRange | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     node_id: str = "coordinator"
     heartbeat_interval_s: float = 1.0
@@ -113,7 +115,7 @@ class CoordinatorConfig:
 class WorkerConfig:
     coordinator: str
     model: Path
-    host: str = "127.0.0.1"
+    host: str = LOCALHOST
     port: int = 0  # 0 = any free port
     advertise: str | None = None  # address the coordinator dials; default host:port
     layers: LayerRange | None = None  # None: the coordinator assigns a range by capacity
@@ -150,10 +152,20 @@ class SessionRequest:
     audit_seed: int | None = None
     wait_audits: bool = True  # the final result waits for the session's pending audits
 
+    def check(self) -> SessionRequest:
+        """The one validation of a request (CLI and coordinator): raises InvalidRequestError."""
+        if not self.prompt.strip():
+            raise InvalidRequestError("empty prompt")
+        if self.max_tokens <= 0:
+            raise InvalidRequestError(f"max-tokens must be positive, got {self.max_tokens}")
+        if self.audit_probability is not None:
+            check_probability(self.audit_probability)
+        return self
+
 
 @dataclass(frozen=True)
 class ClientConfig:
-    coordinator: str
+    coordinator: str = f"{LOCALHOST}:{DEFAULT_PORT}"
     connect_timeout_s: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 

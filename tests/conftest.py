@@ -1,15 +1,15 @@
+"""Fixtures of every test: the tiny random GGUF and the real default model. Shared helpers
+live in the tests/helpers package (importable as `helpers`: pytest puts tests/ on sys.path)."""
+
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
 
 import pytest
+from helpers.tiny_model import TinySpec, write_tiny_gguf
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_model import TinySpec, write_tiny_gguf  # noqa: E402
-
-from consortium.model.files import default_model_path  # noqa: E402
+from consortium.model.files import default_model_path
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +23,6 @@ def smollm_path() -> Path:
     """The real default model (pulled by `make test`); tests needing it skip only outside CI."""
     p = default_model_path()
     if not p.is_file():
-        import os
-
         if os.environ.get("CI"):
             pytest.fail(f"default model missing at {p}: run `consortium model pull`")
         pytest.skip("default model not pulled")

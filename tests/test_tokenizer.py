@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_model import TinySpec, write_tiny_gguf
+from helpers.tiny_model import TinySpec, write_tiny_gguf
 
 from consortium.errors import UnsupportedModelError
 from consortium.model.gguf_file import GGUFModel

@@ -4,8 +4,8 @@ Each is refused with one readable line and exit status 1, and the cluster carrie
 from __future__ import annotations
 
 import pytest
-from conftest import assert_one_line_error, consortium
-from tiny_model import TinySpec, write_tiny_gguf
+from helpers.cli import assert_one_line_error, consortium
+from helpers.tiny_model import TinySpec, write_tiny_gguf
 
 from consortium.coordinator.client import Client
 from consortium.core.config import ClientConfig, SessionRequest
@@ -18,8 +18,20 @@ def other_model(tmp_path_factory):
 
 
 def _worker(coordinator: str, model, layers: str, log, *extra: str):
-    return consortium("worker", "start", "--coordinator", coordinator, "--model", str(model), "--layers", layers,
-                      "--log-file", str(log), *extra, timeout=180)  # fmt: skip
+    return consortium(
+        "worker",
+        "start",
+        "--coordinator",
+        coordinator,
+        "--model",
+        str(model),
+        "--layers",
+        layers,
+        "--log-file",
+        str(log),
+        *extra,
+        timeout=180,
+    )
 
 
 def test_worker_with_another_model_is_refused(tiny_cluster, other_model, tmp_path):

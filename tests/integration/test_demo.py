@@ -11,8 +11,9 @@ import threading
 import time
 
 import pytest
-from conftest import consortium, processes_mentioning
-from tiny_model import TinySpec, write_tiny_gguf
+from helpers.cli import consortium
+from helpers.cluster import processes_mentioning
+from helpers.tiny_model import TinySpec, write_tiny_gguf
 
 
 @pytest.mark.model
@@ -20,8 +21,15 @@ def test_demo_json_and_clean_shutdown(smollm_path, tmp_path):
     done = consortium("demo", "--json", "--max-tokens", "8", "--log-dir", str(tmp_path), timeout=400)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)  # stdout holds the one object only
-    assert {"tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "session_id",
-            "stages"} <= set(out)  # fmt: skip
+    assert {
+        "tokens",
+        "text",
+        "prompt_tokens",
+        "tokens_per_second",
+        "time_to_first_token_s",
+        "session_id",
+        "stages",
+    } <= set(out)
     assert len(out["tokens"]) == 8
     assert [s["layers"] for s in out["stages"]] == [[0, 10], [10, 20], [20, 30]]
     assert all(s["mean_step_ms"] > 0 and s["device"] == "cpu" for s in out["stages"])
@@ -38,12 +46,28 @@ def test_demo_ctrl_c_stops_every_process(tmp_path):
     model = write_tiny_gguf(tmp_path / "long.gguf", TinySpec(context_length=8192))
     logs = tmp_path / "logs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "consortium", "demo", "--model", str(model), "--max-tokens", "8000",
-         "--log-dir", str(logs), "--no-chat", "--prompt", "a"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "consortium",
+            "demo",
+            "--model",
+            str(model),
+            "--max-tokens",
+            "8000",
+            "--log-dir",
+            str(logs),
+            "--no-chat",
+            "--prompt",
+            "a",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
         # as in a terminal: a runner started in the background (nohup ... &) passes SIGINT on ignored
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     # Drain stdout as a terminal would (a full pipe would block the demo's writes), and
     # interrupt once text is streaming, i.e. in the middle of the session.
     out: list[str] = []

@@ -16,14 +16,14 @@ import time
 
 import grpc
 import pytest
-from conftest import STARTUP_S, assert_one_line_error, consortium, processes_mentioning, start_cluster
+from helpers.cli import assert_one_line_error, consortium
+from helpers.cluster import STARTUP_S, add_worker, processes_mentioning, start_cluster
 
 from consortium.coordinator.client import Client
-from consortium.coordinator.launcher import LocalProcess
 from consortium.core.config import ClientConfig, LayerRange, SessionRequest
 from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
-from consortium.transport.rpc import RemoteError, free_port
+from consortium.transport.rpc import RemoteError
 from consortium.verification.ledger import Ledger
 
 PROMPT = "the cat sat on the"
@@ -328,13 +328,9 @@ def test_coordinator_restart_keeps_the_session_and_resume_continues_it_exactly(
 def _add_spare(cluster, tiny_gguf, tmp_path, name: str, extra_args=(), role: str = "spare"):
     """Starts one more worker holding layers 1-2 after the cluster is up (a spare while another
     node serves 1-2)."""
-    port = free_port()
-    p = LocalProcess(name, ["worker", "start", "--coordinator", cluster.address, "--model", str(tiny_gguf),
-                            "--layers", "1-2", "--port", str(port), "--node-id", name, "--threads", "1",
-                            "--data-dir", str(tmp_path / f"{name}.identity"), *extra_args],
-                     tmp_path / "logs" / f"{name}.log", port)  # fmt: skip
-    cluster.processes.append(p)  # stopped with the cluster
-    p.start(dict(os.environ, PYTHONUNBUFFERED="1"))
+    identity = str(tmp_path / f"{name}.identity")
+    args = ["--layers", "1-2", "--threads", "1", "--data-dir", identity, *extra_args]
+    p = add_worker(cluster, name, tiny_gguf, tmp_path / "logs" / f"{name}.log", *args)
     client = Client(ClientConfig(cluster.address))
     try:
         _wait_for(lambda: _roles(client).get(name) == role, timeout_s=STARTUP_S,

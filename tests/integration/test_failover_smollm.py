@@ -20,7 +20,7 @@ import time
 from functools import cache
 
 import pytest
-from conftest import start_cluster
+from helpers.cluster import start_cluster
 
 from consortium.core.config import LayerRange, SessionRequest
 from consortium.model.generate import generate, load_single_node

@@ -7,7 +7,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import consortium, start_cluster
+from helpers.cli import consortium
+from helpers.cluster import start_cluster
 
 from consortium.coordinator.client import Client
 from consortium.core.config import ClientConfig, LayerRange, SessionRequest

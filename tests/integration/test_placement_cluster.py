@@ -3,41 +3,37 @@ and workers started without --layers get ranges by capacity and compute the same
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 
 import grpc
 import pytest
-from conftest import start_cluster
+from helpers.cluster import STARTUP_S, add_worker, start_cluster, wait_for
 
 from consortium.coordinator.client import Client
-from consortium.coordinator.launcher import LocalProcess
 from consortium.core.config import ClientConfig, LayerRange, SessionRequest
 from consortium.errors import ConsortiumError
 from consortium.model.generate import generate, load_single_node
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
-from consortium.transport.rpc import free_port, make_channel
+from consortium.transport.rpc import make_channel
 from consortium.transport.tensors import WireTensor
 
 
-def _wait_nodes(client: Client, n: int, timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        st = client.cluster_status()
-        if sum(x["alive"] for x in st["nodes"]) >= n:
-            return st
-        time.sleep(0.2)
-    raise AssertionError(f"only {st['nodes']} registered")
+def _alive(client: Client) -> dict[str, bool]:
+    return {n["node_id"]: n["alive"] for n in client.cluster_status()["nodes"]}
 
 
 def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp_path):
     cluster = start_cluster(
-        request, tiny_gguf, tmp_path, LayerRange(3, 4), [LayerRange(0, 2)], complete=False,
+        request,
+        tiny_gguf,
+        tmp_path,
+        LayerRange(3, 4),
+        [LayerRange(0, 2)],
+        complete=False,
         coordinator_args=["--node-timeout", "2", "--heartbeat-interval", "0.5"],
         worker_args=[["--session-idle-timeout", "1"]],
-    )  # fmt: skip
+    )
     client = Client(ClientConfig(cluster.address))
     request.addfinalizer(client.close)
     assert "gap 2-3" in client.cluster_status()["placement_error"]
@@ -47,25 +43,15 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
     assert "layer ranges do not tile [0, 4): gap 2-3 (no node holds these layers)" in msg
     assert "ranges: worker-0 0-2, coordinator 3-4" in msg and "[FAILED_PRECONDITION]" in msg
 
-    port = free_port()
-    extra = LocalProcess("extra", ["worker", "start", "--coordinator", cluster.address, "--model", str(tiny_gguf),
-                                   "--layers", "1-3", "--port", str(port), "--node-id", "extra"],
-                         tmp_path / "extra.log", port)  # fmt: skip
-    cluster.processes.append(extra)  # stopped with the cluster
-    extra.start(dict(os.environ))
-    _wait_nodes(client, 3)
+    extra = add_worker(cluster, "extra", tiny_gguf, tmp_path / "extra.log", "--layers", "1-3")
+    wait_for(lambda: sum(_alive(client).values()) >= 3, STARTUP_S, lambda: f"3 nodes alive: {_alive(client)}")
     with pytest.raises(ConsortiumError, match=r"overlap 1-2 \(worker-0 0-2 and extra 1-3\)"):
         client.run(SessionRequest("x", max_tokens=2))
 
     # a node that stops heartbeating is dead within --node-timeout, and the error says so
     extra.signal_group(signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        nodes = {n["node_id"]: n["alive"] for n in client.cluster_status()["nodes"]}
-        if not nodes["extra"]:
-            break
-        time.sleep(0.2)
-    assert nodes == {"coordinator": True, "worker-0": True, "extra": False}
+    wait_for(lambda: not _alive(client)["extra"], 30, "the killed node to count as dead")
+    assert _alive(client) == {"coordinator": True, "worker-0": True, "extra": False}
     with pytest.raises(ConsortiumError, match=r"gap 2-3 .*; not alive: extra 1-3"):
         client.run(SessionRequest("x", max_tokens=2))
 
@@ -79,10 +65,12 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
         pb.OpenSessionRequest(session_id="idle", capacity=4, layers=pb.LayerRange(start=0, end=2))
     )
     assert stub.GetStatus(pb.WorkerStatusRequest()).active_sessions == 1
-    time.sleep(2.5)
-    assert stub.GetStatus(pb.WorkerStatusRequest()).active_sessions == 0
-    order = pb.WorkOrder(session_id="idle", layers=pb.LayerRange(start=0, end=2),
-                         input=WireTensor.from_tokens([1]).to_proto())  # fmt: skip
+    wait_for(
+        lambda: stub.GetStatus(pb.WorkerStatusRequest()).active_sessions == 0, 2.5, "the idle cache to go"
+    )
+    order = pb.WorkOrder(
+        session_id="idle", layers=pb.LayerRange(start=0, end=2), input=WireTensor.from_tokens([1]).to_proto()
+    )
     with pytest.raises(grpc.RpcError) as e:
         stub.Execute(order)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -92,8 +80,14 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
 
 def test_workers_without_layers_get_ranges_by_capacity(request, tiny_gguf, tmp_path):
     # worker-1 offers 3 MiB: one layer of the tiny model in fp32 (2.4 MB) fits, two do not
-    cluster = start_cluster(request, tiny_gguf, tmp_path, LayerRange(3, 4), [None, None],
-                            worker_args=[[], ["--max-memory-mb", "3"]])  # fmt: skip
+    cluster = start_cluster(
+        request,
+        tiny_gguf,
+        tmp_path,
+        LayerRange(3, 4),
+        [None, None],
+        worker_args=[[], ["--max-memory-mb", "3"]],
+    )
     client = Client(ClientConfig(cluster.address))
     request.addfinalizer(client.close)
     st = client.cluster_status()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import consortium, start_cluster
+from helpers.cli import consortium
+from helpers.cluster import start_cluster
 
 from consortium.core.config import LayerRange, SessionRequest
 from consortium.model.generate import generate, load_single_node

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -183,3 +184,67 @@ def test_pull_cli_reports_bad_cached_file(tmp_path):
     cache.mkdir()
     (cache / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"garbage")
     assert_one_line_error(run("model", "pull", "--cache-dir", str(cache)), "size 7 bytes, expected 98362432")
+
+
+def _parsed(command, *args: str) -> dict:
+    """The options of `command` as click hands them to it (defaults applied, callbacks run)."""
+    return dict(command.make_context(command.name, list(args)).params)
+
+
+def test_options_default_to_the_config_dataclasses():
+    from consortium.cli.common import MB, fill, session_request
+    from consortium.cli.pipeline import coordinator_start, worker_start
+    from consortium.cli.session import session_run
+    from consortium.core.config import CoordinatorConfig, EngineConfig, SessionRequest, WorkerConfig
+
+    def build(cls, opts: dict, **extra):
+        for k in ("model", "log_file", "exit_with_parent", "port_file", "allow_keys"):
+            opts.pop(k, None)
+        cfg = fill(cls, opts, engine=fill(EngineConfig, opts), **extra)
+        assert opts == {}, f"options no config field takes: {opts}"
+        return cfg
+
+    m = Path("m.gguf")
+    assert build(CoordinatorConfig, _parsed(coordinator_start), model=m) == CoordinatorConfig(m)
+    assert build(WorkerConfig, _parsed(worker_start, "--coordinator", "h:1"), model=m) == WorkerConfig(
+        "h:1", m
+    )
+    cfg = build(CoordinatorConfig, _parsed(coordinator_start, "--kv-cache-mb", "3", "--no-backup"), model=m)
+    assert cfg.kv_cache_bytes == 3 * MB and cfg.backup is False  # MB flags convert
+    opts = _parsed(session_run, "--prompt", "p")
+    assert session_request(opts) == SessionRequest("p") and set(opts) == {
+        "coordinator",
+        "connect_timeout_s",
+        "as_json",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["session", "run", "--prompt", " "], "empty prompt"),
+        (["session", "run", "--prompt", "hi", "--max-tokens", "0"], "max-tokens must be positive, got 0"),
+        (["session", "run", "--prompt", "hi", "--audit-probability", "2"], "audit probability 2.0 outside"),
+        (["demo", "--max-tokens", "-1", "--model", "none.gguf"], "max-tokens must be positive, got -1"),
+    ],
+)
+def test_requests_are_checked_before_anything_starts(args, match):
+    # nothing listens on port 1 and no model file is read: the request is refused first
+    extra = ["--coordinator", "127.0.0.1:1"] if args[0] == "session" else []
+    assert_one_line_error(run(*args, *extra), match)
+
+
+def test_port_file_protocol(tmp_path):
+    from consortium.coordinator.launcher import LocalProcess, read_port_file, write_port_file
+    from consortium.errors import ConsortiumError
+
+    path = tmp_path / "x.port"
+    assert read_port_file(path) is None
+    write_port_file(path, 43210)
+    assert read_port_file(path) == 43210 and [p.name for p in tmp_path.iterdir()] == ["x.port"]
+    # a child that exits before reporting a port is an error naming it, not a wait until the timeout
+    p = LocalProcess("x", ["no-such-command"], tmp_path / "x.log")
+    p.start(dict(os.environ))
+    assert p.port_file == path and read_port_file(path) is None  # the stale file is gone
+    with pytest.raises(ConsortiumError, match="x exited with status 2"):
+        p.wait_port(120)

@@ -50,7 +50,7 @@ def config_option(cls: type, name: str, *decls: str, scale: int = 1, positive: b
     def convert(ctx, param, v):
         if positive and v is not None and v <= 0:
             raise click.BadParameter(f"must be positive, got {v}")
-        return v * scale if v is not None else v
+        return v * scale if v is not None and scale != 1 else v
 
     return click.option(*decls, name, default=value, callback=convert, **kw)
 

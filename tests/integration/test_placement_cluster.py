@@ -45,6 +45,11 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
 
     extra = add_worker(cluster, "extra", tiny_gguf, tmp_path / "extra.log", "--layers", "1-3")
     wait_for(lambda: sum(_alive(client).values()) >= 3, STARTUP_S, lambda: f"3 nodes alive: {_alive(client)}")
+    addresses = {n["node_id"]: n["address"] for n in client.cluster_status()["nodes"]}
+    assert (
+        addresses["extra"] == f"127.0.0.1:{extra.wait_port(30)}"
+    )  # the port it bound is the one it reported
+    assert cluster.address == addresses["coordinator"]
     with pytest.raises(ConsortiumError, match=r"overlap 1-2 \(worker-0 0-2 and extra 1-3\)"):
         client.run(SessionRequest("x", max_tokens=2))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 import click
@@ -122,6 +123,17 @@ wait_audits_option = click.option(
 )
 coordinator_option = config_option(ClientConfig, "coordinator", "--coordinator", metavar="HOST:PORT")
 connect_timeout_option = config_option(ClientConfig, "connect_timeout_s", "--connect-timeout", positive=True)
+
+
+def file_option(flag: str, help: str, exists: bool = False, **kw):
+    """An option naming a file (a Path; None when not given)."""
+    kind = click.Path(exists=exists, dir_okay=False, path_type=Path)
+    return click.option(flag, type=kind, default=None, help=help, **kw)
+
+
+def folder_option(flag: str, help: str, **kw):
+    """An option naming a folder (a Path; None when not given)."""
+    return click.option(flag, type=click.Path(file_okay=False, path_type=Path), default=None, help=help, **kw)
 
 
 def json_option(help: str):

@@ -21,7 +21,9 @@ from consortium.cli.common import (
     config_option,
     coordinator_option,
     engine_options,
+    file_option,
     fill,
+    folder_option,
     json_option,
     model_option,
     options,
@@ -89,21 +91,14 @@ def node_options(cls: type):
             positive=True,
             help="Largest gRPC message sent or received.",
         ),
-        click.option(
-            "--log-file",
-            type=click.Path(dir_okay=False, path_type=Path),
-            default=None,
-            help="Log file (default: $CONSORTIUM_LOG_DIR or ~/.cache/consortium/logs/ROLE-PORT.log).",
+        file_option(
+            "--log-file", "Log file (default: $CONSORTIUM_LOG_DIR or ~/.cache/consortium/logs/ROLE-PORT.log)."
         ),
         click.option(
             "--exit-with-parent", is_flag=True, hidden=True, help="Stop when the parent process dies."
         ),
-        click.option(
-            "--port-file",
-            type=click.Path(dir_okay=False, path_type=Path),
-            default=None,
-            hidden=True,
-            help="Write the bound port here once serving (launcher.py's protocol).",
+        file_option(
+            "--port-file", "Write the bound port here once serving (launcher.py's protocol).", hidden=True
         ),
     )
 
@@ -199,17 +194,12 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
     ),
     config_option(CoordinatorConfig, "max_sessions", "--max-sessions", positive=True),
     audit_options,
-    click.option(
+    file_option(
         "--ledger",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="SQLite ledger of receipts, audits, evidence, bans (default: a new one in a temporary folder).",
+        "SQLite ledger of receipts, audits, evidence, bans (default: a new one in a temporary folder).",
     ),
-    click.option(
-        "--allow-keys",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="Admit only workers whose public key (hex, one per line) is listed.",
+    file_option(
+        "--allow-keys", "Admit only workers whose public key (hex, one per line) is listed.", exists=True
     ),
     config_option(
         CoordinatorConfig,
@@ -310,11 +300,9 @@ worker_start_options = options(  # fill(WorkerConfig, options)
         positive=True,
         help="Seconds to keep trying to reach the coordinator at start.",
     ),
-    click.option(
+    folder_option(
         "--data-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="Holds this node's Ed25519 key (default $CONSORTIUM_DATA_DIR or ~/.local/share/consortium).",
+        "Holds this node's Ed25519 key (default $CONSORTIUM_DATA_DIR or ~/.local/share/consortium).",
     ),
     click.option(
         "--misbehave",

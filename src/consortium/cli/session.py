@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
 import click
 
@@ -15,7 +14,9 @@ from consortium.cli.common import (
     connect_timeout_option,
     coordinator_option,
     engine_options,
+    file_option,
     fill,
+    folder_option,
     json_option,
     max_tokens_option,
     model_option,
@@ -115,11 +116,10 @@ def session_resume(session_id, as_json, no_wait_audits, **options):
 
 
 @session.command("show")
-@click.option(
+@file_option(
     "--ledger",
-    type=click.Path(dir_okay=False, path_type=Path),
+    "The coordinator's SQLite ledger (readable while it runs, or after it stopped).",
     required=True,
-    help="The coordinator's SQLite ledger (readable while it runs, or after it stopped).",
 )
 @click.option("--session-id", default=None, help="One session (default: list them all).")
 def session_show(ledger, session_id):
@@ -162,11 +162,8 @@ demo_options = options(  # fill(DemoConfig, options)
     sampling_options,
     engine_options,
     no_chat_option,
-    click.option(
-        "--log-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="Where the three processes log (default: a new demo-* folder under the log directory).",
+    folder_option(
+        "--log-dir", "Where the three processes log (default: a new demo-* folder under the log directory)."
     ),
     audit_options,
     wait_audits_option,

@@ -61,9 +61,13 @@ class LocalProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)  # a previous run's, in a reused log folder
         extra = ["--log-file", str(self.log_file), "--exit-with-parent", "--port-file", str(self.port_file)]
+        args = self.args
+        if self.port is not None and "--port" in args:  # a restart binds the port its peers know
+            i = args.index("--port")
+            args = [*args[: i + 1], str(self.port), *args[i + 2 :]]
         with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "consortium", *self.args, *extra],
+                [sys.executable, "-m", "consortium", *args, *extra],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -207,6 +207,13 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
         "--audit-recheck",
         help="Share of a remote auditor's passes this coordinator recomputes itself (a colluding auditor is banned).",
     ),
+    config_option(
+        CoordinatorConfig,
+        "audit_workers",
+        "--audit-workers",
+        positive=True,
+        help="Sessions audited at once (each session's audits run one after another).",
+    ),
 )
 
 

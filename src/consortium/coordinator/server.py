@@ -25,10 +25,9 @@ from consortium.coordinator.pump import pumped
 from consortium.coordinator.registry import Node, Registry
 from consortium.coordinator.sessions import SessionTable, stages_record
 from consortium.coordinator.verifier import Verifier
-from consortium.core.config import CoordinatorConfig, EngineConfig, SessionRequest, check_probability
+from consortium.core.config import CoordinatorConfig, EngineConfig, SessionRequest
 from consortium.core.placement import Holder, PlacementError, check_tiling, overlaps
 from consortium.core.session import RESUMABLE, RUNNING, Session, SessionNotFoundError
-from consortium.errors import InvalidRequestError
 from consortium.model.generate import check_request
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import resolve_device
@@ -66,7 +65,9 @@ def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
     cluster = NodeCluster(cfg, engine, gguf, registry, ledger)
     auditor = LocalAuditor(gguf, resolve_device(cfg.audit_device), "fp32")
     auditor.node_id = cfg.node_id
-    verifier = Verifier(gguf, ledger, auditor, cluster, cfg.audit_seed, cfg.audit_recheck_probability)
+    verifier = Verifier(
+        gguf, ledger, auditor, cluster, cfg.audit_seed, cfg.audit_recheck_probability, cfg.audit_workers
+    )
     tokenizer = GGUFTokenizer(gguf)
     loop = TokenLoop(cfg, gguf.args, tokenizer, verifier, ledger, cluster)
     sessions = SessionTable(cfg, ledger, tokenizer)
@@ -224,50 +225,27 @@ class Coordinator:
     # --- sessions ----------------------------------------------------------------------------
 
     def new_session(self, req: pb.GenerateRequest) -> Session:
-        if not req.prompt.strip():
-            raise InvalidRequestError("empty prompt")
-        if req.max_tokens <= 0:
-            raise InvalidRequestError(f"max-tokens must be positive, got {req.max_tokens}")
         s = req.sampling
-        sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed)
-        ids = self.tokenizer.encode_prompt(req.prompt, chat=not req.no_chat)
-        ctx = self.args.context_length
-        check_request(ids, req.max_tokens, ctx)
-        stages = self.cluster.route()
-        self.sessions.check_capacity()
-        probability = self.cfg.audit_probability
-        if req.HasField("audit_probability"):
-            probability = check_probability(req.audit_probability)
-        seed = req.audit_seed if req.HasField("audit_seed") else None
         request = SessionRequest(
             req.prompt,
             req.max_tokens,
-            sampling,
+            SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed),
             not req.no_chat,
-            probability,
-            seed,
+            req.audit_probability if req.HasField("audit_probability") else None,
+            req.audit_seed if req.HasField("audit_seed") else None,
             wait_audits=not req.no_wait_audits,
-        )
+        ).check()
+        if request.audit_probability is None:
+            request = replace(request, audit_probability=self.cfg.audit_probability)
+        ids = self.tokenizer.encode_prompt(request.prompt, chat=request.chat)
+        ctx = self.args.context_length
+        check_request(ids, request.max_tokens, ctx)
+        stages = self.cluster.route()
+        self.sessions.check_capacity()
         sid = uuid.uuid4().hex
-        session = Session(
-            sid,
-            request,
-            ids,
-            min(req.max_tokens, ctx - len(ids)),
-            stages,
-            audits=self.verifier.new_session_audits(sid, probability, seed),
-        )
-        params = {
-            "max_tokens": session.max_tokens,
-            "temperature": sampling.temperature,
-            "top_k": sampling.top_k,
-            "top_p": sampling.top_p,
-            "seed": sampling.seed,
-            "chat": not req.no_chat,
-            "audit_probability": probability,
-            "model_digest": self.digest,
-        }
-        self.ledger.create_session(sid, ids, params, stages_record(session))
+        audits = self.verifier.new_session_audits(sid, request.audit_probability, request.audit_seed)
+        session = Session(sid, request, ids, min(request.max_tokens, ctx - len(ids)), stages, audits=audits)
+        self.ledger.create_session(sid, ids, self._params(session), stages_record(session))
         self.sessions.add(session)
         log.info(
             "session %s: %d prompt tokens, up to %d new, stages %s",
@@ -277,6 +255,20 @@ class Coordinator:
             ", ".join(f"{r.node_id} {r.layers}" for r in stages),
         )
         return session
+
+    def _params(self, session: Session) -> dict:
+        """What the ledger keeps of a session's request (enough to resume it exactly)."""
+        r, sampling = session.request, session.request.sampling
+        return {
+            "max_tokens": session.max_tokens,
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
+            "seed": sampling.seed,
+            "chat": r.chat,
+            "audit_probability": r.audit_probability,
+            "model_digest": self.digest,
+        }
 
     def resume_session(self, req: pb.ResumeRequest) -> Session:
         """A session the ledger holds as interrupted (or failed, or cancelled) continues from its

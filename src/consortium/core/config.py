@@ -98,11 +98,14 @@ class CoordinatorConfig:
     # share of a remote auditor's passes the coordinator re-checks itself (against collusion)
     audit_recheck_probability: float = 0.1
     audit_wait_timeout_s: float = 600.0  # a session's result waits this long for its audits
+    audit_workers: int = 4  # sessions audited at once (each session's audits run one at a time)
 
     def __post_init__(self) -> None:
         _check_port(self.port)
         if self.max_sessions < 1:
             raise ConsortiumError("max-sessions must be at least 1")
+        if self.audit_workers < 1:
+            raise ConsortiumError("audit-workers must be at least 1")
         if self.hang_after_s <= self.heartbeat_interval_s:
             raise ConsortiumError(
                 f"hang-after ({self.hang_after_s:g} s) must exceed the heartbeat interval ({self.heartbeat_interval_s:g} s)"

@@ -33,6 +33,7 @@ PRE_TOKENIZERS: dict[str, list[str]] = {
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     ],
 }
+IGNORE_MERGES = frozenset({"llama-bpe", "llama3"})
 CONTROL, USER_DEFINED = 3, 4
 
 
@@ -127,8 +128,10 @@ def _byte_level_bpe(gguf: GGUFModel, tokens: list[str]) -> Tokenizer:
     merges_raw: list[str] = gguf.meta("tokenizer.ggml.merges") or []
     merges = [tuple(m.split(" ", 1)) for m in merges_raw]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False, fuse_unk=False))
     pre = gguf.meta("tokenizer.ggml.pre", "default")
+    # Llama-3 takes a pre-token that is a whole vocabulary entry as it is (llama.cpp and HF both do).
+    ignore_merges = pre in IGNORE_MERGES
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False))
     regexes = PRE_TOKENIZERS.get(pre)
     if regexes is None:
         raise UnsupportedModelError(

@@ -1,0 +1,184 @@
+"""GGUF quantized blocks as 4-bit codes for PyTorch's CPU int4 kernel, codes exact.
+
+The kernel computes y = x' W'^T with W'[n, k] = (c[n, k] - 8) * s[n, k // 32] + z[n, k // 32]:
+4-bit codes c, one bf16 scale s and zero z per 32 consecutive codes. Each format maps onto it
+without changing a code; only s and z are rounded to bf16 (and x to bf16, as in any bf16 mode):
+
+| format | K' | x' | how |
+|---|---|---|---|
+| Q4_0, Q4_1, Q4_K | K | x | one to one; Q4_K's sub-block scale d*sc and min dmin*m become s, z |
+| Q5_0, Q5_1, Q5_K, Q8_0 | 2K | [x, x] | high part (code >> 4) and low nibble as two K-wide halves |
+| Q6_K | 2K | [x_b, 8 x_b] per 16 | each 16-block (one scale) is one group: its low nibbles, then its high 2 bits as 2h + 5, with z = 0 |
+
+Q6_K: x s (lo - 8) + 8 x s (2 hi + 5 - 8) = x s (lo + 16 hi - 32): the format's own value.
+All of it is vectorised over rows (no per-block Python loops, no float64).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import Tensor
+
+Q = GGMLQuantizationType
+LAYOUTS = {"Q4_0": "plain", "Q4_1": "plain", "Q4_K": "plain", "Q5_0": "dup", "Q5_1": "dup"}
+LAYOUTS |= {"Q5_K": "dup", "Q8_0": "dup", "Q6_K": "pair16"}
+PACKABLE = frozenset(LAYOUTS)  # quantized formats the int4 path reproduces
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})  # kept dense (bf16) in packed mode
+U8 = [np.uint8(i) for i in range(64)]  # typed shift/mask operands: ~6x faster than Python ints
+CHUNK_CODES = 1 << 23  # codes decoded per step: bounds the temporaries (~100 MB) of a big matrix
+
+
+@dataclass
+class Int4Segment:
+    """Packed rows for the kernel: weight uint8 [N, K'/2], sz bf16 [K'/32, N, 2], x' by `layout`."""
+
+    weight: Tensor
+    sz: Tensor
+    layout: str
+
+
+@dataclass
+class Int4Parts:
+    """W' of some rows: codes uint8 [n, K'] in 0..15; scale, zero float32 [n, K'/32]."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+
+
+def _f16(b: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 field at byte `at` of every block, as float32 [..., 1]."""
+    return b[..., at : at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def nibbles(qs: np.ndarray, width: int) -> np.ndarray:
+    """Each `width`-byte chunk holds 2*width values: its low nibbles first, then its high ones."""
+    q = qs.reshape(*qs.shape[:-1], -1, 1, width)
+    return np.concatenate([q & U8[15], q >> U8[4]], axis=-2).reshape(*qs.shape[:-1], -1)
+
+
+def crumbs(qh: np.ndarray, width: int) -> np.ndarray:
+    """Each `width`-byte chunk holds 4*width 2-bit values, lowest bits first (Q6_K's high bits)."""
+    q = qh.reshape(*qh.shape[:-1], -1, 1, width)
+    parts = [q & U8[3], (q >> U8[2]) & U8[3], (q >> U8[4]) & U8[3], q >> U8[6]]
+    return np.concatenate(parts, axis=-2).reshape(*qh.shape[:-1], -1)
+
+
+def _high_bits(qh: np.ndarray, kind: str) -> np.ndarray:
+    """The fifth bit of every value: Q5_0/Q5_1 value j is bit j of 4 bytes; Q5_K's 256 values are
+    bit i of byte j at i*32 + j."""
+    bits = np.unpackbits(qh[..., None], axis=-1, bitorder="little")  # [..., bytes, 8]
+    if kind == "Q5_K":
+        bits = np.swapaxes(bits, -1, -2)
+    return bits.reshape(*qh.shape[:-1], -1)
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and mins packed in 12 bytes (Q4_K, Q5_K)."""
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([d & 63, (md & 15) | ((d >> 2) & 48)], axis=-1)
+    mn = np.concatenate([m & 63, (md >> 4) | ((m >> 2) & 48)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _flat(*arrays: np.ndarray) -> list[np.ndarray]:
+    """[n, blocks, ...] -> [n, blocks * ...]."""
+    return [a.reshape(a.shape[0], -1) for a in arrays]
+
+
+def _split(lo: np.ndarray, lo_s, lo_z, hi: np.ndarray, hi_s) -> Int4Parts:
+    """'dup' layout: [high part | low nibbles]; high codes are hi + 8 with scale hi_s and no zero."""
+    codes = np.concatenate([hi + U8[8], lo], axis=1)
+    return Int4Parts(codes, np.concatenate([hi_s, lo_s], axis=1), np.concatenate([0 * hi_s, lo_z], axis=1))
+
+
+def decode(raw: np.ndarray, kind: str) -> Int4Parts:
+    """The int4 form of rows of a quantized matrix (raw: uint8 [n, row bytes])."""
+    n = raw.shape[0]
+    b = raw.reshape(n, -1, GGML_QUANT_SIZES[Q[kind]][1])
+    if kind in ("Q4_0", "Q4_1"):
+        d, head = _f16(b, 0), 2 if kind == "Q4_0" else 4
+        zero = 0 * d if kind == "Q4_0" else 8 * d + _f16(b, 2)
+        return Int4Parts(*_flat(nibbles(b[..., head:], 16), d, zero))
+    if kind in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b, 0), _f16(b, 2)
+        sc, mn = _k_scales(b[..., 4:16])
+        scale, zero = d * sc, 8 * d * sc - dmin * mn
+        lo = nibbles(b[..., 16:144] if kind == "Q4_K" else b[..., 48:176], 32)
+        if kind == "Q4_K":
+            return Int4Parts(*_flat(lo, scale, zero))
+        return _split(*_flat(lo, scale, zero, _high_bits(b[..., 16:48], kind), 16 * scale))
+    if kind in ("Q5_0", "Q5_1"):
+        d, head = _f16(b, 0), 2 if kind == "Q5_0" else 4
+        zero = -8 * d if kind == "Q5_0" else 8 * d + _f16(b, 2)
+        hi = _high_bits(b[..., head : head + 4], kind)
+        return _split(*_flat(nibbles(b[..., head + 4 :], 16), d, zero, hi, 16 * d))
+    if kind == "Q8_0":
+        d, q = _f16(b, 0), b[..., 2:].view(np.int8)
+        hi = (q >> np.int8(4)).view(np.uint8)  # -8..7 as 248..7: + 8 wraps into 0..15
+        return _split(*_flat(q.view(np.uint8) & U8[15], d, 8 * d, hi, 16 * d))
+    if kind == "Q6_K":
+        lo, hi = nibbles(b[..., :128], 64), crumbs(b[..., 128:192], 32)
+        s = _f16(b, 208) * b[..., 192:208].view(np.int8).astype(np.float32)  # [n, blocks, 16]
+        lo, hi = lo.reshape(n, -1, 1, 16), hi.reshape(n, -1, 1, 16)
+        codes = np.concatenate([lo, U8[2] * hi + U8[5]], axis=2)  # per 16-block: low nibbles, then 2 hi + 5
+        return Int4Parts(*_flat(codes, s, 0 * s))
+    raise ValueError(f"no int4 form for {kind}")
+
+
+def expand_input(x: Tensor, layout: str) -> Tensor:
+    """x' for a layout: x, [x, x], or [x_b, 8 x_b] per 16-block (8x is exact in bf16)."""
+    if layout == "dup":
+        return torch.cat([x, x], dim=-1)
+    if layout == "pair16":
+        xb = x.unflatten(-1, (-1, 16))
+        return torch.cat([xb, 8 * xb], dim=-1).flatten(-2)
+    return x
+
+
+def _pack_fast(codes: np.ndarray) -> np.ndarray:
+    """The kernel's AVX-512 weight layout, built with array ops (its own packer is slower): per
+    64 rows and each k, bytes [c(n) | c(n+32) << 4 for n < 16] then [c(n+16) | c(n+48) << 4]."""
+    n, k = codes.shape
+    c = codes.reshape(n // 64, 4, 16, k)
+    p = np.concatenate([c[:, 0] | (c[:, 2] << U8[4]), c[:, 1] | (c[:, 3] << U8[4])], axis=1)
+    return np.ascontiguousarray(p.transpose(0, 2, 1)).reshape(n, k // 2)
+
+
+@cache
+def _fast_layout_ok() -> bool:
+    """Whether _pack_fast builds exactly what this PyTorch's packer builds (checked once)."""
+    codes = np.random.default_rng(0).integers(0, 16, (128, 64), dtype=np.uint8)
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes).int(), 1)
+    return (
+        ref.dtype == torch.uint8 and ref.shape == (128, 32) and np.array_equal(ref.numpy(), _pack_fast(codes))
+    )
+
+
+def _pack_rows(raw: np.ndarray, kind: str) -> tuple[Tensor, Tensor]:
+    parts = decode(np.asarray(raw), kind)
+    if parts.codes.shape[0] % 64 == 0 and _fast_layout_ok():
+        packed = torch.from_numpy(_pack_fast(parts.codes))
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(parts.codes).int(), 1)
+    return packed, torch.from_numpy(np.stack([parts.scale, parts.zero], axis=-1)).to(torch.bfloat16)
+
+
+def pack(raw: np.ndarray, kind: str) -> tuple[Tensor, Tensor]:
+    """(packed weight [N, K'/2] uint8, scales and zeros bf16 [K'/32, N, 2]) of a GGUF matrix.
+    Row chunks (whole blocks of 64 rows) bound the temporaries and run on torch's threads
+    (numpy releases the GIL in its loops)."""
+    n, row_bytes = raw.shape
+    block, size = GGML_QUANT_SIZES[Q[kind]]
+    k2 = row_bytes // size * block * (1 if LAYOUTS[kind] == "plain" else 2)
+    step = max(64, CHUNK_CODES // k2 // 64 * 64)
+    chunks = [raw[r : r + step] for r in range(0, n, step)]
+    with ThreadPoolExecutor(max(1, min(len(chunks), torch.get_num_threads()))) as pool:
+        done = list(pool.map(lambda c: _pack_rows(c, kind), chunks))
+    return torch.cat([p for p, _ in done]), torch.cat([sz for _, sz in done]).transpose(0, 1).contiguous()

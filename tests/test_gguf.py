@@ -46,10 +46,8 @@ def test_q4_1_reference_values():
     """Q4_1 dequantizes as d * q + m per 32-block (independent of gguf-py's code path)."""
     d, m = np.float16(0.5), np.float16(-1.25)
     q = np.arange(32) % 16
-    block = np.concatenate([
-        np.array([d]).view(np.uint8), np.array([m]).view(np.uint8),
-        (q[:16] | (q[16:] << 4)).astype(np.uint8),
-    ])  # fmt: skip
+    head = [np.array([d]).view(np.uint8), np.array([m]).view(np.uint8)]
+    block = np.concatenate([*head, (q[:16] | (q[16:] << 4)).astype(np.uint8)])
     out = dequantize(block.reshape(1, 20), Q.Q4_1)
     np.testing.assert_array_equal(out.reshape(-1), np.float32(d) * q + np.float32(m))
 
@@ -93,16 +91,14 @@ def test_unsupported_quant_type(tmp_path):
 
 
 def test_rope_scaling_metadata(tmp_path):
-    p = write_tiny_gguf(
-        tmp_path / "l3.gguf",
-        TinySpec(extra_kv={"llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0,
-                           "llama.rope.scaling.low_freq_factor": 1.0, "llama.rope.scaling.high_freq_factor": 4.0,
-                           "llama.rope.scaling.original_context_length": 64}),
-    )  # fmt: skip
+    kv = {"llama.rope.scaling.type": "llama3", "llama.rope.scaling.factor": 8.0}
+    kv |= {"llama.rope.scaling.low_freq_factor": 1.0, "llama.rope.scaling.high_freq_factor": 4.0}
+    kv["llama.rope.scaling.original_context_length"] = 64
+    p = write_tiny_gguf(tmp_path / "l3.gguf", TinySpec(extra_kv=kv))
     rs = GGUFModel(p).args.rope_scaling
     assert (rs.kind, rs.factor, rs.original_context) == ("llama3", 8.0, 64)
-    p = write_tiny_gguf(tmp_path / "lin.gguf", TinySpec(extra_kv={"llama.rope.scaling.type": "linear",
-                                                                  "llama.rope.scaling.factor": 2.0}))  # fmt: skip
+    kv = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}
+    p = write_tiny_gguf(tmp_path / "lin.gguf", TinySpec(extra_kv=kv))
     assert GGUFModel(p).args.rope_scaling.kind == "linear"
     p = write_tiny_gguf(tmp_path / "yarn.gguf", TinySpec(extra_kv={"llama.rope.scaling.type": "yarn"}))
     with pytest.raises(UnsupportedModelError, match="rope scaling 'yarn'"):

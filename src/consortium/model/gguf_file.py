@@ -8,6 +8,7 @@ not run.
 from __future__ import annotations
 
 import hashlib
+import mmap
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,10 +26,9 @@ SUPPORTED_QUANTS = frozenset(
     {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 )
 # Per-layer tensors of the Llama family, in GGUF naming.
-LAYER_TENSORS = (
-    "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
-)  # fmt: skip
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output")
+LAYER_TENSORS += ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+FLOATS = frozenset({Q.F32, Q.F16, Q.BF16})
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class GGUFModel:
         self.tensors: dict[str, ReaderTensor] = {t.name: t for t in self.reader.tensors}
         self.args = self._read_args()
         self._check_quant_types()
+        self._check_tensors()
 
     def meta(self, key: str, default=None):
         return _field(self.reader, key, default)
@@ -162,6 +163,47 @@ class GGUFModel:
                     f"unsupported quantization type {t.tensor_type.name} (tensor {t.name}) in {self.path.name}"
                 )
 
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the architecture needs, in GGUF order ([in] or [in, out]), from the metadata."""
+        a = self.args
+        out = {"token_embd.weight": (a.dim, a.vocab_size), "output_norm.weight": (a.dim,)}
+        if not a.tied_head:
+            out["output.weight"] = (a.dim, a.vocab_size)
+        for i in range(a.n_layers):
+            p = f"blk.{i}."
+            out |= {p + "attn_norm.weight": (a.dim,), p + "ffn_norm.weight": (a.dim,)}
+            out |= {p + "attn_q.weight": (a.dim, a.q_dim), p + "attn_k.weight": (a.dim, a.kv_dim)}
+            out |= {p + "attn_v.weight": (a.dim, a.kv_dim), p + "attn_output.weight": (a.q_dim, a.dim)}
+            out |= {p + "ffn_gate.weight": (a.dim, a.ffn_dim), p + "ffn_up.weight": (a.dim, a.ffn_dim)}
+            out[p + "ffn_down.weight"] = (a.ffn_dim, a.dim)
+        if self.has("rope_freqs.weight"):
+            out["rope_freqs.weight"] = (a.rope_dim // 2,)
+        return out
+
+    def _check_tensors(self) -> None:
+        """Shapes against the metadata, vectors in a float type, data inside the file and not
+        overlapping: a bad file is refused when opened, never half-way through loading a stage."""
+        for name, want in self.expected_shapes().items():
+            t = self.tensor(name)
+            got = tuple(int(d) for d in t.shape)
+            if got != want:
+                raise ModelFileError(
+                    f"{self.path.name}: tensor {name} has shape {list(got)} but the metadata implies {list(want)}"
+                )
+            if len(want) == 1 and t.tensor_type not in FLOATS:
+                raise ModelFileError(
+                    f"{self.path.name}: tensor {name} is {t.tensor_type.name}; a vector must be F32, F16 or BF16"
+                )
+        size, end = self.path.stat().st_size, 0
+        for t in sorted(self.tensors.values(), key=lambda t: t.data_offset):
+            if t.data_offset < end or t.data_offset + t.n_bytes > size:
+                raise ModelFileError(
+                    f"{self.path.name}: tensor {t.name} ({t.tensor_type.name}, {t.n_bytes} bytes at {t.data_offset}) "
+                    f"overlaps another tensor or runs past the end of the file ({size} bytes): "
+                    "its type or shape disagrees with the data, or the file is truncated"
+                )
+            end = t.data_offset + t.n_bytes
+
     # --- tensors -------------------------------------------------------------------------
 
     def tensor(self, name: str) -> ReaderTensor:
@@ -173,20 +215,30 @@ class GGUFModel:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def dequantize(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+    def dequantize(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """Float32 array in PyTorch layout ([out, in] for matrices); optionally only some rows."""
         t = self.tensor(name)
-        data = t.data if rows is None else t.data[rows]
-        out = dequantize(np.asarray(data), t.tensor_type)
+        data = np.asarray(t.data if rows is None else t.data[rows])
+        out = dequantize(data, t.tensor_type)
         shape = [int(s) for s in reversed(t.shape.tolist())]
         if rows is not None:
-            shape[0] = len(rows)
+            shape[0] = data.shape[0]
         out = out.reshape(shape).astype(np.float32, copy=False)
         return out if out.flags.writeable else out.copy()  # F32 tensors come back as read-only memmap views
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes exactly as stored (quantized blocks)."""
         return np.asarray(self.tensor(name).data)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's file pages from this process's resident set once it is loaded (the OS page
+        cache keeps them, and a later read faults them back in): the mapping must not count twice."""
+        mm = getattr(self.reader.data, "_mmap", None)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        t = self.tensor(name)
+        start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
     def layer_names(self, layer: int) -> list[str]:
         return [f"blk.{layer}.{n}.weight" for n in LAYER_TENSORS]

@@ -19,9 +19,11 @@ from torch import Tensor, nn
 
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.gguf_file import GGUFModel, ModelArgs
+from consortium.model.memory import check_compact, check_memory
+from consortium.model.quants import CHUNK_CODES, LAYOUTS, PACKABLE, Int4Segment, expand_input, pack
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PACKABLE = {"Q4_0", "Q4_1", "Q4_K"}  # 4-bit affine formats the int4 kernel reproduces (and Q8_0, split)
+int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)  # PyTorch >= 2.6
 
 
 @dataclass(frozen=True)
@@ -93,24 +95,17 @@ class KVCache:
 
 
 class Linear(nn.Module):
-    """y = x W^T with W dense, or packed 4-bit codes with per-32 scale/zero (CPU int4 kernel)."""
+    """y = x W^T with W dense, or in int4 segments (quants.py) whose outputs are concatenated."""
 
-    def __init__(
-        self,
-        weight: Tensor | None = None,
-        packed: Tensor | None = None,
-        sz: Tensor | None = None,
-        dup_input=False,
-    ):
+    def __init__(self, weight: Tensor | None = None, packed: list[Int4Segment] | None = None):
         super().__init__()
-        self.weight, self.packed, self.sz, self.dup_input = weight, packed, sz, dup_input
+        self.weight, self.packed = weight, packed
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is not None:
-            if self.dup_input:  # Q8_0 as high and low nibbles: W' [x, x] = W_hi x + W_lo x
-                x = torch.cat([x, x], dim=-1)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, 32, self.sz)
-        return F.linear(x, self.weight)
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        ys = [int4_mm(expand_input(x, s.layout), s.weight, 32, s.sz) for s in self.packed]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -224,69 +219,45 @@ class Embedding(nn.Module):
 # --- weight loading -------------------------------------------------------------------
 
 
-def _nibbles(raw: np.ndarray, qtype: str) -> np.ndarray:
-    """The 4-bit codes of Q4_0/Q4_1/Q4_K rows, in element order: uint8 [rows, cols]."""
-    rows = raw.shape[0]
-    if qtype in ("Q4_0", "Q4_1"):
-        head = 2 if qtype == "Q4_0" else 4
-        qs = raw.reshape(rows, -1, head + 16)[:, :, head:]
-        return np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, -1)
-    qs = raw.reshape(rows, -1, 144)[:, :, 16:].reshape(rows, -1, 4, 32)  # Q4_K: 4 chunks of 64 values
-    return np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, -1)
+def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
+    """GGUF matrices (fused by rows) as int4 segments: consecutive ones of one layout share a matmul."""
+    segments: list[Int4Segment] = []
+    for name in names:
+        kind = gguf.tensor(name).tensor_type.name
+        seg = Int4Segment(*pack(gguf.raw(name), kind), LAYOUTS[kind])
+        gguf.release(name)
+        last = segments[-1] if segments else None
+        if last and last.layout == seg.layout and last.weight.shape[0] % 64 == 0:  # whole blocks of rows
+            seg = Int4Segment(
+                torch.cat([last.weight, seg.weight]), torch.cat([last.sz, seg.sz], 1), seg.layout
+            )
+            segments.pop()
+        segments.append(seg)
+    return Linear(packed=segments)
 
 
-def _int4_codes(gguf: GGUFModel, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(codes [out, K'], scale and zero [out, K'/32]) with w = (code - 8) * scale + zero exactly.
-
-    4-bit formats map one to one (K' = K); scale and zero of each group are recovered from
-    the dequantized values (the formats are affine in the code) and checked. Q8_0 splits
-    each int8 code into a high and a low nibble, q = 16 * hi + lo, as two K-wide halves
-    (K' = 2K) that a doubled input [x, x] sums back. None if the tensor does not fit.
-    """
-    kind, raw = gguf.tensor(name).tensor_type.name, gguf.raw(name)
-    rows = raw.shape[0]
-    if kind == "Q8_0":
-        blocks = raw.reshape(rows, -1, 34)
-        d = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float64)
-        q = blocks[:, :, 2:].view(np.int8).astype(np.int16)
-        codes = np.concatenate([((q >> 4) + 8).reshape(rows, -1), (q & 15).reshape(rows, -1)], axis=1)
-        return codes, np.concatenate([16 * d, d], axis=1), np.concatenate([np.zeros_like(d), 8 * d], axis=1)
-    if kind not in PACKABLE:
-        return None
-    codes = _nibbles(raw, kind)
-    w = gguf.dequantize(name).astype(np.float64)
-    out, cols = w.shape
-    qg, wg = (codes.astype(np.float64) - 8).reshape(out, cols // 32, 32), w.reshape(out, cols // 32, 32)
-    qm, wm = qg.mean(-1, keepdims=True), wg.mean(-1, keepdims=True)
-    var = ((qg - qm) ** 2).sum(-1, keepdims=True)
-    scale = np.where(var > 0, ((qg - qm) * (wg - wm)).sum(-1, keepdims=True) / np.maximum(var, 1e-30), 0.0)
-    zero = wm - scale * qm
-    if np.abs(qg * scale + zero - wg).max() > 1e-5 * max(np.abs(w).max(), 1e-12):
-        return None
-    return codes, scale[..., 0], zero[..., 0]
-
-
-def _pack_int4(gguf: GGUFModel, names: list[str]) -> Linear | None:
-    """The row-concatenation of GGUF matrices as one packed int4 Linear, or None."""
-    parts = [_int4_codes(gguf, n) for n in names]
-    if any(p is None for p in parts) or len({p[0].shape[1] for p in parts}) != 1:
-        return None
-    codes = torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.int32))
-    scale, zero = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
-    sz = (
-        torch.from_numpy(np.stack([scale.T, zero.T], axis=-1)).to(torch.bfloat16).contiguous()
-    )  # [groups, out, 2]
-    in_features = gguf.dequantize(names[0], rows=np.array([0])).shape[1]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return Linear(packed=packed, sz=sz, dup_input=codes.shape[1] == 2 * in_features)
+def _dense(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Tensor:
+    """The row-concatenation of GGUF matrices in the compute dtype, filled in row chunks on the
+    device (never a whole fp32 copy in host memory)."""
+    rows = [int(gguf.tensor(n).shape[1]) for n in names]
+    cols = int(gguf.tensor(names[0]).shape[0])
+    w = torch.empty(sum(rows), cols, dtype=spec.torch_dtype, device=spec.device)
+    at, step = 0, max(1, CHUNK_CODES // cols)
+    for name, n in zip(names, rows, strict=True):
+        for r in range(0, n, step):
+            part = gguf.dequantize(name, rows=slice(r, min(r + step, n)))
+            w[at + r : at + r + part.shape[0]] = torch.from_numpy(part)
+        at += n
+        gguf.release(name)
+    return w
 
 
 def _linear(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Linear:
-    """One Linear over the row-concatenation of GGUF matrices (fused QKV / gate-up)."""
-    if spec.packed and (lin := _pack_int4(gguf, names)) is not None:
-        return lin
-    w = np.concatenate([gguf.dequantize(n) for n in names], axis=0)
-    return Linear(weight=torch.from_numpy(w).to(device=spec.device, dtype=spec.torch_dtype))
+    """One Linear over the row-concatenation of GGUF matrices (fused QKV / gate-up); packed int4
+    where asked, except for float matrices (kept dense: bf16 is their compact form)."""
+    if spec.packed and all(gguf.tensor(n).tensor_type.name in PACKABLE for n in names):
+        return _packed(gguf, names)
+    return Linear(weight=_dense(gguf, names, spec))
 
 
 def _norm(gguf: GGUFModel, name: str, spec: StageSpec) -> RMSNorm:
@@ -311,23 +282,31 @@ def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:
     )
 
 
+def check_spec(gguf: GGUFModel, spec: StageSpec) -> None:
+    """Everything that can refuse a stage, before any weight is read: nothing is ever half-loaded."""
+    n = gguf.args.n_layers
+    if not 0 <= spec.start < spec.end <= n:
+        raise ConsortiumError(
+            f"invalid layer range {spec.start}-{spec.end} for a model of {n} layers "
+            f"(half-open: 0 <= start < end <= {n})"
+        )
+    if spec.dtype not in DTYPES:
+        raise ConsortiumError(f"unknown dtype {spec.dtype!r} (use {', '.join(DTYPES)})")
+    if spec.packed and (spec.device != "cpu" or spec.dtype != "bf16"):
+        raise ConsortiumError("packed int4 weights need --device cpu --dtype bf16")
+    if spec.packed and int4_mm is None:
+        raise ConsortiumError(f"packed int4 weights need a newer PyTorch than {torch.__version__}")
+    check_compact(gguf, spec)
+    check_memory(gguf, spec)
+
+
 class Stage(nn.Module):
     """Layers [start, end) of a model; the first stage embeds tokens, the last applies the head."""
 
     def __init__(self, gguf: GGUFModel, spec: StageSpec, progress: Callable[[int, int], None] | None = None):
         super().__init__()
+        check_spec(gguf, spec)
         args = gguf.args
-        if not 0 <= spec.start < spec.end <= args.n_layers:
-            raise ConsortiumError(
-                f"invalid layer range {spec.start}-{spec.end} for a model of {args.n_layers} layers "
-                f"(half-open: 0 <= start < end <= {args.n_layers})"
-            )
-        if spec.dtype not in DTYPES:
-            raise ConsortiumError(f"unknown dtype {spec.dtype!r} (use {', '.join(DTYPES)})")
-        if spec.packed and (spec.device != "cpu" or spec.dtype != "bf16"):
-            raise ConsortiumError("packed int4 weights need --device cpu --dtype bf16")
-        if spec.packed and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            raise ConsortiumError(f"packed int4 weights need a newer PyTorch than {torch.__version__}")
         self.args, self.spec, self.gguf = args, spec, gguf
         dev = spec.device
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -90,7 +91,31 @@ def generate(
     return GenerationResult(tokens, tokenizer.decode(tokens), len(prompt_ids), tps, ttft)
 
 
-def load_single_node(model: str, device: str = "cpu", dtype: str = "fp32", packed: bool = False):
+@contextmanager
+def load_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar on stderr for Stage's (layers done, layers) callback; it draws only
+    on a terminal, so logs and pipes stay clean."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def load_single_node(
+    model: str,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    packed: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """The model, a stage of every layer and the tokenizer; a progress bar unless `progress` is given."""
     gguf = GGUFModel(model)
-    stage = Stage(gguf, StageSpec(0, gguf.args.n_layers, device=device, dtype=dtype, packed=packed))
+    spec = StageSpec(0, gguf.args.n_layers, device=device, dtype=dtype, packed=packed)
+    if progress is not None:
+        return gguf, Stage(gguf, spec, progress), GGUFTokenizer(gguf)
+    with load_progress(f"loading {gguf.path.name}") as bar:
+        stage = Stage(gguf, spec, bar)
     return gguf, stage, GGUFTokenizer(gguf)

@@ -46,8 +46,10 @@ def position_seed(seed: int, position: int) -> int:
 
 
 def sample(logits: Tensor, params: SamplingParams, position: int) -> int:
-    """Choose the token at `position` from fp32 logits [vocab]."""
-    logits = logits.reshape(-1).float()
+    """Choose the token at `position` from logits [vocab] on any device. Sampling runs on the CPU
+    (one copy of the logits, the step's only host transfer), where the seeded generator draws: the
+    same seed and logits give the same token whichever device computed them."""
+    logits = logits.detach().reshape(-1).float().cpu()
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature

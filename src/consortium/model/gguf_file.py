@@ -89,7 +89,10 @@ class GGUFModel:
         try:
             self.reader = GGUFReader(self.path, "r")
         except Exception as e:  # gguf raises ValueError/struct.error/... on garbage
-            raise ModelFileError(f"not a readable GGUF file: {self.path} ({e})") from e
+            raise ModelFileError(
+                f"not a readable GGUF file: {self.path} ({e}; truncated, or a tensor's type or shape "
+                "disagrees with its data)"
+            ) from e
         self.tensors: dict[str, ReaderTensor] = {t.name: t for t in self.reader.tensors}
         self.args = self._read_args()
         self._check_quant_types()
@@ -194,15 +197,20 @@ class GGUFModel:
                 raise ModelFileError(
                     f"{self.path.name}: tensor {name} is {t.tensor_type.name}; a vector must be F32, F16 or BF16"
                 )
-        size, end = self.path.stat().st_size, 0
+        size, prev = self.path.stat().st_size, None
         for t in sorted(self.tensors.values(), key=lambda t: t.data_offset):
-            if t.data_offset < end or t.data_offset + t.n_bytes > size:
+            if prev is not None and t.data_offset < prev.data_offset + prev.n_bytes:
                 raise ModelFileError(
-                    f"{self.path.name}: tensor {t.name} ({t.tensor_type.name}, {t.n_bytes} bytes at {t.data_offset}) "
-                    f"overlaps another tensor or runs past the end of the file ({size} bytes): "
-                    "its type or shape disagrees with the data, or the file is truncated"
+                    f"{self.path.name}: tensor {prev.name} ({prev.tensor_type.name}, {prev.n_bytes} bytes at "
+                    f"{prev.data_offset}) overlaps tensor {t.name}: its type or shape disagrees with its data"
                 )
-            end = t.data_offset + t.n_bytes
+            if t.data_offset + t.n_bytes > size:
+                raise ModelFileError(
+                    f"{self.path.name}: tensor {t.name} ({t.tensor_type.name}, {t.n_bytes} bytes at "
+                    f"{t.data_offset}) runs past the end of the file ({size} bytes): truncated, or its "
+                    "type or shape disagrees with its data"
+                )
+            prev = t
 
     # --- tensors -------------------------------------------------------------------------
 

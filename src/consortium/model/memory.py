@@ -29,8 +29,10 @@ def stage_matrices(gguf: GGUFModel, start: int, end: int) -> list[list[str]]:
 
 
 def is_packed(gguf: GGUFModel, names: list[str], spec: StageSpec) -> bool:
-    """Whether these fused matrices load as int4 (every one of them in a packable format)."""
-    return spec.packed and all(gguf.tensor(n).tensor_type.name in PACKABLE for n in names)
+    """Whether these fused matrices load as int4: each in a packable format, in whole blocks of 64
+    rows (the kernel's weight layout; every real model's matrices are)."""
+    ts = [gguf.tensor(n) for n in names]
+    return spec.packed and all(t.tensor_type.name in PACKABLE and int(t.shape[1]) % 64 == 0 for t in ts)
 
 
 def linear_bytes(gguf: GGUFModel, names: list[str], spec: StageSpec) -> int:

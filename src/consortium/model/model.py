@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.gguf_file import GGUFModel, ModelArgs
-from consortium.model.memory import check_compact, check_memory
-from consortium.model.quants import CHUNK_CODES, LAYOUTS, PACKABLE, Int4Segment, expand_input, pack
+from consortium.model.memory import check_compact, check_memory, is_packed
+from consortium.model.quants import CHUNK_CODES, LAYOUTS, Int4Segment, expand_input, pack
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)  # PyTorch >= 2.6
@@ -227,7 +227,7 @@ def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
         seg = Int4Segment(*pack(gguf.raw(name), kind), LAYOUTS[kind])
         gguf.release(name)
         last = segments[-1] if segments else None
-        if last and last.layout == seg.layout and last.weight.shape[0] % 64 == 0:  # whole blocks of rows
+        if last and last.layout == seg.layout:
             seg = Int4Segment(
                 torch.cat([last.weight, seg.weight]), torch.cat([last.sz, seg.sz], 1), seg.layout
             )
@@ -255,7 +255,7 @@ def _dense(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Tensor:
 def _linear(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Linear:
     """One Linear over the row-concatenation of GGUF matrices (fused QKV / gate-up); packed int4
     where asked, except for float matrices (kept dense: bf16 is their compact form)."""
-    if spec.packed and all(gguf.tensor(n).tensor_type.name in PACKABLE for n in names):
+    if is_packed(gguf, names, spec):
         return _packed(gguf, names)
     return Linear(weight=_dense(gguf, names, spec))
 

@@ -161,24 +161,29 @@ def _fast_layout_ok() -> bool:
     )
 
 
-def _pack_rows(raw: np.ndarray, kind: str) -> tuple[Tensor, Tensor]:
+def _pack_rows(raw: np.ndarray, kind: str, packed: Tensor, sz: Tensor) -> None:
+    """Decode rows and write their packed codes and scale/zero into the given output rows."""
     parts = decode(np.asarray(raw), kind)
     if parts.codes.shape[0] % 64 == 0 and _fast_layout_ok():
-        packed = torch.from_numpy(_pack_fast(parts.codes))
+        packed.copy_(torch.from_numpy(_pack_fast(parts.codes)))
     else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(parts.codes).int(), 1)
-    return packed, torch.from_numpy(np.stack([parts.scale, parts.zero], axis=-1)).to(torch.bfloat16)
+        packed.copy_(
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(parts.codes).int(), 1)
+        )
+    sz.copy_(torch.from_numpy(np.stack([parts.scale, parts.zero], axis=-1)))
 
 
 def pack(raw: np.ndarray, kind: str) -> tuple[Tensor, Tensor]:
     """(packed weight [N, K'/2] uint8, scales and zeros bf16 [K'/32, N, 2]) of a GGUF matrix.
-    Row chunks (whole blocks of 64 rows) bound the temporaries and run on torch's threads
-    (numpy releases the GIL in its loops)."""
+    Row chunks (whole blocks of 64 rows) bound the temporaries, fill preallocated outputs and run
+    on torch's threads (numpy releases the GIL in its loops)."""
     n, row_bytes = raw.shape
     block, size = GGML_QUANT_SIZES[Q[kind]]
     k2 = row_bytes // size * block * (1 if LAYOUTS[kind] == "plain" else 2)
+    packed = torch.empty(n, k2 // 2, dtype=torch.uint8)
+    sz = torch.empty(n, k2 // 32, 2, dtype=torch.bfloat16)
     step = max(64, CHUNK_CODES // k2 // 64 * 64)
-    chunks = [raw[r : r + step] for r in range(0, n, step)]
-    with ThreadPoolExecutor(max(1, min(len(chunks), torch.get_num_threads()))) as pool:
-        done = list(pool.map(lambda c: _pack_rows(c, kind), chunks))
-    return torch.cat([p for p, _ in done]), torch.cat([sz for _, sz in done]).transpose(0, 1).contiguous()
+    rows = [slice(r, r + step) for r in range(0, n, step)]
+    with ThreadPoolExecutor(max(1, min(len(rows), torch.get_num_threads()))) as pool:
+        list(pool.map(lambda r: _pack_rows(raw[r], kind, packed[r], sz[r]), rows))
+    return packed, sz.transpose(0, 1).contiguous()

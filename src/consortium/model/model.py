@@ -20,10 +20,9 @@ from torch import Tensor, nn
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.gguf_file import GGUFModel, ModelArgs
 from consortium.model.memory import check_compact, check_memory, is_packed
-from consortium.model.quants import CHUNK_CODES, LAYOUTS, Int4Segment, expand_input, pack
+from consortium.model.quants import CHUNK_CODES, LAYOUTS, Int4Segment, int4_matmul, int4_mm, pack
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)  # PyTorch >= 2.6
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is None:
             return F.linear(x, self.weight)
-        ys = [int4_mm(expand_input(x, s.layout), s.weight, 32, s.sz) for s in self.packed]
+        ys = [int4_matmul(x, s.weight, s.sz, s.layout) for s in self.packed]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 

@@ -31,7 +31,10 @@ LAYOUTS |= {"Q5_K": "dup", "Q8_0": "dup", "Q6_K": "pair16"}
 PACKABLE = frozenset(LAYOUTS)  # quantized formats the int4 path reproduces
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})  # kept dense (bf16) in packed mode
 U8 = [np.uint8(i) for i in range(64)]  # typed shift/mask operands: ~6x faster than Python ints
-CHUNK_CODES = 1 << 23  # codes decoded per step: bounds the temporaries (~100 MB) of a big matrix
+CHUNK_CODES = 1 << 23
+int4_mm = getattr(
+    torch.ops.aten, "_weight_int4pack_mm_for_cpu", None
+)  # PyTorch >= 2.6  # codes decoded per step: bounds the temporaries (~100 MB) of a big matrix
 
 
 @dataclass
@@ -140,6 +143,11 @@ def expand_input(x: Tensor, layout: str) -> Tensor:
         xb = x.unflatten(-1, (-1, 16))
         return torch.cat([xb, 8 * xb], dim=-1).flatten(-2)
     return x
+
+
+def int4_matmul(x: Tensor, weight: Tensor, sz: Tensor, layout: str) -> Tensor:
+    """x W^T for a packed weight (x in bf16)."""
+    return int4_mm(expand_input(x, layout), weight, 32, sz)
 
 
 def _pack_fast(codes: np.ndarray) -> np.ndarray:

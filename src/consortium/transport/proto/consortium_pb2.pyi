@@ -39,7 +39,7 @@ class LayerRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "backend", "device", "dtype", "packed", "memory_bytes", "speed_gflops", "layers", "model_digest", "layers_digest", "version", "threads", "public_key", "standby")
+    __slots__ = ("node_id", "address", "backend", "device", "dtype", "packed", "memory_bytes", "speed_gflops", "layers", "model_digest", "layers_digest", "version", "threads", "public_key", "standby", "tls_cert", "tls_binding")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,8 @@ class NodeInfo(_message.Message):
     THREADS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERT_FIELD_NUMBER: _ClassVar[int]
+    TLS_BINDING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     backend: str
@@ -70,13 +72,35 @@ class NodeInfo(_message.Message):
     threads: int
     public_key: bytes
     standby: bool
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., packed: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., speed_gflops: _Optional[float] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., model_digest: _Optional[str] = ..., layers_digest: _Optional[str] = ..., version: _Optional[str] = ..., threads: _Optional[int] = ..., public_key: _Optional[bytes] = ..., standby: _Optional[bool] = ...) -> None: ...
+    tls_cert: bytes
+    tls_binding: bytes
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., packed: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., speed_gflops: _Optional[float] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., model_digest: _Optional[str] = ..., layers_digest: _Optional[str] = ..., version: _Optional[str] = ..., threads: _Optional[int] = ..., public_key: _Optional[bytes] = ..., standby: _Optional[bool] = ..., tls_cert: _Optional[bytes] = ..., tls_binding: _Optional[bytes] = ...) -> None: ...
+
+class ChallengeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ChallengeResponse(_message.Message):
+    __slots__ = ("nonce", "coordinator_key", "tls_binding", "expires_in_s")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
+    TLS_BINDING_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    coordinator_key: bytes
+    tls_binding: bytes
+    expires_in_s: float
+    def __init__(self, nonce: _Optional[bytes] = ..., coordinator_key: _Optional[bytes] = ..., tls_binding: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node",)
+    __slots__ = ("node", "nonce", "signature")
     NODE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+    nonce: bytes
+    signature: bytes
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("node_id", "heartbeat_interval_s", "n_layers")

@@ -29,6 +29,9 @@ class CoordinatorStub:
     """---------------------------------------------------------------- services
 
     Served by the coordinator: nodes register and heartbeat; clients run sessions.
+    Every call but Challenge and Register carries a signature in the metadata key
+    `consortium-auth-bin` (transport/auth.py): a node's heartbeats by its registered key, a
+    client's calls by a key of --client-keys when the coordinator has them.
     """
 
     def __init__(self, channel):
@@ -37,6 +40,11 @@ class CoordinatorStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Challenge = channel.unary_unary(
+                '/consortium.v1.Coordinator/Challenge',
+                request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.ChallengeResponse.FromString,
+                _registered_method=True)
         self.Register = channel.unary_unary(
                 '/consortium.v1.Coordinator/Register',
                 request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.RegisterRequest.SerializeToString,
@@ -73,7 +81,16 @@ class CoordinatorServicer:
     """---------------------------------------------------------------- services
 
     Served by the coordinator: nodes register and heartbeat; clients run sessions.
+    Every call but Challenge and Register carries a signature in the metadata key
+    `consortium-auth-bin` (transport/auth.py): a node's heartbeats by its registered key, a
+    client's calls by a key of --client-keys when the coordinator has them.
     """
+
+    def Challenge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Register(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -114,6 +131,11 @@ class CoordinatorServicer:
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.ChallengeRequest.FromString,
+                    response_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.ChallengeResponse.SerializeToString,
+            ),
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.RegisterRequest.FromString,
@@ -156,7 +178,37 @@ class Coordinator:
     """---------------------------------------------------------------- services
 
     Served by the coordinator: nodes register and heartbeat; clients run sessions.
+    Every call but Challenge and Register carries a signature in the metadata key
+    `consortium-auth-bin` (transport/auth.py): a node's heartbeats by its registered key, a
+    client's calls by a key of --client-keys when the coordinator has them.
     """
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.Coordinator/Challenge',
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.ChallengeRequest.SerializeToString,
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.ChallengeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Register(request,
@@ -322,7 +374,8 @@ class Coordinator:
 
 
 class WorkerStub:
-    """Served by every worker: the coordinator drives each step through Execute.
+    """Served by every worker: the coordinator drives each step through Execute. Every call but
+    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned.
     """
 
     def __init__(self, channel):
@@ -364,7 +417,8 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """Served by every worker: the coordinator drives each step through Execute.
+    """Served by every worker: the coordinator drives each step through Execute. Every call but
+    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned.
     """
 
     def AssignLayers(self, request, context):
@@ -445,7 +499,8 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """Served by every worker: the coordinator drives each step through Execute.
+    """Served by every worker: the coordinator drives each step through Execute. Every call but
+    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned.
     """
 
     @staticmethod

@@ -16,6 +16,7 @@ from consortium.core.placement import (
     backup_plan,
     check_tiling,
     choose_auditor,
+    choose_tiling,
     plan_flexible,
     split_range,
     uncovered,
@@ -132,3 +133,45 @@ def test_auditor_is_another_backend_first_then_by_id_and_never_an_excluded_node(
     assert choose_auditor(r, "cpu", nodes, exclude={"z", "a"}) == "b"
     assert choose_auditor(r, "cpu", nodes, exclude={"z", "a", "b"}) is None
     assert choose_auditor(LayerRange(0, 5), "cpu", nodes, exclude=set()) is None
+
+
+def test_overlapping_and_duplicate_ranges_never_block_a_tiling():
+    holders = [
+        Holder("a", L(0, 10)),
+        Holder("stranger", L(5, 15)),  # overlaps a and b: a spare, not a reason to refuse
+        Holder("b", L(10, 20)),
+        Holder("c", L(20, 30)),
+        Holder("dup", L(10, 20)),  # the same range as b, less preferred
+        Holder("wide", L(10, 30)),  # one stage instead of two: fewer hops
+    ]
+    assert [h.node_id for h in choose_tiling(holders, 30)] == ["a", "wide"]
+    without_wide = [h for h in holders if h.node_id != "wide"]
+    assert [h.node_id for h in choose_tiling(without_wide, 30)] == ["a", "b", "c"]
+    preferred_dup = [without_wide[4]] + without_wide[:4]  # dup first: clean audit history
+    assert [h.node_id for h in choose_tiling(preferred_dup, 30)] == ["a", "dup", "c"]
+    assert choose_tiling([Holder("a", L(0, 10)), Holder("x", L(5, 30))], 30) is None  # no exact tiling
+    assert choose_tiling([], 4) is None
+
+
+def test_registry_serves_a_tiling_and_keeps_strangers_as_spares(tmp_path):
+    from consortium.coordinator.registry import Node, Registry
+    from consortium.verification.ledger import Ledger
+
+    def node(nid: str, layers: LayerRange, address: str = "127.0.0.1:1") -> Node:
+        return Node(nid, address, "cpu", "cpu", "fp32", False, 0, 1.0, layers, "d")
+
+    led = Ledger(tmp_path / "l.db")
+    reg = Registry("d", "m", 30, node_timeout_s=8.0, ledger=led)
+    for n in (node("w0", L(0, 10)), node("stranger", L(5, 15)), node("w1", L(10, 20)), node("w2", L(20, 30))):
+        reg.register(n)
+    serving, spares = reg.serving()
+    assert [n.node_id for n in serving] == ["w0", "w1", "w2"] and [n.node_id for n in spares] == ["stranger"]
+    # a holder with a failed audit on record serves only when nothing cleaner tiles
+    reg.register(node("w1b", L(10, 20)))
+    led.upsert_node("w1", b"k" * 32, "127.0.0.1:1", "cpu", "fp32")
+    led.add_audit("s", 1, 3, "w1", "coordinator", False, "strict", 0.5, 3.0, 0)
+    assert [n.node_id for n in reg.serving()[0]] == ["w0", "w1b", "w2"]
+    # a live id is never swapped for a registration from elsewhere; the same address may re-register
+    with pytest.raises(ConsortiumError, match="registered and alive"):
+        reg.register(node("w0", L(0, 10), address="127.0.0.2:1"))
+    reg.register(node("w0", L(0, 10)))

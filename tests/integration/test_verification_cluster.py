@@ -65,7 +65,16 @@ def test_honest_cluster_passes_every_audit_and_receipts_verify(request, tiny_ggu
     led.close()
 
 
-CHEATS = ["skip-layer", "noise=0.05", "wrong-weights", "int4-weights", "flip-max", "bad-signature", "replay"]
+CHEATS = [
+    "skip-layer",
+    "noise=0.05",
+    "wrong-weights",
+    "int4-weights",
+    "flip-max",
+    "replay",
+    "nan",
+    "extra-row",
+]
 
 
 @pytest.mark.parametrize("kind", CHEATS)
@@ -77,19 +86,38 @@ def test_cheat_is_caught_rolled_back_and_banned(request, tiny_gguf, tmp_path, cl
     assert r.tokens == honest_tokens  # the final output is what an honest pipeline produces
     assert r.banned_nodes == ["worker-1"]
     assert [(x.stage, x.node, x.new_node) for x in r.rollbacks] == [(1, "worker-1", "coordinator")]
-    if kind in ("bad-signature", "replay"):
+    if kind == "replay":  # a validly signed receipt of another step
         assert "bad receipt" in r.rollbacks[0].reason
+    elif kind in ("nan", "extra-row"):  # a signed result no stage can use
+        assert "bad result" in r.rollbacks[0].reason
     else:  # caught by the first audited unit (probability 1: the prefill)
         assert "failed audit" in r.rollbacks[0].reason and r.audits.failed >= 1
     led = Ledger(ledger, create=False, readonly=True)
     assert led.is_banned("worker-1") and led.evidence("worker-1")
-    if kind not in ("bad-signature", "replay"):
+    if kind not in ("replay", "nan", "extra-row"):
         assert led.score("worker-1").audits_failed >= 1
     led.close()
     # the cheater gets no more work: a new session runs with the coordinator holding its layers
     again = _run(client_for, cluster, 1.0)
     assert again.tokens == honest_tokens and again.rollbacks == []
     assert "worker-1" not in {s.node_id for s in again.stages}
+
+
+def test_a_bad_signature_is_no_evidence_the_stage_fails_over_and_nobody_is_banned(
+    request, tiny_gguf, tmp_path, client_for, honest_tokens, monkeypatch
+):
+    """A receipt whose signature does not verify binds nothing to the node's key (anyone on the
+    path could have sent it): the stage fails over, nobody is banned (DESIGN.md §7)."""
+    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
+    cluster, ledger = _cluster(request, tiny_gguf, tmp_path, misbehave="bad-signature")
+    r = _run(client_for, cluster, 1.0, seed=1)
+    assert r.tokens == honest_tokens
+    assert r.banned_nodes == [] and r.rollbacks == []
+    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [(1, "worker-1", "coordinator")]
+    assert "signature" in r.failovers[0].error
+    led = Ledger(ledger, create=False, readonly=True)
+    assert not led.is_banned("worker-1") and led.evidence("worker-1") == []
+    led.close()
 
 
 def test_cheat_at_low_audit_probability_still_ends_honest(request, tiny_gguf, tmp_path, client_for,

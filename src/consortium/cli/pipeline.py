@@ -193,6 +193,28 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
         help="Take over a failed stage here when no spare or standby worker can.",
     ),
     config_option(CoordinatorConfig, "max_sessions", "--max-sessions", positive=True),
+    config_option(
+        CoordinatorConfig,
+        "max_sessions_per_client",
+        "--max-sessions-per-client",
+        positive=True,
+        help="Sessions one client (its key or address) may run at once.",
+    ),
+    config_option(
+        CoordinatorConfig,
+        "sessions_per_minute_per_client",
+        "--sessions-per-minute-per-client",
+        positive=True,
+        help="Session starts one client may make a minute.",
+    ),
+    config_option(
+        CoordinatorConfig,
+        "max_request_bytes",
+        "--max-request-mb",
+        scale=MB,
+        positive=True,
+        help="Largest request the coordinator accepts (a prompt must also fit the model's context).",
+    ),
     audit_options,
     file_option(
         "--ledger",

@@ -34,7 +34,7 @@ from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import RemoteError
 from consortium.transport.tensors import TensorError, WireTensor, decode_hidden, decode_logits
 from consortium.verification.ledger import Ledger
-from consortium.verification.receipts import Receipt, ReceiptError, input_digest
+from consortium.verification.receipts import Receipt, ReceiptError, UnsignedError, input_digest
 
 log = logging.getLogger(__name__)
 # A remote stage that fails a call with one of these is dead or hung: its stage fails over.
@@ -52,8 +52,22 @@ class StepResult:
     end: int  # the position after the step (the cache length of every stage)
 
 
-class BadReceipt(Exception):
-    """A remote result's receipt did not check out (the fraud is recorded; a rollback follows)."""
+@dataclass(frozen=True)
+class StageResult:
+    out: WireTensor
+    logits: Tensor | None  # the last stage's
+    receipt: tuple[Receipt, bytes] | None  # with the key that checked it; None: the coordinator's own
+    node_id: str
+    rtt_ms: float
+    compute_ms: float
+
+
+class BadResult(Exception):
+    """A remote stage signed a wrong result (the fraud is recorded; a rollback follows)."""
+
+
+class Unattributable(Exception):
+    """A result nothing binds to its node (no valid signature, or not a tensor): no evidence."""
 
 
 class TokenLoop:
@@ -206,27 +220,51 @@ class TokenLoop:
     def _run_stages(
         self, session: Session, handles: list[StageHandle], step: int, x: WireTensor
     ) -> StepResult | None:
-        """One position range through every stage, checking each remote receipt before its
-        output is used. None when a receipt was bad (the fraud is recorded)."""
-        sid, pos, rows = session.session_id, session.position, x.rows
-        expected_in = input_digest(sid, 0, pos, x)
+        """One position range through every stage, each remote result verified before its
+        output is used. None when a stage's signed result was wrong (the fraud is recorded)."""
+        pos, rows = session.position, x.rows
+        expected_in = input_digest(session.session_id, 0, pos, x)
         receipts, logits = [], None
         for i in range(len(handles)):
             order = self._order(session, i, step, pos, x)
-            res, ref, rtt_ms = self._call(session, handles, i, order, rows)
-            out, logits = self._decode(i, ref, res, rows, last=i == len(handles) - 1)
-            try:
-                receipt = self._check(session, i, ref, order, res, out, expected_in)
-            except BadReceipt:
+            r = self._stage(session, handles, i, order, rows, expected_in)
+            if r is None:
                 return None
-            if receipt is None:  # the coordinator's own work: it is the verifier
-                expected_in = self.verifier.output_digest(session, i, pos, out)
+            if r.receipt is None:  # the coordinator's own work: it is the verifier
+                expected_in = self.verifier.output_digest(session, i, pos, r.out)
             else:
-                receipts.append(receipt)
-                expected_in = receipt[0].output_digest
-            session.history[i].append(StepRecord(step, pos, x, out, ref.node_id, rtt_ms, res.compute_ms))
-            x = out
+                receipts.append(r.receipt)
+                expected_in = r.receipt[0].output_digest
+            session.history[i].append(StepRecord(step, pos, x, r.out, r.node_id, r.rtt_ms, r.compute_ms))
+            x, logits = r.out, r.logits
         return StepResult(logits, receipts, pos + rows)
+
+    def _stage(
+        self,
+        session: Session,
+        handles: list[StageHandle],
+        i: int,
+        order: pb.WorkOrder,
+        rows: int,
+        expected_in: bytes,
+    ) -> StageResult | None:
+        """Stage i's verified result for the order; None if it was a signed wrong result (the
+        fraud is recorded). A result nothing binds to the node (unsigned, malformed) is no
+        evidence: the stage fails over and the replacement redoes the order."""
+        for attempt in range(MAX_FAILOVERS_PER_STEP + 1):
+            res, ref, rtt_ms = self._call(session, handles, i, order, rows)
+            try:
+                out, logits, receipt = self._verify(session, i, ref, order, res, rows, expected_in)
+            except Unattributable as e:
+                if attempt == MAX_FAILOVERS_PER_STEP:
+                    raise RemoteError(f"stage {i} ({ref.node_id}): {e}", grpc.StatusCode.UNAVAILABLE) from e
+                err = RemoteError(str(e), grpc.StatusCode.UNAVAILABLE)
+                self.recovery.failover(session, handles, i, order.start_position, err)
+                continue
+            except BadResult:
+                return None
+            return StageResult(out, logits, receipt, ref.node_id, rtt_ms, res.compute_ms)
+        raise AssertionError("unreachable")
 
     def _order(self, session: Session, i: int, step: int, pos: int, x: WireTensor) -> pb.WorkOrder:
         layers = session.stages[i].layers
@@ -262,37 +300,51 @@ class TokenLoop:
                 self.recovery.failover(session, handles, i, order.start_position, e)
         raise AssertionError("unreachable")
 
-    def _decode(self, i: int, ref: StageRef, res: pb.WorkResult, rows: int, last: bool):
-        try:
-            if last:
-                return decode_logits(res.output, self.args.vocab_size, rows=1)
-            out, _ = decode_hidden(res.output, self.args.dim)
-            if out.rows != rows:
-                raise TensorError(f"{out.rows} output rows for {rows} input rows")
-            return out, None
-        except TensorError as e:
-            raise RemoteError(f"stage {i} ({ref.node_id}) returned a bad result: {e}") from e
+    def _decode(self, res: pb.WorkResult, rows: int, last: bool) -> tuple[WireTensor, Tensor | None]:
+        """The result's tensor, checked against the order: shape, rows, all finite (TensorError)."""
+        if last:
+            return decode_logits(res.output, self.args.vocab_size, rows=1)
+        out, _ = decode_hidden(res.output, self.args.dim)
+        if out.rows != rows:
+            raise TensorError(f"{out.rows} output rows for {rows} input rows")
+        return out, None
 
-    def _check(
+    def _verify(
         self,
         session: Session,
         i: int,
         ref: StageRef,
         order: pb.WorkOrder,
         res: pb.WorkResult,
-        out: WireTensor,
+        rows: int,
         expected_in: bytes,
-    ) -> tuple[Receipt, bytes] | None:
-        """A remote result's receipt, checked, with the key that checked it (BadReceipt: the
-        fraud is recorded); None for the coordinator's own work."""
+    ) -> tuple[WireTensor, Tensor | None, tuple[Receipt, bytes] | None]:
+        """Checks a result before use (DESIGN.md §7: blame only on evidence). The coordinator's
+        own stage is trusted. For a remote one: a malformed tensor or a missing or bad signature
+        binds nothing to the node (Unattributable); a validly signed receipt that contradicts the
+        order, or a signed output that is unusable (NaN/Inf, wrong rows or shape), is fraud
+        (BadResult, after the evidence, ban and rollback target are recorded)."""
+        last = i == len(session.stages) - 1
         if ref.local:
-            return None
+            try:
+                return (*self._decode(res, rows, last), None)
+            except TensorError as e:
+                raise RemoteError(f"stage {i} (the coordinator's own) returned a bad result: {e}") from e
+        try:
+            wire = WireTensor.from_proto(res.output)
+        except TensorError as e:
+            raise Unattributable(f"malformed result from {ref.node_id}: {e}") from e
         key = self.cluster.public_key(ref.node_id)
         try:
-            return self.verifier.check(order, res, key, expected_in, out), key
-        except ReceiptError as e:
-            self.verifier.receipt_fraud(session, i, order, ref.node_id, e, res)
-            raise BadReceipt(str(e)) from e
+            receipt = self.verifier.check(order, res, key, expected_in, wire)
+            out, logits = self._decode(res, rows, last)
+        except UnsignedError as e:
+            raise Unattributable(str(e)) from e
+        except (ReceiptError, TensorError) as e:
+            what = "bad receipt" if isinstance(e, ReceiptError) else "bad result"
+            self.verifier.result_fraud(session, i, order, ref.node_id, f"{what}: {e}", res)
+            raise BadResult(str(e)) from e
+        return out, logits, (receipt, key)
 
     def deadline(self, session: Session, stage: int, rows: int) -> float:
         """A call's deadline: the prefill's long one, else adaptive to the stage's recent decode

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from consortium.core.config import LayerRange
+from consortium.core.placement import Holder, choose_tiling
 from consortium.errors import InvalidRequestError
 from consortium.identity.keys import PUBLIC_KEY_BYTES
 from consortium.model.model import DTYPES
@@ -151,6 +152,11 @@ class Registry:
             old = self._entries.get(node.node_id)
             if old is not None and old.node.local:
                 raise PreconditionError(f"node id {node.node_id!r} is the coordinator's own")
+            if old is not None and old.node.address != node.address and self._alive(old, time.monotonic()):
+                raise PreconditionError(  # a live node is never swapped for another registration
+                    f"node id {node.node_id!r} is registered and alive at {old.node.address}; a node "
+                    f"restarted elsewhere can register once it has been silent {self.node_timeout_s:g} s"
+                )
             self._entries[node.node_id] = _Entry(node, next(self._seq))
 
     def ban(self, node_id: str) -> None:
@@ -212,19 +218,34 @@ class Registry:
         return [n for n, ok, _ in self.snapshot() if ok and (n.local or not self.is_banned(n.node_id))]
 
     def serving(self) -> tuple[list[Node], list[Node]]:
-        """Live holders of layer ranges split into (serving, spares): of several nodes holding the
-        same range, the one that took it first serves it (e.g. the backup that replaced a failed
-        node, not the failed node coming back), the others wait as spares for failovers."""
+        """Live holders of layer ranges split into (serving, spares). The serving nodes tile the
+        model (`choose_tiling`): nodes without failed audits first, then whoever took its range
+        first (e.g. the backup that replaced a failed node, not the failed node coming back);
+        every other holder is a spare for failovers. With no exact tiling, the first holder of
+        each distinct range serves (and placement reports the gap or overlap)."""
         with self._lock:
             order = {nid: e.since for nid, e in self._entries.items()}
-        serving: dict[LayerRange, Node] = {}
-        spares: list[Node] = []
-        for n in sorted((n for n in self.alive() if n.layers is not None), key=lambda n: order[n.node_id]):
-            if n.layers in serving:
-                spares.append(n)
-            else:
-                serving[n.layers] = n
-        return list(serving.values()), spares
+        holders = sorted(
+            (n for n in self.alive() if n.layers is not None),
+            key=lambda n: (self._failed_audits(n), order[n.node_id]),
+        )
+        by_id = {n.node_id: n for n in holders}
+        tiling = choose_tiling([Holder(n.node_id, n.layers) for n in holders], self.n_layers)
+        if tiling is not None:
+            chosen = [by_id[h.node_id] for h in tiling]
+        else:
+            first: dict[LayerRange, Node] = {}
+            for n in holders:
+                first.setdefault(n.layers, n)
+            chosen = list(first.values())
+        ids = {n.node_id for n in chosen}
+        return chosen, [n for n in holders if n.node_id not in ids]
+
+    def _failed_audits(self, n: Node) -> int:
+        if n.local or self.ledger is None:
+            return 0
+        score = self.ledger.score(n.node_id)
+        return score.audits_failed if score is not None else 0
 
     def get(self, node_id: str) -> Node:
         with self._lock:

@@ -20,6 +20,7 @@ import grpc
 
 import consortium
 from consortium.coordinator.cluster import NodeCluster, stage_ref
+from consortium.coordinator.limits import ClientLimits, peer_host
 from consortium.coordinator.loop import TokenLoop
 from consortium.coordinator.pump import pumped
 from consortium.coordinator.registry import Node, Registry
@@ -28,6 +29,7 @@ from consortium.coordinator.verifier import Verifier
 from consortium.core.config import CoordinatorConfig, EngineConfig, SessionRequest
 from consortium.core.placement import Holder, PlacementError, check_tiling, overlaps
 from consortium.core.session import RESUMABLE, RUNNING, Session, SessionNotFoundError
+from consortium.errors import InvalidRequestError
 from consortium.model.generate import check_request
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import resolve_device
@@ -71,7 +73,12 @@ def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
     tokenizer = GGUFTokenizer(gguf)
     loop = TokenLoop(cfg, gguf.args, tokenizer, verifier, ledger, cluster)
     sessions = SessionTable(cfg, ledger, tokenizer)
-    return Coordinator(cfg, engine, gguf, tokenizer, ledger, registry, cluster, verifier, loop, sessions)
+    limits = ClientLimits(cfg.max_sessions_per_client, cfg.sessions_per_minute_per_client)
+    # a token is at most this many bytes of text, so a longer prompt has more tokens than the context
+    token_bytes = max(len(t.encode()) for t in gguf.meta("tokenizer.ggml.tokens"))
+    max_prompt = min(cfg.max_request_bytes, gguf.args.context_length * token_bytes)
+    parts = (cfg, engine, gguf, tokenizer, ledger, registry, cluster, verifier, loop, sessions, limits)
+    return Coordinator(*parts, max_prompt)
 
 
 @dataclass
@@ -86,6 +93,8 @@ class Coordinator:
     verifier: Verifier
     loop: TokenLoop
     sessions: SessionTable
+    limits: ClientLimits
+    max_prompt_bytes: int  # longer prompts cannot fit the context: refused before tokenizing
     runner: StageRunner | None = None  # the stage it hosts itself
     address: str = ""
     port: int = 0
@@ -108,7 +117,7 @@ class Coordinator:
 
     def start(self) -> None:
         cfg = self.cfg
-        self._server = make_server(max(32, cfg.max_sessions + 16), cfg.max_message_bytes)
+        self._server = make_server(max(32, cfg.max_sessions + 16), cfg.max_request_bytes)
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self), self._server)
         self.port = bind(self._server, cfg.host, cfg.port)
         self.address = self.cluster.address = f"{cfg.host}:{self.port}"
@@ -224,7 +233,9 @@ class Coordinator:
 
     # --- sessions ----------------------------------------------------------------------------
 
-    def new_session(self, req: pb.GenerateRequest) -> Session:
+    def new_session(self, req: pb.GenerateRequest, client: str = "") -> Session:
+        """A session for `req` from `client` (its key or address: per-client limits). Cheap checks
+        come first: the request's fields, then the prompt's size in bytes before tokenizing."""
         s = req.sampling
         request = SessionRequest(
             req.prompt,
@@ -237,6 +248,20 @@ class Coordinator:
         ).check()
         if request.audit_probability is None:
             request = replace(request, audit_probability=self.cfg.audit_probability)
+        size = len(request.prompt.encode())
+        if size > self.max_prompt_bytes:
+            raise InvalidRequestError(
+                f"prompt of {size} bytes cannot fit the model's context of {self.args.context_length} tokens "
+                f"(at most {self.max_prompt_bytes} bytes)"
+            )
+        self.limits.admit(client)
+        try:
+            return self._start(request, client)
+        except BaseException:
+            self.limits.release(client)
+            raise
+
+    def _start(self, request: SessionRequest, client: str) -> Session:
         ids = self.tokenizer.encode_prompt(request.prompt, chat=request.chat)
         ctx = self.args.context_length
         check_request(ids, request.max_tokens, ctx)
@@ -244,7 +269,8 @@ class Coordinator:
         self.sessions.check_capacity()
         sid = uuid.uuid4().hex
         audits = self.verifier.new_session_audits(sid, request.audit_probability, request.audit_seed)
-        session = Session(sid, request, ids, min(request.max_tokens, ctx - len(ids)), stages, audits=audits)
+        max_tokens = min(request.max_tokens, ctx - len(ids))
+        session = Session(sid, request, ids, max_tokens, stages, audits=audits, client=client)
         self.ledger.create_session(sid, ids, self._params(session), stages_record(session))
         self.sessions.add(session)
         log.info(
@@ -270,10 +296,18 @@ class Coordinator:
             "model_digest": self.digest,
         }
 
-    def resume_session(self, req: pb.ResumeRequest) -> Session:
+    def resume_session(self, req: pb.ResumeRequest, client: str = "") -> Session:
         """A session the ledger holds as interrupted (or failed, or cancelled) continues from its
         committed tokens: same id, prompt, sampling and seed, so the tokens it goes on to
         generate are those it would have generated without the stop."""
+        self.limits.admit(client)
+        try:
+            return self._resume(req, client)
+        except BaseException:
+            self.limits.release(client)
+            raise
+
+    def _resume(self, req: pb.ResumeRequest, client: str) -> Session:
         sid = req.session_id
         live = self.sessions.find(sid)
         if live is not None and live.state == RUNNING:
@@ -304,6 +338,7 @@ class Coordinator:
             tokens=list(tokens),
             resumed=len(tokens),
             audits=self.verifier.new_session_audits(sid, probability, self.cfg.audit_seed),
+            client=client,
         )
         session.first_step = self.ledger.resume_session(sid, stages_record(session))
         self.ledger.event(sid, "resumed", {"tokens": len(tokens), "from_status": rec["status"]})
@@ -342,6 +377,7 @@ class Coordinator:
             yield from events
         finally:
             events.close()
+            self.limits.release(session.client)
             self.sessions.trim()
 
 
@@ -359,11 +395,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @maps_errors
     def Generate(self, request, context):
-        yield from self._run(self.c.new_session(request), context)
+        yield from self._run(self.c.new_session(request, peer_host(context.peer())), context)
 
     @maps_errors
     def Resume(self, request, context):
-        yield from self._run(self.c.resume_session(request), context)
+        yield from self._run(self.c.resume_session(request, peer_host(context.peer())), context)
 
     def _run(self, session: Session, context) -> Iterator[pb.GenerateEvent]:
         context.add_callback(session.cancel.set)  # client gone: stop at the next step

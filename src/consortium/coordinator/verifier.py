@@ -25,7 +25,6 @@ from consortium.verification.audit import AuditResult, LocalAuditor, concat_inpu
 from consortium.verification.ledger import Ledger
 from consortium.verification.receipts import (
     Receipt,
-    ReceiptError,
     check_work_receipt,
     from_proto,
     input_digest,
@@ -114,18 +113,13 @@ class Verifier:
             if audits.fraud is None or fraud.position < audits.fraud.position:
                 audits.fraud = fraud
 
-    def receipt_fraud(
-        self,
-        session: Session,
-        stage: int,
-        order: pb.WorkOrder,
-        node_id: str,
-        err: ReceiptError,
-        res: pb.WorkResult,
+    def result_fraud(
+        self, session: Session, stage: int, order: pb.WorkOrder, node_id: str, reason: str, res: pb.WorkResult
     ) -> None:
-        fraud = Fraud(stage, order.start_position, node_id, f"bad receipt: {err}")
+        """A validly signed result that is wrong on its face: the signed receipt is the evidence."""
+        fraud = Fraud(stage, order.start_position, node_id, reason)
         r = from_proto(res.receipt) if res.receipt.ByteSize() else None
-        self.punish(session, fraud, {"error": str(err), "step": order.step, "receipt": repr(r)})
+        self.punish(session, fraud, {"error": reason, "step": order.step, "receipt": repr(r)})
 
     @staticmethod
     def wait(audits: SessionAudits, timeout_s: float | None = None) -> bool:

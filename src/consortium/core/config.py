@@ -75,6 +75,9 @@ class CoordinatorConfig:
     kv_cache_bytes: int = 2 * 2**30  # budget of the coordinator's own stage
     session_idle_timeout_s: float = 600.0
     max_sessions: int = 16  # concurrent sessions
+    max_sessions_per_client: int = 8  # concurrent sessions of one client (key or address)
+    sessions_per_minute_per_client: float = 120.0  # session starts of one client (a token bucket)
+    max_request_bytes: int = 4 * 2**20  # largest message the coordinator accepts (a Generate request)
     keep_finished: int = 64  # finished sessions kept for status
     keep_history: int = 8  # finished sessions whose committed history stays in memory
     step_timeout_s: float = 60.0  # deadline of a decode call to a worker

@@ -217,3 +217,20 @@ def choose_auditor(
     if not able:
         return None
     return min(able, key=lambda c: (c.backend == audited_backend, c.node_id)).node_id
+
+
+def choose_tiling(holders: list[Holder], n_layers: int) -> list[Holder] | None:
+    """Holders whose ranges tile [0, n_layers) exactly, or None if none do. `holders` come in
+    order of preference (clean audit history, then who took the range first): of the tilings,
+    the one with the fewest stages wins (fewer hops), then the most preferred holders. Extra,
+    duplicate or overlapping ranges never block a session: their holders are spares."""
+    best: dict[int, tuple[int, int, list[Holder]] | None] = {n_layers: (0, 0, [])}
+    for pos in range(n_layers - 1, -1, -1):
+        options = []
+        for rank, h in enumerate(holders):
+            rest = best.get(h.layers.end) if h.layers.start == pos and h.layers.end <= n_layers else None
+            if rest is not None:
+                options.append((rest[0] + 1, rest[1] + rank, [h, *rest[2]]))
+        best[pos] = min(options, key=lambda o: o[:2]) if options else None
+    found = best.get(0)
+    return found[2] if found else None

@@ -106,6 +106,7 @@ class Session:
     unsent_failovers: list[FailoverRecord] = field(default_factory=list)  # not yet streamed
     resumed: int = 0  # tokens generated before a coordinator restart (a resumed session)
     first_step: int = 0  # step number of the first step this coordinator runs
+    client: str = ""  # who asked for it (its key or address): per-client limits
 
     def __post_init__(self) -> None:
         if not self.history:

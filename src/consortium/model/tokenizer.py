@@ -81,8 +81,13 @@ class GGUFTokenizer:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
+    def _encode(self, text: str) -> list[int]:
+        # encode_batch releases the GIL while it works (encode does not): a long prompt being
+        # tokenized never stalls the process's other threads (a coordinator's heartbeats).
+        return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        ids = self._encode(text)
         if (self.add_bos if add_bos is None else add_bos) and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
         return ids
@@ -117,7 +122,7 @@ class GGUFTokenizer:
         if chat and self.chat_template:
             text = self.render_chat([ChatMessage("user", prompt)])
             # The template writes BOS itself where the model wants one.
-            ids = self.tok.encode(text, add_special_tokens=False).ids
+            ids = self._encode(text)
             if self.add_bos and (not ids or ids[0] != self.bos_id):
                 ids = [self.bos_id, *ids]
             return ids

@@ -37,6 +37,8 @@ KINDS = (
     "replay",
     "die-at",
     "hang-at",
+    "nan",
+    "extra-row",
 )
 FAULTS = ("die-at", "hang-at")
 AUDIT_MARK = ".audit"  # in every audit session id (the coordinator's audit_session_id)
@@ -116,6 +118,12 @@ class Misbehaviour:
             idx = out.abs().argmax(-1, keepdim=True)
             out.scatter_(-1, idx, -out.gather(-1, idx))
             return out
+        if self.kind == "nan":  # a signed result no stage can use
+            out = out.clone()
+            out[..., 0] = float("nan")
+            return out
+        if self.kind == "extra-row":  # more rows than the order asked for, signed
+            return torch.cat([out, out[-1:]])
         return out
 
     def corrupt_receipt(self, receipt: pb.Receipt, sent: list[pb.Receipt]) -> pb.Receipt:

@@ -16,7 +16,12 @@ DOMAIN = b"consortium.receipt.v1"
 
 
 class ReceiptError(ConsortiumError):
-    """A receipt that does not check out: fraud evidence when it came from a node."""
+    """A validly signed receipt that does not check out: fraud evidence against its signer."""
+
+
+class UnsignedError(ReceiptError):
+    """No receipt, or one whose signature does not verify: nothing binds it to the node's key,
+    so it is no evidence against the node (DESIGN.md §7): the stage fails over instead."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class Receipt:
         """Raise ReceiptError unless signed with `public_key` (the key the node's id is pinned to
         at registration; the ledger keeps that binding)."""
         if not verify_signature(public_key, self.signature, self.signing_bytes()):
-            raise ReceiptError(
+            raise UnsignedError(
                 f"bad signature on receipt of node {self.node_id} (session {self.session_id}, step {self.step}, "
                 f"stage {self.stage_index})"
             )
@@ -174,9 +179,10 @@ def check_work_receipt(
     """The coordinator's check before it uses a result: signature by the node's registered
     key, the receipt describes this very order, the layers are the model's, the input is
     what was sent (the digest chain), and the output digest commits to the bytes received.
-    Raises ReceiptError (fraud evidence) on any mismatch."""
+    Raises UnsignedError when the receipt is missing or its signature fails (no evidence), and
+    ReceiptError (fraud evidence: the node signed it) on any other mismatch."""
     if not msg.ByteSize():
-        raise ReceiptError(f"no receipt for step {order.step} of stage {order.stage_index}")
+        raise UnsignedError(f"no receipt for step {order.step} of stage {order.stage_index}")
     r = from_proto(msg)
     r.check_signature(public_key)
     want = (

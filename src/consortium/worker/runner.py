@@ -126,6 +126,8 @@ class StageRunner:
     def _forward(self, order: pb.WorkOrder) -> tuple[WireTensor, torch.Tensor, float]:
         """The checked order through the stage: (input as received, output rows on the CPU, ms)."""
         check_session_id(order.session_id)
+        if not 0 <= order.step < 2**63:  # receipts sign it as a signed 64-bit field: refuse before any work
+            raise InvalidRequestError(f"step {order.step} outside 0..2^63-1")
         check_layers(order.layers, self.layers)
         if order.all_logits and not self.stage.is_last:
             raise InvalidRequestError(f"all_logits asked of layers {self.layers}, which do not end the model")

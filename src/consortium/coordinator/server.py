@@ -35,6 +35,7 @@ from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import resolve_device
 from consortium.model.sampling import SamplingParams
 from consortium.model.tokenizer import GGUFTokenizer
+from consortium.transport.handlers import add_servicer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import PreconditionError, bind, make_server, maps_errors
@@ -118,7 +119,9 @@ class Coordinator:
     def start(self) -> None:
         cfg = self.cfg
         self._server = make_server(max(32, cfg.max_sessions + 16), cfg.max_request_bytes)
-        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self), self._server)
+        add_servicer(
+            self._server, CoordinatorServicer(self), "Coordinator"
+        )  # unparseable requests: INVALID_ARGUMENT
         self.port = bind(self._server, cfg.host, cfg.port)
         self.address = self.cluster.address = f"{cfg.host}:{self.port}"
         if cfg.layers is not None:

@@ -15,6 +15,7 @@ from consortium.errors import ConsortiumError
 from consortium.identity import NodeIdentity
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import resolve_device
+from consortium.transport.handlers import add_servicer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import (
@@ -118,7 +119,7 @@ class WorkerNode:
             self.memory_bytes = min(self.memory_bytes, cfg.max_memory_bytes)
         self.speed_gflops = measure_speed_gflops(self.device, cfg.engine.dtype)
         self._server = make_server(cfg.max_concurrency, cfg.max_message_bytes)
-        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(self), self._server)
+        add_servicer(self._server, WorkerServicer(self), "Worker")  # unparseable requests: INVALID_ARGUMENT
         port = bind(self._server, cfg.host, cfg.port)
         self._server.start()
         host = cfg.host

@@ -192,14 +192,17 @@ def _parsed(command, *args: str) -> dict:
 
 
 def test_options_default_to_the_config_dataclasses():
-    from consortium.cli.common import MB, fill, session_request
+    from consortium.cli.common import MB, fill, serve_config, session_request
     from consortium.cli.pipeline import coordinator_start, worker_start
     from consortium.cli.session import session_run
     from consortium.core.config import CoordinatorConfig, EngineConfig, SessionRequest, WorkerConfig
+    from consortium.serving.config import ServeConfig
 
     def build(cls, opts: dict, **extra):
-        for k in ("model", "log_file", "exit_with_parent", "port_file", "allow_keys"):
+        for k in ("model", "log_file", "exit_with_parent", "port_file", "allow_keys", "http_port_file"):
             opts.pop(k, None)
+        if cls is CoordinatorConfig:  # the HTTP API's options build its own config
+            assert serve_config(opts) == ServeConfig()
         cfg = fill(cls, opts, engine=fill(EngineConfig, opts), **extra)
         assert opts == {}, f"options no config field takes: {opts}"
         return cfg

@@ -13,6 +13,7 @@ import click
 from consortium.core.config import ClientConfig, CoordinatorConfig, EngineConfig, SessionRequest
 from consortium.errors import ConsortiumError
 from consortium.model.sampling import SamplingParams
+from consortium.serving.config import OPTIMISTIC, VERIFIED, ServeConfig, read_api_keys
 
 MB = 2**20
 
@@ -134,6 +135,54 @@ def file_option(flag: str, help: str, exists: bool = False, **kw):
 def folder_option(flag: str, help: str, **kw):
     """An option naming a folder (a Path; None when not given)."""
     return click.option(flag, type=click.Path(file_okay=False, path_type=Path), default=None, help=help, **kw)
+
+
+serve_options = options(  # serve_config(options)
+    config_option(
+        ServeConfig,
+        "http_port",
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="Serve the OpenAI-compatible API, /metrics and the status page over HTTP (0 = any free port).",
+    ),
+    config_option(
+        ServeConfig,
+        "http_host",
+        "--http-host",
+        help="Interface of the HTTP API (without --api-keys: loopback only, unless --no-auth).",
+    ),
+    file_option("--api-keys", "Bearer keys of the HTTP API, one per line.", exists=True),
+    config_option(
+        ServeConfig,
+        "no_auth",
+        "--no-auth",
+        is_flag=True,
+        help="Serve the HTTP API without keys on any interface (only on a network you trust).",
+    ),
+    config_option(
+        ServeConfig,
+        "release",
+        "--release",
+        type=click.Choice([VERIFIED, OPTIMISTIC]),
+        show_default=True,
+        help="verified: a token is sent once no audit can roll it back; optimistic: at once "
+        "(a rollback that withdraws sent text then ends the stream with an error).",
+    ),
+    config_option(
+        ServeConfig,
+        "default_max_tokens",
+        "--default-max-tokens",
+        positive=True,
+        help="Tokens generated for an HTTP request that names no max_tokens.",
+    ),
+)
+
+
+def serve_config(options: dict[str, Any]) -> ServeConfig:
+    """The ServeConfig of serve_options (taken out of `options`; --api-keys read and checked)."""
+    path = options.pop("api_keys")
+    return fill(ServeConfig, options, api_keys=read_api_keys(path) if path else None)
 
 
 def json_option(help: str):

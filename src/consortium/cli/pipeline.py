@@ -27,6 +27,8 @@ from consortium.cli.common import (
     json_option,
     model_option,
     options,
+    serve_config,
+    serve_options,
 )
 from consortium.core.config import (
     ClientConfig,
@@ -37,6 +39,7 @@ from consortium.core.config import (
     read_allowed_keys,
 )
 from consortium.errors import ConsortiumError
+from consortium.serving.config_file import configurable
 
 log = logging.getLogger("consortium.cli")
 
@@ -236,12 +239,16 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
         positive=True,
         help="Sessions audited at once (each session's audits run one after another).",
     ),
+    serve_options,
+    file_option(
+        "--http-port-file", "Write the HTTP API's bound port here (launcher.py's protocol).", hidden=True
+    ),
 )
 
 
 @coordinator.command("start")
 @coordinator_start_options
-def coordinator_start(model, log_file, exit_with_parent, port_file, allow_keys, **options):
+def coordinator_start(model, log_file, exit_with_parent, port_file, allow_keys, http_port_file, **options):
     """Serve the node registry, sessions and the token loop (optionally hosting --layers)."""
     from consortium.coordinator.server import build_coordinator
     from consortium.core.logs import setup_logging
@@ -249,6 +256,8 @@ def coordinator_start(model, log_file, exit_with_parent, port_file, allow_keys, 
     path = setup_logging("coordinator", log_file, options["port"])
     click.echo(f"log: {path}")
     keys = read_allowed_keys(allow_keys) if allow_keys else None
+    serve = serve_config(options)
+    serve.check_exposure()  # before anything starts
     engine = fill(EngineConfig, options)
     cfg = fill(
         CoordinatorConfig, options, model=_model_path(model), engine=engine, log_file=path, allow_keys=keys
@@ -263,7 +272,14 @@ def coordinator_start(model, log_file, exit_with_parent, port_file, allow_keys, 
             f"{c.args.n_layers} layers), {hosting}"
         )
 
-    _serve(build_coordinator(cfg), "coordinator", banner, port_file, exit_with_parent)
+    node = build_coordinator(cfg)
+    if serve.http_port is not None:  # the HTTP API, in this process (serving/)
+        from consortium.serving.server import Served
+
+        node = Served(node, serve, http_port_file)
+    _serve(
+        node, "coordinator", lambda c: banner(c) + getattr(c, "http_note", ""), port_file, exit_with_parent
+    )
 
 
 @coordinator.command("status")
@@ -378,5 +394,8 @@ def worker_start(model, log_file, exit_with_parent, port_file, **options):
 
     _serve(WorkerNode(cfg), "worker", banner, port_file, exit_with_parent)
 
+
+for _command in (coordinator_start, worker_start):
+    configurable(_command)  # --config FILE.yaml, CONSORTIUM_* variables
 
 COMMANDS = (coordinator, worker)

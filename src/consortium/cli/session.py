@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from dataclasses import replace
 
 import click
 
@@ -24,12 +25,15 @@ from consortium.cli.common import (
     options,
     print_delta,
     sampling_options,
+    serve_config,
+    serve_options,
     session_request,
     wait_audits_option,
 )
 from consortium.coordinator.launcher import DEMO_PROMPT, DemoConfig
 from consortium.core.config import ClientConfig, EngineConfig
 from consortium.errors import ConsortiumError
+from consortium.serving.config_file import configurable
 
 # --- session -----------------------------------------------------------------------------
 
@@ -151,6 +155,8 @@ def session_show(ledger, session_id):
         led.close()
 
 
+DEMO_HTTP_PORT = 8000  # demo --serve without --http-port
+
 # --- demo --------------------------------------------------------------------------------
 
 
@@ -189,27 +195,49 @@ demo_options = options(  # fill(DemoConfig, options)
         is_flag=True,
         help="Also start a standby worker (no layers): a failover moves the stage there, not to the coordinator.",
     ),
+    click.option(
+        "--serve",
+        "serve_api",
+        is_flag=True,
+        help="Run no session: keep the cluster with the HTTP API (OpenAI-compatible, /metrics, status page "
+        f"at /; port {DEMO_HTTP_PORT} unless --http-port) until Ctrl-C, and print its URL.",
+    ),
+    serve_options,
 )
 
 
 @click.command()
 @demo_options
-def demo(as_json, **options):
+def demo(as_json, serve_api, **options):
     """Start a coordinator (last third of the layers) and two workers here, run one session, stop all."""
     from consortium.coordinator.client import format_report
-    from consortium.coordinator.launcher import run_demo
+    from consortium.coordinator.launcher import run_demo, serve_demo
 
+    serving = _serving(serve_api, options)
     request = session_request(options)
     engine = fill(EngineConfig, options)
-    cfg = fill(DemoConfig, options, request=request, engine=engine, quiet=as_json)
+    cfg = fill(DemoConfig, options, request=request, engine=engine, quiet=as_json, **serving)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     note = lambda text: click.echo(text, err=True)  # noqa: E731  (stdout stays text or JSON only)
+    if cfg.serve is not None:
+        return serve_demo(cfg, note)
     report = run_demo(cfg, note, on_end=None if as_json else click.echo, **_live(as_json))
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return
     for line in format_report(report):
         click.echo(line)
+
+
+def _serving(serve_api: bool, options: dict) -> dict:
+    """DemoConfig's serve and api_keys_file of --serve and serve_options (taken out of `options`)."""
+    keys = options.get("api_keys")
+    serve = serve_config(options)
+    if not serve_api:
+        return {}
+    serve.check_exposure()
+    port = DEMO_HTTP_PORT if serve.http_port is None else serve.http_port
+    return {"serve": replace(serve, http_port=port), "api_keys_file": keys}
 
 
 def _live(as_json: bool) -> dict:
@@ -249,5 +277,7 @@ def _print_failover(ev) -> None:
 def _raise_interrupt(*_) -> None:
     raise KeyboardInterrupt
 
+
+configurable(demo)  # --config FILE.yaml, CONSORTIUM_* variables
 
 COMMANDS = (session, demo)

@@ -10,6 +10,7 @@ outlives the cluster, also on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from consortium.core.config import ClientConfig, EngineConfig, LayerRange, SessionRequest, default_log_dir
 from consortium.errors import ConsortiumError
+from consortium.serving.config import ServeConfig
 
 DEMO_PROMPT = "Explain in one paragraph why the sky appears blue."
 
@@ -48,6 +50,7 @@ class LocalProcess:
     log_file: Path
     proc: subprocess.Popen | None = None
     port: int | None = None
+    http_port: int | None = None  # a coordinator started with --http-port: its HTTP API's
 
     @property
     def pid(self) -> int | None:
@@ -57,14 +60,19 @@ class LocalProcess:
     def port_file(self) -> Path:
         return self.log_file.with_suffix(".port")
 
+    @property
+    def http_port_file(self) -> Path:
+        return self.log_file.with_suffix(".http-port")
+
     def start(self, env: dict[str, str]) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)  # a previous run's, in a reused log folder
         extra = ["--log-file", str(self.log_file), "--exit-with-parent", "--port-file", str(self.port_file)]
-        args = self.args
-        if self.port is not None and "--port" in args:  # a restart binds the port its peers know
-            i = args.index("--port")
-            args = [*args[: i + 1], str(self.port), *args[i + 2 :]]
+        args = _with_value(self.args, "--port", self.port)  # a restart binds the port its peers know
+        if "--http-port" in args:
+            self.http_port_file.unlink(missing_ok=True)
+            extra += ["--http-port-file", str(self.http_port_file)]
+            args = _with_value(args, "--http-port", self.http_port)
         with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "consortium", *args, *extra],
@@ -86,15 +94,23 @@ class LocalProcess:
 
     def wait_port(self, timeout_s: float) -> int:
         """The port the process bound, once it serves (it writes its port file then)."""
+        self.port = self._wait_file(self.port_file, timeout_s)
+        return self.port
+
+    def wait_http_port(self, timeout_s: float) -> int:
+        """The HTTP API's port (a coordinator started with --http-port reports it before serving)."""
+        self.http_port = self._wait_file(self.http_port_file, timeout_s)
+        return self.http_port
+
+    def _wait_file(self, path: Path, timeout_s: float) -> int:
         deadline = time.monotonic() + timeout_s
-        while (port := read_port_file(self.port_file)) is None:
+        while (port := read_port_file(path)) is None:
             self.check_running()
             if time.monotonic() > deadline:
                 raise ConsortiumError(
                     f"{self.name} is not serving after {timeout_s:g} s (log: {self.log_file})"
                 )
             time.sleep(0.05)
-        self.port = port
         return port
 
     def log_tail(self, lines: int = 3) -> str:
@@ -125,6 +141,7 @@ class LocalCluster:
     worker_args: list[list[str]] = field(default_factory=list)
     processes: list[LocalProcess] = field(default_factory=list)
     port: int | None = None  # the coordinator's, once it serves
+    http_port: int | None = None  # its HTTP API's, when coordinator_args has --http-port
 
     def __post_init__(self) -> None:
         if not self.engine.threads:  # the processes share this machine's cores
@@ -135,6 +152,12 @@ class LocalCluster:
         if self.port is None:
             raise ConsortiumError("the local cluster's coordinator is not serving yet")
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        if self.http_port is None:
+            raise ConsortiumError("the local cluster's coordinator serves no HTTP API")
+        return f"http://{self.host}:{self.http_port}"
 
     def _engine_args(self) -> list[str]:
         e = self.engine
@@ -176,6 +199,8 @@ class LocalCluster:
             self.processes.append(self._coordinator())
             self.processes[0].start(env)
             self.port = self.processes[0].wait_port(timeout_s)
+            if "--http-port" in self.coordinator_args:  # reported before the gRPC port: there now
+                self.http_port = self.processes[0].wait_http_port(timeout_s)
             for i, layers in enumerate(self.worker_layers):
                 self.processes.append(self._worker(i, layers))
                 self.processes[-1].start(env)
@@ -231,6 +256,14 @@ class LocalCluster:
         self.stop()
 
 
+def _with_value(args: list[str], flag: str, value: int | None) -> list[str]:
+    """`args` with `flag`'s value replaced by `value` (unchanged when None or absent)."""
+    if value is None or flag not in args:
+        return args
+    i = args.index(flag)
+    return [*args[: i + 1], str(value), *args[i + 2 :]]
+
+
 def local_threads(processes: int) -> int:
     """Torch threads per process when `processes` share this machine: the cores divided
     among them, at least one. Measured on a shared 2-core machine: one thread per process
@@ -263,6 +296,8 @@ class DemoConfig:
     kill_at: int | None = None  # kill -9 the worker of the middle layers after this many tokens
     standby: bool = False  # also a standby worker: a failover moves the stage there
     quiet: bool = False  # no pull progress on stdout
+    serve: ServeConfig | None = None  # --serve: no session; the HTTP API until Ctrl-C (serve_demo)
+    api_keys_file: Path | None = None  # the coordinator's --api-keys
 
 
 def run_demo(cfg: DemoConfig, note: Callable[[str], None], on_end: Callable[[], None] | None = None, **live):
@@ -308,7 +343,53 @@ def demo_cluster(cfg: DemoConfig, model: Path) -> LocalCluster:
     log_dir = cfg.log_dir or default_log_dir() / time.strftime("demo-%Y%m%d-%H%M%S")
     cheat = ["--misbehave", cfg.misbehave] if cfg.misbehave else []
     workers: list[LayerRange | None] = [first, second] + ([None] if cfg.standby else [])
-    return LocalCluster(model, last, workers, log_dir, cfg.engine, worker_args=[[], cheat, ["--standby"]])
+    return LocalCluster(
+        model,
+        last,
+        workers,
+        log_dir,
+        cfg.engine,
+        coordinator_args=serve_args(cfg.serve, cfg.api_keys_file) if cfg.serve is not None else [],
+        worker_args=[[], cheat, ["--standby"]],
+    )
+
+
+def serve_args(serve: ServeConfig, api_keys_file: Path | None) -> list[str]:
+    """The coordinator's flags for the HTTP API of `serve`."""
+    args = [
+        "--http-port",
+        str(serve.http_port or 0),
+        "--http-host",
+        serve.http_host,
+        "--release",
+        serve.release,
+    ]
+    args += ["--default-max-tokens", str(serve.default_max_tokens)]
+    args += ["--api-keys", str(api_keys_file)] if api_keys_file is not None else []
+    return args + (["--no-auth"] if serve.no_auth else [])
+
+
+def serve_demo(cfg: DemoConfig, note: Callable[[str], None]) -> None:
+    """`demo --serve`: the demo's cluster with the HTTP API on its coordinator, until Ctrl-C (or
+    until the coordinator exits); every process is stopped at the end."""
+    if cfg.serve is None or cfg.kill_at is not None:
+        raise ConsortiumError("demo --serve runs no session of its own: drop --kill-at")
+    cluster = demo_cluster(cfg, _demo_model(cfg, note))
+    try:
+        for line in demo_layout(cluster):
+            note(line)
+        cluster.start()
+        url, model = cluster.http_url, cluster.model.stem
+        note(f"cluster ready: OpenAI-compatible API at {url}/v1 (model {model!r}), status page {url}/")
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi"}]})
+        note(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'")
+        note("Ctrl-C stops every process")
+        while True:
+            cluster.processes[0].check_running()
+            time.sleep(0.5)
+    finally:
+        cluster.stop()
+        note("all processes stopped")
 
 
 def demo_layout(cluster: LocalCluster) -> list[str]:

@@ -146,6 +146,21 @@ def test_without_a_backup_the_session_fails_and_keeps_its_tokens(coordinator, ti
     assert c.ledger.tokens(sid) == r.tokens and c.ledger.session(sid)["status"] == FAILED
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_badly_signed_result_is_no_evidence_the_stage_fails_over(coordinator, tiny_gguf, stage):
+    """Nothing binds a result with a bad signature to its node: no ban, no rollback; the stage
+    fails over at the step whose result it was (the prefill) and the backup redoes it."""
+    c = coordinator()
+    for i, r in enumerate([W0, W1]):
+        c.add_node(f"w{i}", r, misbehave="bad-signature" if i == stage else None)
+    r = c.generate(["w0", "w1"], PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
+    assert r.tokens == _baseline(tiny_gguf, SEEDED)
+    assert _failovers(r) == [(stage, 0, f"w{stage}", "coordinator")]
+    assert "bad signature" in r.failovers[0].error and r.failovers[0].replayed_positions == 0
+    assert r.rollbacks == [] and c.ledger.banned_nodes() == [] and c.ledger.evidence() == []
+    assert r.session.audits.counts().failed == 0
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="product bug: Ledger.verify_session chains each step's receipts from the token digest "

@@ -1,8 +1,10 @@
-"""The verifier in one process (tests/helpers/inprocess.py), every unit audited: a cheat is
-caught, banned and rolled back so the tokens stay the single-node ones; a remote auditor's
-mismatch is confirmed by the coordinator before anyone is banned (a lying auditor is banned
-instead), a colluding one is caught by the re-check; an auditor lost mid-audit moves the
-audit without calling anyone a cheat; audits run serially per session, sessions in parallel."""
+"""The verifier in one process (tests/helpers/inprocess.py), every unit audited: a cheat (a
+wrong result an audit finds, a signed receipt that contradicts the order, a signed unusable
+result) is caught, banned and rolled back so the tokens stay the single-node ones; a remote
+auditor's mismatch is confirmed by the coordinator before anyone is banned (a lying auditor
+is banned instead), a colluding one is caught by the re-check; an auditor lost mid-audit
+moves the audit without calling anyone a cheat; audits run serially per session, sessions in
+parallel."""
 
 from __future__ import annotations
 
@@ -49,10 +51,11 @@ def _auditors(c, r, stage: int) -> set[str]:
     [
         ("noise=0.05", 1, False, GREEDY, "failed audit"),
         ("noise=0.05", 1, True, SEEDED, "failed audit"),
-        ("bad-signature", 0, False, SEEDED, "bad receipt"),
+        ("replay", 0, False, SEEDED, "bad receipt"),
+        ("nan", 1, False, GREEDY, "bad result"),
         ("wrong-weights", 1, False, SEEDED, "failed audit"),
     ],
-    ids=["noise", "noise-spare", "bad-signature", "wrong-weights"],
+    ids=["noise", "noise-spare", "replay", "nan", "wrong-weights"],
 )
 def test_a_cheat_is_caught_banned_and_rolled_back(
     coordinator, tiny_gguf, cheat, stage, spare, sampling, reason

@@ -324,7 +324,8 @@ class InProcessCoordinator:
         self._ids = itertools.count()
 
     def add_node(self, node_id: str, layers: LayerRange, **kw) -> InProcessNode:
-        """A worker holding `layers` joins (InProcessNode's keywords: misbehave, faults, gate)."""
+        """A worker holding `layers` joins; `kw` are InProcessNode's (misbehave,
+        die_on_audit_call, audit_gate)."""
         return self.cluster.add(InProcessNode(node_id, self.gguf, layers, **kw))
 
     def close(self) -> None:

@@ -193,3 +193,26 @@ def test_memory_estimate_matches_what_a_stage_holds(l1b):
     )
     est = memory.stage_bytes(l1b, StageSpec(1, 2, dtype="bf16", packed=True))
     assert held <= est <= held * 1.05 + (64 << 20)
+
+
+def test_two_stage_pipeline_on_q4_k_m_audits_every_unit(request, l1b, tmp_path):
+    """A llama3.2-1b-shaped Q4_K_M in two processes (worker 0-1, coordinator 1-2 + head), every
+    unit audited: the tokens of one node, zero failed audits."""
+    from helpers.cluster import start_cluster
+
+    from consortium.coordinator.client import Client
+    from consortium.core.config import ClientConfig, LayerRange, SessionRequest
+    from consortium.model.generate import generate, load_single_node
+    from consortium.model.sampling import SamplingParams
+
+    req = SessionRequest(
+        "Explain why the sky is blue.", 8, SamplingParams(0.7, seed=3), audit_probability=1.0
+    )
+    _, stage, tok = load_single_node(str(l1b.path))
+    want = generate(stage, tok, tok.encode_prompt(req.prompt, chat=True), req.max_tokens, req.sampling).tokens
+    del stage
+    cluster = start_cluster(request, l1b.path, tmp_path / "logs", LayerRange(1, 2), [LayerRange(0, 1)])
+    with Client(ClientConfig(cluster.address)) as client:
+        report = client.run(req)
+    assert report.tokens == want
+    assert report.audits.failed == 0 and report.audits.passed == report.audits.total > 0

@@ -12,6 +12,13 @@ without changing a code; only s and z are rounded to bf16 (and x to bf16, as in 
 
 Q6_K: x s (lo - 8) + 8 x s (2 hi + 5 - 8) = x s (lo + 16 hi - 32): the format's own value.
 All of it is vectorised over rows (no per-block Python loops, no float64).
+
+Exact: every code, and the formula (tests/test_scale.py rebuilds each format's fp32 dequantization
+from the int4 form to 1e-6). Rounded: s and z to bf16 (rel. 2^-9 each) and x to bf16. Measured on
+1024x4096 matrices, rel-L2 of x W^T against fp32 x and fp32 dequantized W: 0.24-0.38 % for every
+format (dense bf16: 0.26-0.29 %); bound tested: 1 %. Memory: 0.625 bytes/weight for the 4-bit
+formats, 1.25 for the others (GGUF: 0.56-1.06; dense bf16: 2). At M=1 (decode) the kernel beats
+dense bf16 by 1.6-2.5x on 8B shapes; at M=16 (prefill) it is 1.1-5x slower (bench_scale.py).
 """
 
 from __future__ import annotations

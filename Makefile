@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model demo test lint bench clean
+.PHONY: setup model browser demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,18 @@ setup: $(STAMP)
 model: setup
 	$(BIN)/consortium model pull
 
+# The status page's browser test needs Chromium and its driver: installed with apt-get where
+# that works (CI runs as root on Debian); elsewhere the test skips and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "no Chromium installed: the status page's browser test will skip"
+
 demo: model
 	$(BIN)/consortium demo
 
-test: model
+test: model browser
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -10,13 +10,10 @@ import httpx
 import openai
 import pytest
 from helpers.cluster import wait_for
-from helpers.tiny_model import TinySpec, write_tiny_gguf
-from prometheus_client.parser import text_string_to_metric_families
+from helpers.serving import Metrics, long_tiny_gguf, single_node_text
 
 from consortium.coordinator.server import build_coordinator
 from consortium.core.config import CoordinatorConfig, LayerRange
-from consortium.model.generate import TextStream, generate, load_single_node
-from consortium.model.sampling import SamplingParams
 from consortium.serving.config import ServeConfig
 from consortium.serving.server import Served
 
@@ -26,8 +23,7 @@ PROMPT = "the cat sat on"
 
 @pytest.fixture(scope="module")
 def long_gguf(tmp_path_factory):
-    """The tiny model with room for long generations (the disconnect test)."""
-    return write_tiny_gguf(tmp_path_factory.mktemp("long") / "long.gguf", TinySpec(context_length=2048))
+    return long_tiny_gguf(tmp_path_factory.mktemp("long") / "long.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +45,6 @@ def http(server):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(api_key=KEY, base_url=server.http.url + "/v1", max_retries=0)
-
-
-def expected(model, prompt: str, max_tokens: int, chat: bool = True) -> tuple[str, list[int]]:
-    """What `consortium generate` gives, as text deltas joined (as the API streams them)."""
-    _, stage, tok = load_single_node(str(model))
-    ids = tok.encode_prompt(prompt, chat=chat)
-    tokens = generate(stage, tok, ids, max_tokens, SamplingParams()).tokens
-    stream = TextStream(tok)
-    return "".join(stream.push(t) for t in tokens), tokens
 
 
 def test_keys_guard_everything_but_health_and_the_page(server, http):
@@ -82,7 +69,7 @@ def test_keys_guard_everything_but_health_and_the_page(server, http):
 
 
 def test_chat_and_completions_equal_single_node_generation(long_gguf, client):
-    text, tokens = expected(long_gguf, PROMPT, 12)
+    text, tokens = single_node_text(long_gguf, PROMPT, 12)
     r = client.chat.completions.create(
         model="long", messages=[{"role": "user", "content": PROMPT}], max_tokens=12
     )
@@ -102,13 +89,13 @@ def test_chat_and_completions_equal_single_node_generation(long_gguf, client):
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
-    raw, _ = expected(long_gguf, PROMPT, 8, chat=False)
+    raw, _ = single_node_text(long_gguf, PROMPT, 8, chat=False)
     c = client.completions.create(model="long", prompt=PROMPT, max_tokens=8)
     assert c.choices[0].text == raw and c.usage.prompt_tokens > 3
 
 
 def test_stop_strings_end_the_text(long_gguf, client):
-    text, _ = expected(long_gguf, PROMPT, 24)
+    text, _ = single_node_text(long_gguf, PROMPT, 24)
     stop = next(text[i : i + 2] for i in range(3, len(text) - 2) if text[i : i + 2].strip())
     r = client.chat.completions.create(
         model="long", messages=[{"role": "user", "content": PROMPT}], max_tokens=24, stop=[stop]
@@ -156,13 +143,8 @@ def test_a_disconnect_cancels_the_session_and_frees_its_cache(server, http):
 
 
 def test_metrics_count_requests_tokens_and_latencies(http):
-    text = http.get("/metrics").text
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-    }
-    value = lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))), 0.0)  # noqa: E731
+    m = Metrics(http.get("/metrics").text)
+    value = m.value
     assert value("consortium_requests_total", endpoint="chat", outcome="length") >= 2
     assert value("consortium_requests_total", endpoint="chat", outcome="rejected") >= 2
     assert value("consortium_requests_total", endpoint="chat", outcome="cancelled") == 1
@@ -178,4 +160,4 @@ def test_metrics_count_requests_tokens_and_latencies(http):
         "consortium_rollbacks_total",
         "consortium_failovers_total",
     ):
-        assert (name, ()) in samples
+        assert name in m

@@ -18,6 +18,8 @@ function row(cells, attrs = {}) {
   return tr;
 }
 
+const heartbeat = (n) =>
+  n.local ? "in process" : n.alive ? `${n.heartbeat_age_s.toFixed(1)} s` : `${n.heartbeat_age_s.toFixed(0)} s (none)`;
 const layers = (r) => (r ? `${r[0]}-${r[1]}` : "—");
 const short = (id) => (id && id.length > 16 ? id.slice(0, 12) + "…" : id);
 
@@ -29,7 +31,7 @@ function coverage(st) {
     d.className = "h" + Math.min(holders.length, 2);
     bar.appendChild(d);
   });
-  $("coverage-note").textContent = `${st.model.n_layers} layers, every layer held by at least ${st.min_holders}`;
+  $("coverage-note").textContent = `${st.model.n_layers} layers; fewest holders of a layer: ${st.min_holders}`;
   const ranges = $("ranges");
   ranges.replaceChildren();
   for (const n of st.nodes.filter((n) => n.layers)) {
@@ -53,12 +55,14 @@ function nodes(st) {
     ...st.nodes.map((n) =>
       row(
         [
-          el("td", short(n.node_id) + (n.local ? " (coordinator)" : ""), { title: `${n.node_id} ${n.address}` }),
+          el("td", short(n.node_id) + (n.local && n.node_id !== "coordinator" ? " (coordinator)" : ""), {
+            title: `${n.node_id} ${n.address}`,
+          }),
           el("td", n.fingerprint || "—", { class: "mono" }),
           el("td", n.role, { class: "role" }),
           layers(n.layers),
           `${n.device} / ${n.dtype}`,
-          el("td", n.alive ? `${n.heartbeat_age_s.toFixed(1)} s` : `${n.heartbeat_age_s.toFixed(0)} s (none)`, { class: "num" }),
+          el("td", heartbeat(n), { class: "num" }),
           el("td", n.step_ms ?? "—", { class: "num" }),
           el("td", `${n.audits_passed} / ${n.audits_failed}`, { class: "num" }),
           el("td", n.banned ? `yes: ${n.ban_reason || ""}` : "no"),
@@ -114,7 +118,7 @@ function feed(st) {
 function verification(st) {
   const v = st.verification;
   const t = v.tolerances || {};
-  const fmt = (x) => (x ? `rel-L2 ≤ ${x.rel_l2}, max/RMS ≤ ${x.max_rel}` : "—");
+  const fmt = (x) => (x ? `rel-L2 ≤ ${(+x.rel_l2).toPrecision(3)}, max/RMS ≤ ${(+x.max_rel).toPrecision(3)}` : "—");
   const items = [
     ["release", v.release],
     ["audited share", v.audit_probability],

@@ -1,0 +1,72 @@
+"""Release modes against a real cheater: worker-1 adds noise to its outputs and every unit is
+audited. Two streams run at once; each session is rolled back when its audit catches the
+cheat. Verified release never shows the withdrawn text: the client gets exactly the honest
+single-node text. Optimistic release had already sent it: the stream ends with an error
+event naming the rollback."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+from helpers.cluster import start_cluster
+from helpers.serving import long_tiny_gguf, single_node_text
+
+from consortium.core.config import LayerRange
+
+PROMPT = "the cat sat on"
+TOKENS = 24
+
+
+def _stream(url: str, release: str, out: dict) -> None:
+    body = {
+        "model": "long",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": TOKENS,
+        "stream": True,
+        "release": release,
+    }
+    events = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    out[release] = events
+
+
+def test_verified_release_never_retracts_and_optimistic_names_the_rollback(request, tmp_path, monkeypatch):
+    model = long_tiny_gguf(tmp_path / "long.gguf")
+    honest, _ = single_node_text(model, PROMPT, TOKENS)
+    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
+    cluster = start_cluster(
+        request,
+        model,
+        tmp_path / "logs",
+        LayerRange(2, 4),
+        [LayerRange(0, 1), LayerRange(1, 2)],
+        coordinator_args=["--http-port", "0", "--audit-probability", "1"],
+        worker_args=[[], ["--misbehave", "noise=0.5"]],
+    )
+    out: dict[str, list[str]] = {}
+    threads = [
+        threading.Thread(target=_stream, args=(cluster.http_url, r, out)) for r in ("verified", "optimistic")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+
+    verified = [json.loads(e) for e in out["verified"][:-1]]
+    assert out["verified"][-1] == "[DONE]" and not any("error" in e for e in verified)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in verified if e["choices"]) == honest
+    info = verified[-1]["consortium"]
+    assert info["release"] == "verified" and info["rollbacks"] and info["audits"]["failed"] >= 1
+    assert info["rollbacks"][0]["node"] == "worker-1"
+
+    optimistic = [json.loads(e) for e in out["optimistic"][:-1]]
+    assert out["optimistic"][-1] == "[DONE]"
+    error = optimistic[-1]["error"]
+    assert error["type"] == "rollback" and error["code"] == "rollback"
+    assert "rollback: stage 1 node worker-1 was caught (failed audit" in error["message"]
+    sent = "".join(e["choices"][0]["delta"].get("content") or "" for e in optimistic[:-1] if e["choices"])
+    assert sent and "withdrawing" in error["message"]  # text had gone out before the rollback withdrew it
+    assert optimistic[-1]["consortium"]["rollbacks"][0]["node"] == "worker-1"

@@ -12,6 +12,14 @@ from helpers.tiny_model import TinySpec, write_tiny_gguf
 from consortium.model.files import default_model_path
 
 
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path_factory, monkeypatch) -> None:
+    """Keys and coordinator pins (trust on first use) of whatever a test starts without
+    --data-dir go to a fresh folder, never ~/.local/share/consortium: a pin left there by an
+    earlier run's coordinator on the same port would (rightly) be refused."""
+    monkeypatch.setenv("CONSORTIUM_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> Path:
     """A 4-layer random Llama GGUF using every supported quant type."""

@@ -191,15 +191,30 @@ def _parsed(command, *args: str) -> dict:
     return dict(command.make_context(command.name, list(args)).params)
 
 
-def test_options_default_to_the_config_dataclasses():
+def test_options_default_to_the_config_dataclasses(monkeypatch):
+    monkeypatch.delenv("CONSORTIUM_DATA_DIR")  # a CONSORTIUM_* variable is an option's default
     from consortium.cli.common import MB, fill, serve_config, session_request
     from consortium.cli.pipeline import coordinator_start, worker_start
     from consortium.cli.session import session_run
-    from consortium.core.config import CoordinatorConfig, EngineConfig, SessionRequest, WorkerConfig
+    from consortium.core.config import (
+        ClientConfig,
+        CoordinatorConfig,
+        EngineConfig,
+        SessionRequest,
+        WorkerConfig,
+    )
     from consortium.serving.config import ServeConfig
 
     def build(cls, opts: dict, **extra):
-        for k in ("model", "log_file", "exit_with_parent", "port_file", "allow_keys", "http_port_file"):
+        for k in (
+            "model",
+            "log_file",
+            "exit_with_parent",
+            "port_file",
+            "allow_keys",
+            "client_keys",
+            "http_port_file",
+        ):
             opts.pop(k, None)
         if cls is CoordinatorConfig:  # the HTTP API's options build its own config
             assert serve_config(opts) == ServeConfig()
@@ -219,7 +234,11 @@ def test_options_default_to_the_config_dataclasses():
         "coordinator",
         "connect_timeout_s",
         "as_json",
+        "insecure",
+        "coordinator_cert",
+        "data_dir",
     }
+    assert fill(ClientConfig, opts) == ClientConfig() and opts == {"as_json": False}
 
 
 @pytest.mark.parametrize(

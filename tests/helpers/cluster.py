@@ -11,8 +11,15 @@ from typing import Any, TypeVar
 
 import psutil
 
+from consortium.coordinator.client import Client
 from consortium.coordinator.launcher import LocalCluster, LocalProcess
 from consortium.core.config import LayerRange
+from consortium.identity import NodeIdentity
+from consortium.identity.tls import CERT_FILE, TlsIdentity, bind_cert
+from consortium.transport.auth import CallSigner, CoordinatorLink, signed_registration
+from consortium.transport.proto import consortium_pb2 as pb
+from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
+from consortium.transport.rpc import make_channel
 
 STARTUP_S = 240.0  # three Python processes importing torch on a busy 2-core machine
 T = TypeVar("T")
@@ -48,6 +55,7 @@ def add_worker(cluster: LocalCluster, name: str, model: Path, log_file: Path, *a
             str(model),
             "--node-id",
             name,
+            *cluster.trust_args(),
             *args,
         ],
         log_file,
@@ -84,3 +92,52 @@ def processes_mentioning(text: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return found
+
+
+def node_info(cluster: LocalCluster, node_id: str) -> pb.NodeInfo:
+    """A node as the coordinator's full status shows it (address, public key, TLS certificate)."""
+    with Client(cluster.client_config()) as client:
+        st = client.stub.GetStatus(pb.ClusterStatusRequest(), timeout=30)
+    return next(ns.node for ns in st.nodes if ns.node.node_id == node_id)
+
+
+def worker_stub(
+    cluster: LocalCluster, node_id: str, identity: NodeIdentity | None = None, max_message_bytes: int = 2**22
+):
+    """(channel, WorkerStub) to worker `node_id` over TLS pinned to its certificate, every call
+    signed by `identity` for it: by default the cluster's coordinator (its key from its data
+    directory), i.e. the calls the coordinator itself makes."""
+    info = node_info(cluster, node_id)
+    identity = identity or NodeIdentity.load(cluster.coordinator_dir / "node.key")
+    signer = CallSigner(identity, audience=bytes(info.public_key))
+    pin = None if cluster.insecure else bytes(info.tls_cert)
+    channel = make_channel(info.address, max_message_bytes, pin=pin, interceptors=(signer,))
+    return channel, pb_grpc.WorkerStub(channel)
+
+
+def coordinator_link(
+    cluster: LocalCluster, identity: NodeIdentity | None = None, max_message_bytes: int = 2**22
+) -> CoordinatorLink:
+    """A channel to the cluster's coordinator pinned to its certificate, calls signed by
+    `identity` (default: a fresh key, a stranger's) once its key is known (challenged here)."""
+    cert = None if cluster.insecure else str(cluster.coordinator_dir / CERT_FILE)
+    link = CoordinatorLink(
+        cluster.address,
+        identity or NodeIdentity.generate(),
+        cluster.insecure,
+        cert,
+        None,
+        max_message_bytes,
+        30,
+    )
+    link.challenge()
+    return link
+
+
+def signed_register(link: CoordinatorLink, identity: NodeIdentity, **fields: Any) -> pb.RegisterRequest:
+    """A registration of NodeInfo(**fields) answering a fresh challenge, signed by `identity`,
+    with a TLS certificate bound to it unless `fields` say otherwise."""
+    if "tls_cert" not in fields:
+        fields["tls_cert"] = TlsIdentity.generate().cert_der
+        fields.setdefault("tls_binding", bind_cert(identity, fields["tls_cert"]))
+    return signed_registration(identity, link.challenge(), pb.NodeInfo(**fields))

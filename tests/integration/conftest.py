@@ -11,7 +11,7 @@ from helpers.cluster import start_cluster
 
 from consortium.coordinator.client import Client
 from consortium.coordinator.launcher import LocalCluster
-from consortium.core.config import ClientConfig, LayerRange
+from consortium.core.config import LayerRange
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def client_for():
     clients = []
 
     def make(cluster: LocalCluster) -> Client:
-        c = Client(ClientConfig(cluster.address))
+        c = Client(cluster.client_config())
         clients.append(c)
         return c
 

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers.cluster import coordinator_link, signed_register, worker_stub
 
 from consortium.cli.main import cli
 from consortium.core.config import SessionRequest
@@ -19,8 +20,7 @@ from consortium.model.generate import generate, load_single_node
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.sampling import SamplingParams
 from consortium.transport.proto import consortium_pb2 as pb
-from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
-from consortium.transport.rpc import free_port, make_channel
+from consortium.transport.rpc import free_port
 from consortium.transport.tensors import WireTensor
 
 GREEDY = SamplingParams()
@@ -136,11 +136,11 @@ def test_cli_errors_are_one_line(tiny_cluster):
 
 
 @pytest.fixture
-def worker1(tiny_cluster, client_for):
-    """A stub for worker-1 (layers 1-2) with a client-side limit above the worker's 1 MiB."""
-    node = next(n for n in client_for(tiny_cluster).cluster_status()["nodes"] if n["node_id"] == "worker-1")
-    channel = make_channel(node["address"], 8 * 2**20)
-    yield pb_grpc.WorkerStub(channel)
+def worker1(tiny_cluster):
+    """A stub for worker-1 (layers 1-2) signing as the coordinator does, with a client-side
+    limit above the worker's 1 MiB."""
+    channel, stub = worker_stub(tiny_cluster, "worker-1", max_message_bytes=8 * 2**20)
+    yield stub
     channel.close()
 
 
@@ -194,32 +194,33 @@ def test_oversized_messages_get_a_status_not_a_crash(tiny_cluster, worker1, clie
     big = WireTensor.from_torch(torch.ones(2048, 256)).to_proto()  # 2 MiB > the worker's 1 MiB limit
     code, _ = _code(lambda: worker1.Execute(_order("direct", 0, big)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    channel = make_channel(tiny_cluster.address, 8 * 2**20)
+    link = coordinator_link(tiny_cluster, max_message_bytes=8 * 2**20)
     try:
-        stub = pb_grpc.CoordinatorStub(channel)
+        stub = link.stub
         code, _ = _code(
             lambda: list(stub.Generate(pb.GenerateRequest(prompt="x" * (2 * 2**20), max_tokens=1)))
         )
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         code, msg = _code(lambda: list(stub.Generate(pb.GenerateRequest(prompt="", max_tokens=1))))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty prompt" in msg
+        # signed, by a key no node registered with
         code, _ = _code(lambda: stub.Heartbeat(pb.HeartbeatRequest(node_id="stranger")))
         assert code == grpc.StatusCode.NOT_FOUND
     finally:
-        channel.close()
+        link.close()
     assert worker1.GetStatus(pb.WorkerStatusRequest()).node.node_id == "worker-1"  # still serving
     assert client_for(tiny_cluster).run(SessionRequest("still fine", max_tokens=3)).tokens
 
 
 def test_coordinator_refuses_bad_registrations(tiny_cluster, client_for):
     digest = client_for(tiny_cluster).cluster_status()["model_digest"]
-    channel = make_channel(tiny_cluster.address)
-    stub = pb_grpc.CoordinatorStub(channel)
+    link = coordinator_link(tiny_cluster)
+    stub, identity = link.stub, NodeIdentity.generate()
 
-    def node(**kw) -> pb.RegisterRequest:
+    def node(**kw) -> pb.RegisterRequest:  # each properly signed: refused for what it says
         base = dict(node_id="intruder", address="127.0.0.1:9", dtype="fp32", model_digest=digest,
-                    layers=pb.LayerRange(start=0, end=1), public_key=NodeIdentity.generate().public_key)  # fmt: skip
-        return pb.RegisterRequest(node=pb.NodeInfo(**{**base, **kw}))
+                    layers=pb.LayerRange(start=0, end=1), public_key=identity.public_key)  # fmt: skip
+        return signed_register(link, identity, **{**base, **kw})
 
     try:
         code, msg = _code(lambda: stub.Register(node(public_key=b"")))
@@ -236,7 +237,7 @@ def test_coordinator_refuses_bad_registrations(tiny_cluster, client_for):
         code, msg = _code(lambda: stub.Register(node(address="nowhere")))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
     finally:
-        channel.close()
+        link.close()
     ids = sorted(n["node_id"] for n in client_for(tiny_cluster).cluster_status()["nodes"])
     assert ids == ["coordinator", "worker-0", "worker-1"]
 

@@ -7,15 +7,13 @@ import signal
 
 import grpc
 import pytest
-from helpers.cluster import STARTUP_S, add_worker, start_cluster, wait_for
+from helpers.cluster import STARTUP_S, add_worker, start_cluster, wait_for, worker_stub
 
 from consortium.coordinator.client import Client
 from consortium.core.config import ClientConfig, LayerRange, SessionRequest
 from consortium.errors import ConsortiumError
 from consortium.model.generate import generate, load_single_node
 from consortium.transport.proto import consortium_pb2 as pb
-from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
-from consortium.transport.rpc import make_channel
 from consortium.transport.tensors import WireTensor
 
 
@@ -62,10 +60,8 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
 
     # a KV cache of a session the coordinator does not run (opened here behind its back) is freed:
     # by the heartbeat reply (drop_sessions), or at the latest after --session-idle-timeout (1 s)
-    w0 = next(n for n in client.cluster_status()["nodes"] if n["node_id"] == "worker-0")
-    channel = make_channel(w0["address"])
+    channel, stub = worker_stub(cluster, "worker-0")  # signing as the coordinator
     request.addfinalizer(channel.close)
-    stub = pb_grpc.WorkerStub(channel)
     stub.OpenSession(
         pb.OpenSessionRequest(session_id="idle", capacity=4, layers=pb.LayerRange(start=0, end=2))
     )

@@ -10,7 +10,13 @@ from typing import Any
 
 import click
 
-from consortium.core.config import ClientConfig, CoordinatorConfig, EngineConfig, SessionRequest
+from consortium.core.config import (
+    INSECURE_WARNING,
+    ClientConfig,
+    CoordinatorConfig,
+    EngineConfig,
+    SessionRequest,
+)
 from consortium.errors import ConsortiumError
 from consortium.model.sampling import SamplingParams
 from consortium.serving.config import OPTIMISTIC, VERIFIED, ServeConfig, read_api_keys
@@ -202,3 +208,50 @@ def print_delta(text: str) -> None:
     """Streams generated text to stdout as it comes."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+DATA_DIR_DEFAULT = "default $CONSORTIUM_DATA_DIR or ~/.local/share/consortium"
+
+
+def trust_options(cls: type):
+    """--insecure and --coordinator-cert of a worker or a client (fields of `cls`)."""
+    return options(
+        config_option(
+            cls,
+            "insecure",
+            "--insecure",
+            is_flag=True,
+            help="Plain-text gRPC without TLS, for a coordinator started with --insecure (warned loudly).",
+        ),
+        config_option(
+            cls,
+            "coordinator_cert",
+            "--coordinator-cert",
+            type=str,
+            metavar="FILE|SHA256",
+            help="Pin the coordinator's TLS certificate: its tls.crt, or its SHA-256 fingerprint (default: "
+            "trusted on first use and pinned in the data directory; a different one later is refused).",
+        ),
+    )
+
+
+client_options = options(  # fill(ClientConfig, options)
+    trust_options(ClientConfig),
+    folder_option(
+        "--data-dir",
+        f"Your key, which signs your calls (`consortium identity show`), and your coordinator pins ({DATA_DIR_DEFAULT}).",
+    ),
+)
+
+
+def warn_if_insecure(insecure: bool) -> None:
+    if insecure:
+        click.echo(INSECURE_WARNING, err=True)
+
+
+def client_config(options: dict[str, Any], **extra: Any) -> ClientConfig:
+    """The ClientConfig of --coordinator, client_options (and --connect-timeout), taken out of
+    `options`; prints the warning of --insecure."""
+    cfg = fill(ClientConfig, options, **extra)
+    warn_if_insecure(cfg.insecure)
+    return cfg

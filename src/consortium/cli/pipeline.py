@@ -15,9 +15,12 @@ from pathlib import Path
 import click
 
 from consortium.cli.common import (
+    DATA_DIR_DEFAULT,
     MB,
     Group,
     audit_options,
+    client_config,
+    client_options,
     config_option,
     coordinator_option,
     engine_options,
@@ -29,9 +32,10 @@ from consortium.cli.common import (
     options,
     serve_config,
     serve_options,
+    trust_options,
+    warn_if_insecure,
 )
 from consortium.core.config import (
-    ClientConfig,
     CoordinatorConfig,
     EngineConfig,
     LayerRange,
@@ -226,6 +230,20 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
     file_option(
         "--allow-keys", "Admit only workers whose public key (hex, one per line) is listed.", exists=True
     ),
+    file_option(
+        "--client-keys",
+        "Serve sessions only to clients whose public key (hex, one per line, as `consortium identity show` "
+        "prints) is listed; any other caller's status shows only counts and coverage.",
+        exists=True,
+    ),
+    folder_option("--data-dir", f"This coordinator's Ed25519 key and TLS certificate ({DATA_DIR_DEFAULT})."),
+    config_option(
+        CoordinatorConfig,
+        "insecure",
+        "--insecure",
+        is_flag=True,
+        help="Plain-text gRPC without TLS (warned loudly): only on a network you trust.",
+    ),
     config_option(
         CoordinatorConfig,
         "audit_recheck_probability",
@@ -248,7 +266,9 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
 
 @coordinator.command("start")
 @coordinator_start_options
-def coordinator_start(model, log_file, exit_with_parent, port_file, allow_keys, http_port_file, **options):
+def coordinator_start(
+    model, log_file, exit_with_parent, port_file, allow_keys, client_keys, http_port_file, **options
+):
     """Serve the node registry, sessions and the token loop (optionally hosting --layers)."""
     from consortium.coordinator.server import build_coordinator
     from consortium.core.logs import setup_logging
@@ -259,9 +279,17 @@ def coordinator_start(model, log_file, exit_with_parent, port_file, allow_keys, 
     serve = serve_config(options)
     serve.check_exposure()  # before anything starts
     engine = fill(EngineConfig, options)
+    clients = read_allowed_keys(client_keys) if client_keys else None
     cfg = fill(
-        CoordinatorConfig, options, model=_model_path(model), engine=engine, log_file=path, allow_keys=keys
+        CoordinatorConfig,
+        options,
+        model=_model_path(model),
+        engine=engine,
+        log_file=path,
+        allow_keys=keys,
+        client_keys=clients,
     )
+    warn_if_insecure(cfg.insecure)
 
     def banner(c) -> str:
         hosting = (
@@ -285,11 +313,12 @@ def coordinator_start(model, log_file, exit_with_parent, port_file, allow_keys, 
 @coordinator.command("status")
 @coordinator_option
 @json_option("Print one JSON object.")
-def coordinator_status(coordinator, as_json):
+@client_options
+def coordinator_status(as_json, **options):
     """Nodes, their layer ranges and liveness, and the current pipeline."""
     from consortium.coordinator.client import Client
 
-    with Client(ClientConfig(coordinator, connect_timeout_s=5.0)) as client:
+    with Client(client_config(options, connect_timeout_s=5.0)) as client:
         st = client.cluster_status()
     if as_json:
         click.echo(json.dumps(st))
@@ -347,8 +376,9 @@ worker_start_options = options(  # fill(WorkerConfig, options)
     ),
     folder_option(
         "--data-dir",
-        "Holds this node's Ed25519 key (default $CONSORTIUM_DATA_DIR or ~/.local/share/consortium).",
+        f"Holds this node's Ed25519 key, TLS certificate and coordinator pins ({DATA_DIR_DEFAULT}).",
     ),
+    trust_options(WorkerConfig),
     click.option(
         "--misbehave",
         default=None,
@@ -377,6 +407,7 @@ def worker_start(model, log_file, exit_with_parent, port_file, **options):
     click.echo(f"log: {path}")
     engine = fill(EngineConfig, options)
     cfg = fill(WorkerConfig, options, model=_model_path(model), engine=engine, log_file=path)
+    warn_if_insecure(cfg.insecure)
 
     def banner(w) -> str:
         if w.runner:

@@ -11,6 +11,8 @@ import click
 from consortium.cli.common import (
     Group,
     audit_options,
+    client_config,
+    client_options,
     config_option,
     connect_timeout_option,
     coordinator_option,
@@ -29,9 +31,10 @@ from consortium.cli.common import (
     serve_options,
     session_request,
     wait_audits_option,
+    warn_if_insecure,
 )
 from consortium.coordinator.launcher import DEMO_PROMPT, DemoConfig
-from consortium.core.config import ClientConfig, EngineConfig
+from consortium.core.config import EngineConfig
 from consortium.errors import ConsortiumError
 from consortium.serving.config_file import configurable
 
@@ -53,12 +56,13 @@ def session() -> None:
 @connect_timeout_option
 @audit_options
 @wait_audits_option
+@client_options
 def session_run(as_json, **options):
     """Generate through the pipeline: streams text, then a per-stage summary."""
     from consortium.coordinator.client import Client
 
     req = session_request(options)
-    with Client(fill(ClientConfig, options)) as client:
+    with Client(client_config(options)) as client:
         report = client.run(req, **_live(as_json))
     _print_report(report, as_json)
 
@@ -67,11 +71,12 @@ def session_run(as_json, **options):
 @coordinator_option
 @click.option("--session-id", required=True)
 @json_option("Print one JSON object.")
-def session_status(coordinator, session_id, as_json):
+@client_options
+def session_status(coordinator, session_id, as_json, **options):
     """State, progress and per-stage latency of a session."""
     from consortium.coordinator.client import Client
 
-    with Client(ClientConfig(coordinator, connect_timeout_s=5.0)) as client:
+    with Client(client_config(options, coordinator=coordinator, connect_timeout_s=5.0)) as client:
         st = client.session_status(session_id)
     if as_json:
         click.echo(json.dumps(st))
@@ -103,6 +108,7 @@ def session_status(coordinator, session_id, as_json):
 @json_option("Print one JSON object instead of streaming text.")
 @connect_timeout_option
 @wait_audits_option
+@client_options
 def session_resume(session_id, as_json, no_wait_audits, **options):
     """Continue a session interrupted by a coordinator restart (or failed for want of a backup):
     prints its text so far, then streams the rest; the tokens are those of an uninterrupted run."""
@@ -112,7 +118,7 @@ def session_resume(session_id, as_json, no_wait_audits, **options):
         if not as_json:
             print_delta(ev.resumed_text)
 
-    with Client(fill(ClientConfig, options)) as client:
+    with Client(client_config(options)) as client:
         report = client.resume(
             session_id, wait_audits=not no_wait_audits, on_start=on_start, **_live(as_json)
         )
@@ -195,6 +201,13 @@ demo_options = options(  # fill(DemoConfig, options)
         is_flag=True,
         help="Also start a standby worker (no layers): a failover moves the stage there, not to the coordinator.",
     ),
+    config_option(
+        DemoConfig,
+        "insecure",
+        "--insecure",
+        is_flag=True,
+        help="Plain-text gRPC between the processes, no TLS (warned loudly).",
+    ),
     click.option(
         "--serve",
         "serve_api",
@@ -217,6 +230,7 @@ def demo(as_json, serve_api, **options):
     request = session_request(options)
     engine = fill(EngineConfig, options)
     cfg = fill(DemoConfig, options, request=request, engine=engine, quiet=as_json, **serving)
+    warn_if_insecure(cfg.insecure)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     note = lambda text: click.echo(text, err=True)  # noqa: E731  (stdout stays text or JSON only)
     if cfg.serve is not None:

@@ -23,11 +23,14 @@ def identity() -> None:
 )
 @click.option("--json", "as_json", is_flag=True)
 def identity_show(data_dir: str | None, as_json: bool) -> None:
-    """Print the node id and public key (creating the key on first use)."""
+    """Print the node id, public key and TLS certificate's SHA-256 (a worker's --coordinator-cert),
+    creating them on first use."""
     from consortium.identity import NodeIdentity
+    from consortium.identity.tls import TlsIdentity
 
     ident = NodeIdentity.load_or_create(data_dir)
     info = {"node_id": ident.node_id, "public_key": ident.public_key.hex(), "key_file": str(ident.path)}
+    info["tls_cert_sha256"] = TlsIdentity.load_or_create(data_dir).fingerprint
     click.echo(json.dumps(info) if as_json else "\n".join(f"{k}: {v}" for k, v in info.items()))
 
 

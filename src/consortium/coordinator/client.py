@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -10,19 +11,24 @@ import grpc
 from consortium.core.config import ClientConfig, SessionRequest
 from consortium.core.records import FailoverRecord, RollbackRecord, SessionReport, StageReport
 from consortium.errors import ConsortiumError
+from consortium.identity import NodeIdentity
+from consortium.transport.auth import CoordinatorLink
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
-from consortium.transport.rpc import RemoteError, check_address, make_channel, wait_ready
+from consortium.transport.rpc import RemoteError, check_address, wait_ready
 
 
 class Client:
+    """Connects on first use: TLS pinned to the coordinator's certificate (ClientConfig.coordinator_cert,
+    else the data directory's pin, else trust on first use) or plain text (insecure); every call
+    is signed with the key in the client's data directory (checked where --client-keys apply)."""
+
     def __init__(self, cfg: ClientConfig):
         self.cfg = cfg
         self.address = check_address(cfg.coordinator)
         self.peer = f"coordinator at {self.address}"
-        self.channel = make_channel(self.address, cfg.max_message_bytes)
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self._ready = False
+        self._link: CoordinatorLink | None = None
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Client:
         return self
@@ -31,15 +37,41 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        if self._link is not None:
+            self._link.close()
 
-    def _connect(self) -> None:
-        if not self._ready:
-            wait_ready(self.channel, self.peer, self.cfg.connect_timeout_s)
-            self._ready = True
+    @property
+    def stub(self) -> pb_grpc.CoordinatorStub:
+        with self._lock:
+            if self._link is None:
+                self._link = self._connect()
+        return self._link.stub
 
-    def _call(self, method, request, timeout_s: float | None = 30.0):
-        self._connect()
+    def _connect(self) -> CoordinatorLink:
+        cfg = self.cfg
+        identity = NodeIdentity.load_or_create(cfg.data_dir)
+        link = CoordinatorLink(
+            self.address,
+            identity,
+            cfg.insecure,
+            cfg.coordinator_cert,
+            cfg.data_dir,
+            cfg.max_message_bytes,
+            cfg.connect_timeout_s,
+        )
+        try:
+            wait_ready(link.channel, self.peer, cfg.connect_timeout_s)
+            link.challenge(cfg.connect_timeout_s)  # the coordinator's key: calls are signed for it
+            return link
+        except grpc.RpcError as e:
+            link.close()
+            raise RemoteError.from_rpc(e, self.peer) from e
+        except BaseException:
+            link.close()
+            raise
+
+    def _call(self, method_name: str, request, timeout_s: float | None = 30.0):
+        method = getattr(self.stub, method_name)
         try:
             return method(request, timeout=timeout_s)
         except grpc.RpcError as e:
@@ -66,7 +98,6 @@ class Client:
             msg.audit_probability = req.audit_probability
         if req.audit_seed is not None:
             msg.audit_seed = req.audit_seed
-        self._connect()
         return self._consume(self.stub.Generate(msg), on_text, on_start, on_rollback, on_failover)
 
     def resume(
@@ -80,7 +111,6 @@ class Client:
     ) -> SessionReport:
         """Continues an interrupted session; on_text sees only the new text (the text generated
         before is in the `started` event's resumed_text)."""
-        self._connect()
         msg = pb.ResumeRequest(session_id=session_id, no_wait_audits=not wait_audits)
         return self._consume(self.stub.Resume(msg), on_text, on_start, on_rollback, on_failover)
 
@@ -108,7 +138,7 @@ class Client:
         return SessionReport.from_proto(summary)
 
     def session_status(self, session_id: str) -> dict:
-        st = self._call(self.stub.GetSession, pb.SessionStatusRequest(session_id=session_id))
+        st = self._call("GetSession", pb.SessionStatusRequest(session_id=session_id))
         return {
             "session_id": st.session_id,
             "state": st.state,
@@ -127,7 +157,7 @@ class Client:
         }
 
     def cluster_status(self) -> dict:
-        st = self._call(self.stub.GetStatus, pb.ClusterStatusRequest())
+        st = self._call("GetStatus", pb.ClusterStatusRequest())
         nodes = []
         for ns in st.nodes:
             n = ns.node

@@ -13,7 +13,7 @@ import threading
 from typing import Protocol
 
 from consortium.coordinator.registry import Node, Registry
-from consortium.coordinator.stages import LocalStage, RemoteStage, StageHandle
+from consortium.coordinator.stages import Dialer, LocalStage, RemoteStage, StageHandle
 from consortium.core.config import CoordinatorConfig, EngineConfig, LayerRange
 from consortium.core.placement import (
     COORDINATOR,
@@ -80,6 +80,7 @@ class NodeCluster:
         self.cfg, self.engine, self.gguf, self.registry, self.ledger = cfg, engine, gguf, registry, ledger
         self.n_layers = gguf.args.n_layers
         self.address = ""  # set once the server is bound
+        self.dialer: Dialer | None = None  # set by Coordinator.start: signs orders, pins certificates
         self._handles: dict[str, StageHandle] = {}
         self._backups: dict[LayerRange, LocalStage] = {}  # ranges the coordinator took over
         self._lock = threading.Lock()  # handles and backups
@@ -92,18 +93,19 @@ class NodeCluster:
         self._handles[node.node_id] = LocalStage(node.node_id, runner)
 
     def add_remote(self, node: Node) -> None:
-        """A (re-)registered worker: a channel to its address (kept if the address is the same)."""
+        """A (re-)registered worker: a channel to its address (kept if its address, key and
+        certificate are the same)."""
         self.registry.register(node)
         with self._lock:
             old = self._handles.get(node.node_id)
-            if isinstance(old, RemoteStage) and old.address == node.address:
+            if isinstance(old, RemoteStage) and old.peer_id == (node.address, node.public_key, node.tls_cert):
                 return
             if isinstance(old, RemoteStage):
                 old.shutdown()
+            assert self.dialer is not None, "workers register once the coordinator serves"
             self._handles[node.node_id] = RemoteStage(
-                node.node_id,
-                node.address,
-                self.cfg.max_message_bytes,
+                node,
+                self.dialer,
                 silent_for=lambda nid=node.node_id: self.registry.silent_for(nid),
                 hang_after_s=self.cfg.hang_after_s,
             )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from consortium.core.config import ClientConfig, EngineConfig, LayerRange, SessionRequest, default_log_dir
 from consortium.errors import ConsortiumError
+from consortium.identity.tls import CERT_FILE
 from consortium.serving.config import ServeConfig
 
 DEMO_PROMPT = "Explain in one paragraph why the sky appears blue."
@@ -141,6 +142,7 @@ class LocalCluster:
     worker_args: list[list[str]] = field(default_factory=list)
     processes: list[LocalProcess] = field(default_factory=list)
     port: int | None = None  # the coordinator's, once it serves
+    insecure: bool = False  # plain-text gRPC everywhere (default: TLS, certificates pinned)
     http_port: int | None = None  # its HTTP API's, when coordinator_args has --http-port
 
     def __post_init__(self) -> None:
@@ -159,6 +161,21 @@ class LocalCluster:
             raise ConsortiumError("the local cluster's coordinator serves no HTTP API")
         return f"http://{self.host}:{self.http_port}"
 
+    @property
+    def coordinator_dir(self) -> Path:
+        """The coordinator's key and TLS pair (kept across its restarts); the cluster's workers
+        (trust_args) and clients (client_config) pin its certificate."""
+        return self.log_dir / "coordinator.identity"
+
+    def trust_args(self) -> list[str]:
+        cert = str(self.coordinator_dir / CERT_FILE)
+        return ["--insecure"] if self.insecure else ["--coordinator-cert", cert]
+
+    def client_config(self, **kw) -> ClientConfig:
+        cert = None if self.insecure else str(self.coordinator_dir / CERT_FILE)
+        trust = {"insecure": self.insecure, "coordinator_cert": cert, "data_dir": self.log_dir / "client"}
+        return ClientConfig(self.address, **trust, **kw)
+
     def _engine_args(self) -> list[str]:
         e = self.engine
         args = ["--device", e.device, "--dtype", e.dtype, "--packed" if e.packed else "--no-packed"]
@@ -166,7 +183,8 @@ class LocalCluster:
 
     def _coordinator(self) -> LocalProcess:
         args = ["coordinator", "start", "--model", str(self.model), "--host", self.host, "--port", "0"]
-        args += self._engine_args() + self.coordinator_args
+        args += ["--data-dir", str(self.coordinator_dir), *self._engine_args(), *self.coordinator_args]
+        args += ["--insecure"] if self.insecure else []
         if self.coordinator_layers is not None:
             args += ["--layers", str(self.coordinator_layers)]
         return LocalProcess("coordinator", args, self.log_dir / "coordinator.log")
@@ -182,7 +200,7 @@ class LocalCluster:
             "--host",
             self.host,
         ]
-        args += ["--node-id", f"worker-{i}", *self._engine_args()]
+        args += ["--node-id", f"worker-{i}", *self._engine_args(), *self.trust_args()]
         args += ["--data-dir", str(self.log_dir / f"worker-{i}.identity")]  # each its own Ed25519 key
         if layers is not None:
             args += ["--layers", str(layers)]
@@ -216,7 +234,7 @@ class LocalCluster:
         expected = len(self.worker_layers) + (1 if self.coordinator_layers is not None else 0)
         deadline = time.monotonic() + timeout_s
         last = "no answer"
-        with Client(ClientConfig(self.address, connect_timeout_s=1.0)) as client:
+        with Client(self.client_config(connect_timeout_s=1.0)) as client:
             while time.monotonic() < deadline:
                 for p in self.processes:
                     p.check_running()
@@ -298,6 +316,7 @@ class DemoConfig:
     quiet: bool = False  # no pull progress on stdout
     serve: ServeConfig | None = None  # --serve: no session; the HTTP API until Ctrl-C (serve_demo)
     api_keys_file: Path | None = None  # the coordinator's --api-keys
+    insecure: bool = False  # plain-text gRPC between the processes (warned)
 
 
 def run_demo(cfg: DemoConfig, note: Callable[[str], None], on_end: Callable[[], None] | None = None, **live):
@@ -324,7 +343,7 @@ def run_demo(cfg: DemoConfig, note: Callable[[str], None], on_end: Callable[[], 
             live["on_text"] = kill_at_token(
                 cluster.process("worker-1"), cfg.kill_at, live.get("on_text"), note
             )
-        with Client(ClientConfig(cluster.address)) as client:
+        with Client(cluster.client_config()) as client:
             report = client.run(cfg.request, **live)
         if on_end is not None:
             on_end()
@@ -351,6 +370,7 @@ def demo_cluster(cfg: DemoConfig, model: Path) -> LocalCluster:
         cfg.engine,
         coordinator_args=serve_args(cfg.serve, cfg.api_keys_file) if cfg.serve is not None else [],
         worker_args=[[], cheat, ["--standby"]],
+        insecure=cfg.insecure,
     )
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 from consortium.core.config import LayerRange
 from consortium.core.placement import Holder, choose_tiling
 from consortium.errors import InvalidRequestError
-from consortium.identity.keys import PUBLIC_KEY_BYTES
+from consortium.identity.keys import PUBLIC_KEY_BYTES, IdentityError
+from consortium.identity.tls import check_cert
 from consortium.model.model import DTYPES
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import NotFoundError, PermissionDeniedError, PreconditionError, check_address
@@ -39,6 +40,8 @@ class Node:
     local: bool = False
     public_key: bytes = b""  # Ed25519; verifies the node's receipts
     standby: bool = False  # waits for a failover: placement never gives it a range
+    tls_cert: bytes = b""  # DER; the coordinator dials the node pinned to it (empty: --insecure)
+    tls_binding: bytes = b""  # the node key's signature over the certificate (identity/tls.py)
 
     @classmethod
     def from_proto(cls, info: pb.NodeInfo, n_layers: int) -> Node:
@@ -57,6 +60,11 @@ class Node:
             raise InvalidRequestError(
                 f"node {nid}: public key of {len(info.public_key)} bytes (an Ed25519 key has {PUBLIC_KEY_BYTES})"
             )
+        if info.tls_cert:
+            try:
+                check_cert(info.tls_cert)
+            except IdentityError as e:
+                raise InvalidRequestError(f"node {nid}: {e}") from None
         layers = None
         if info.HasField("layers"):
             layers = LayerRange(info.layers.start, info.layers.end)
@@ -81,6 +89,8 @@ class Node:
             threads=info.threads,
             public_key=bytes(info.public_key),
             standby=info.standby,
+            tls_cert=bytes(info.tls_cert),
+            tls_binding=bytes(info.tls_binding),
         )
 
     def to_proto(self) -> pb.NodeInfo:
@@ -99,6 +109,8 @@ class Node:
             threads=self.threads,
             public_key=self.public_key,
             standby=self.standby,
+            tls_cert=self.tls_cert,
+            tls_binding=self.tls_binding,
         )
         if self.layers is not None:
             info.layers.CopyFrom(pb.LayerRange(start=self.layers.start, end=self.layers.end))

@@ -19,14 +19,16 @@ from pathlib import Path
 import grpc
 
 import consortium
+from consortium.coordinator.admission import Admission, public_status
 from consortium.coordinator.cluster import NodeCluster, stage_ref
 from consortium.coordinator.limits import ClientLimits, peer_host
 from consortium.coordinator.loop import TokenLoop
 from consortium.coordinator.pump import pumped
 from consortium.coordinator.registry import Node, Registry
 from consortium.coordinator.sessions import SessionTable, stages_record
+from consortium.coordinator.stages import Dialer
 from consortium.coordinator.verifier import Verifier
-from consortium.core.config import CoordinatorConfig, EngineConfig, SessionRequest
+from consortium.core.config import INSECURE_WARNING, CoordinatorConfig, EngineConfig, SessionRequest
 from consortium.core.placement import Holder, PlacementError, check_tiling, overlaps
 from consortium.core.session import RESUMABLE, RUNNING, Session, SessionNotFoundError
 from consortium.errors import InvalidRequestError
@@ -35,6 +37,7 @@ from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import resolve_device
 from consortium.model.sampling import SamplingParams
 from consortium.model.tokenizer import GGUFTokenizer
+from consortium.transport.auth import service_name, signed
 from consortium.transport.handlers import add_servicer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
@@ -97,6 +100,7 @@ class Coordinator:
     limits: ClientLimits
     max_prompt_bytes: int  # longer prompts cannot fit the context: refused before tokenizing
     runner: StageRunner | None = None  # the stage it hosts itself
+    admission: Admission | None = None  # its key, TLS pair and front-door checks, once started
     address: str = ""
     port: int = 0
     _server: grpc.Server | None = None
@@ -118,11 +122,15 @@ class Coordinator:
 
     def start(self) -> None:
         cfg = self.cfg
+        self.admission = Admission.load(cfg, self.registry)
+        self.cluster.dialer = Dialer(self.admission.identity, cfg.insecure, cfg.max_message_bytes)
         self._server = make_server(max(32, cfg.max_sessions + 16), cfg.max_request_bytes)
         add_servicer(
             self._server, CoordinatorServicer(self), "Coordinator"
         )  # unparseable requests: INVALID_ARGUMENT
-        self.port = bind(self._server, cfg.host, cfg.port)
+        self.port = bind(self._server, cfg.host, cfg.port, self.admission.tls)
+        if cfg.insecure:
+            log.warning(INSECURE_WARNING)
         self.address = self.cluster.address = f"{cfg.host}:{self.port}"
         if cfg.layers is not None:
             self._host_stage()
@@ -180,8 +188,9 @@ class Coordinator:
 
     # --- nodes -------------------------------------------------------------------------------
 
-    def register(self, info: pb.NodeInfo) -> pb.RegisterResponse:
-        node = Node.from_proto(info, self.args.n_layers)
+    def register(self, req: pb.RegisterRequest) -> pb.RegisterResponse:
+        node = Node.from_proto(req.node, self.args.n_layers)
+        self.admission.check_registration(req, node)  # proof of possession of the node's key
         self.cluster.add_remote(node)
         self.ledger.upsert_node(node.node_id, node.public_key, node.address, node.backend, node.dtype)
         log.info(
@@ -385,33 +394,51 @@ class Coordinator:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Register proves the node's key in the request (challenge-response); every other call but
+    Challenge is checked by auth.signed against Admission.authorize."""
+
+    SERVICE = service_name("Coordinator")
+
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
+        self.gate, self.authorize = coordinator.admission.gate, coordinator.admission.authorize
+
+    @maps_errors
+    def Challenge(self, request, context):
+        return self.c.admission.challenge()
 
     @maps_errors
     def Register(self, request, context):
-        return self.c.register(request.node)
+        return self.c.register(request)
 
     @maps_errors
+    @signed
     def Heartbeat(self, request, context):
         return self.c.heartbeat(request)
 
     @maps_errors
-    def Generate(self, request, context):
-        yield from self._run(self.c.new_session(request, peer_host(context.peer())), context)
+    @signed
+    def Generate(self, request, context, signer):
+        client = self.c.admission.client_id(signer, peer_host(context.peer()))
+        yield from self._run(self.c.new_session(request, client), context)
 
     @maps_errors
-    def Resume(self, request, context):
-        yield from self._run(self.c.resume_session(request, peer_host(context.peer())), context)
+    @signed
+    def Resume(self, request, context, signer):
+        client = self.c.admission.client_id(signer, peer_host(context.peer()))
+        yield from self._run(self.c.resume_session(request, client), context)
 
     def _run(self, session: Session, context) -> Iterator[pb.GenerateEvent]:
         context.add_callback(session.cancel.set)  # client gone: stop at the next step
         return self.c.run(session)
 
     @maps_errors
+    @signed
     def GetSession(self, request, context):
         return self.c.sessions.status(request.session_id)
 
     @maps_errors
-    def GetStatus(self, request, context):
-        return self.c.status()
+    @signed
+    def GetStatus(self, request, context, signer):
+        st = self.c.status()  # without --client-keys, or for a listed client: everything
+        return st if self.c.admission.is_client(signer) else public_status(st)

@@ -5,14 +5,19 @@ both end in a StageRunner, so the two paths validate and compute identically."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 
+from consortium.coordinator.registry import Node
 from consortium.core.config import LayerRange
+from consortium.identity import NodeIdentity
+from consortium.transport.auth import CallSigner
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import RemoteError, make_channel
+from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
 from consortium.worker.runner import StageRunner
 
 POLL_S = 0.25  # how often a long call checks the node's heartbeats
@@ -58,17 +63,33 @@ class LocalStage:
         raise RemoteError("the coordinator's own stage is fixed at start")
 
 
+@dataclass(frozen=True)
+class Dialer:
+    """How the coordinator reaches a worker: TLS whose only root is the certificate the worker
+    registered (plain text with --insecure), every call signed by the coordinator's key for
+    that worker's key (transport/auth.py)."""
+
+    identity: NodeIdentity
+    insecure: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def channel(self, node: Node) -> grpc.Channel:
+        signer = CallSigner(self.identity, audience=node.public_key)
+        pin = None if self.insecure else node.tls_cert
+        return make_channel(node.address, self.max_message_bytes, pin=pin, interceptors=(signer,))
+
+
 class RemoteStage:
     def __init__(
         self,
-        node_id: str,
-        address: str,
-        max_message_bytes: int,
+        node: Node,
+        dialer: Dialer,
         silent_for: Callable[[], float] | None = None,
         hang_after_s: float = 3.0,
     ):
-        self.node_id, self.address = node_id, address
-        self.channel = make_channel(address, max_message_bytes)
+        self.node_id, self.address = node.node_id, node.address
+        self.peer_id = (node.address, node.public_key, node.tls_cert)  # a new one needs a new channel
+        self.channel = dialer.channel(node)
         self.stub = pb_grpc.WorkerStub(self.channel)
         # seconds since the node's last heartbeat: a long call is abandoned when they stop
         self.silent_for, self.hang_after_s = silent_for, hang_after_s

@@ -12,6 +12,10 @@ from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
 
 LOCALHOST = "127.0.0.1"
 DEFAULT_PORT = 50051
+INSECURE_WARNING = (
+    "WARNING: --insecure: plain-text gRPC, no TLS. Anyone on the network path can read and alter "
+    "this traffic; use it only on a trusted network or for local tests."
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -97,6 +101,11 @@ class CoordinatorConfig:
     audit_seed: int | None = None  # None: a CSPRNG chooses the audited units
     ledger: Path | None = None  # SQLite ledger; None = a fresh one in a temporary directory
     allow_keys: frozenset[bytes] | None = None  # admit only these Ed25519 public keys
+    # trust (DESIGN.md §7): TLS with pinned certificates unless insecure; clients listed here
+    # (Ed25519 keys) are the only ones that may run sessions and see node details
+    client_keys: frozenset[bytes] | None = None
+    data_dir: Path | None = None  # node.key and tls.pem (default: as a worker's)
+    insecure: bool = False  # plain-text gRPC (warned loudly); node messages stay signed
     audit_device: str = "cpu"  # where the coordinator recomputes audited work
     # share of a remote auditor's passes the coordinator re-checks itself (against collusion)
     audit_recheck_probability: float = 0.1
@@ -134,9 +143,12 @@ class WorkerConfig:
     register_timeout_s: float = 60.0  # keep trying to reach the coordinator this long at start
     max_concurrency: int = 16
     log_file: Path | None = None
-    data_dir: Path | None = None  # holds node.key (default $CONSORTIUM_DATA_DIR or ~/.local/share/consortium)
+    data_dir: Path | None = None  # node.key, tls.pem, known_coordinators (default $CONSORTIUM_DATA_DIR
+    # or ~/.local/share/consortium)
     misbehave: str | None = None  # tests only: a cheat of verification/misbehave.py
     standby: bool = False  # hold no layers until the coordinator needs a backup (failover)
+    insecure: bool = False  # plain-text gRPC (warned loudly); node messages stay signed
+    coordinator_cert: str | None = None  # its tls.crt or SHA-256; None: pinned on first use in data_dir
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -174,6 +186,9 @@ class ClientConfig:
     coordinator: str = f"{LOCALHOST}:{DEFAULT_PORT}"
     connect_timeout_s: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    insecure: bool = False  # plain-text gRPC
+    coordinator_cert: str | None = None  # its tls.crt or SHA-256; None: pinned on first use in data_dir
+    data_dir: Path | None = None  # the client's key (signs its calls) and pins (default as nodes')
 
 
 def check_probability(p: float) -> float:

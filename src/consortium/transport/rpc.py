@@ -11,12 +11,15 @@ import functools
 import inspect
 import logging
 import socket
-from collections.abc import Callable
+import ssl
+import time
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
 
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
+from consortium.identity.tls import SERVER_NAME, TlsIdentity, TrustError, der_to_pem
 from consortium.model.kv_pool import UnknownSessionError
 from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES, grpc_message_options
 
@@ -36,6 +39,10 @@ class PreconditionError(ConsortiumError):
 
 class PermissionDeniedError(ConsortiumError):
     """A node whose key is not admitted, or a banned node (PERMISSION_DENIED)."""
+
+
+class UnauthenticatedError(ConsortiumError):
+    """A call without a valid, fresh, unreplayed signature or registration proof (UNAUTHENTICATED)."""
 
 
 class OutOfRangeError(ConsortiumError):
@@ -76,6 +83,7 @@ _STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (UnknownSessionError, grpc.StatusCode.NOT_FOUND),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -144,11 +152,15 @@ def make_server(max_workers: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_B
     )
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Binds host:port (0 = any free port); a clear error if the port is taken."""
+def bind(server: grpc.Server, host: str, port: int, tls: TlsIdentity | None = None) -> int:
+    """Binds host:port (0 = any free port), with TLS unless `tls` is None (--insecure); a clear
+    error if the port is taken."""
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(target)
+        if tls is None:
+            bound = server.add_insecure_port(target)
+        else:
+            bound = server.add_secure_port(target, grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)]))
     except RuntimeError as e:
         raise ConsortiumError(f"cannot listen on {target}: {e}") from e
     if bound == 0:
@@ -156,8 +168,53 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     return bound
 
 
-def make_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=grpc_message_options(max_message_bytes))
+def make_channel(
+    address: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    pin: bytes | None = None,
+    interceptors: Sequence[grpc.UnaryUnaryClientInterceptor | grpc.UnaryStreamClientInterceptor] = (),
+) -> grpc.Channel:
+    """A channel to `address`: TLS whose only trusted root is `pin` (the DER certificate the peer
+    must present), or plain text when `pin` is None."""
+    options = grpc_message_options(max_message_bytes)
+    if pin is None:
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        creds = grpc.ssl_channel_credentials(root_certificates=der_to_pem(pin))
+        channel = grpc.secure_channel(
+            address, creds, options=[*options, ("grpc.ssl_target_name_override", SERVER_NAME)]
+        )
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+
+
+def fetch_cert(address: str, peer: str, timeout_s: float) -> bytes:
+    """The DER certificate the TLS server at `address` presents, NOT verified (the caller compares
+    it with a pin); retries while the server is not up, for `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with (
+                socket.create_connection(
+                    (host.strip("[]"), int(port)), timeout=max(0.2, deadline - time.monotonic())
+                ) as raw,
+                ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as s,
+            ):
+                return s.getpeercert(binary_form=True)
+        except ssl.SSLError as e:
+            raise TrustError(
+                f"{peer} does not speak TLS ({e.reason or e}): one started with --insecure needs --insecure here too"
+            ) from None
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                reason = (
+                    "connection refused" if isinstance(e, ConnectionRefusedError) else (e.strerror or str(e))
+                )
+                raise RemoteError(f"cannot reach {peer} ({reason})", grpc.StatusCode.UNAVAILABLE) from None
+            time.sleep(0.2)
 
 
 def check_address(address: str) -> str:

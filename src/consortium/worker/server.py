@@ -10,21 +10,30 @@ import time
 import grpc
 
 import consortium
-from consortium.core.config import LayerRange, WorkerConfig
+from consortium.core.config import INSECURE_WARNING, LayerRange, WorkerConfig
 from consortium.errors import ConsortiumError
 from consortium.identity import NodeIdentity
+from consortium.identity.tls import TlsIdentity, bind_cert
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import resolve_device
+from consortium.transport.auth import (
+    CoordinatorLink,
+    Gate,
+    service_name,
+    signed,
+    signed_registration,
+)
 from consortium.transport.handlers import add_servicer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import (
+    PermissionDeniedError,
     PreconditionError,
     RemoteError,
+    UnauthenticatedError,
     bind,
     check_address,
     local_address_towards,
-    make_channel,
     make_server,
     maps_errors,
     one_line,
@@ -42,8 +51,26 @@ REFUSED = (
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
+    """Every call must be signed by the coordinator this worker registered with (auth.signed)."""
+
+    SERVICE = service_name("Worker")
+
     def __init__(self, node: WorkerNode):
         self.node = node
+        self.gate = node.gate
+
+    def authorize(self, name: str, request, key: bytes | None) -> None:
+        if key is None:
+            raise UnauthenticatedError(f"{name} must be signed by the coordinator")
+        pinned = self.node.coordinator_key
+        if pinned is None:
+            raise PermissionDeniedError(
+                f"{name} refused: this worker has not registered with a coordinator yet"
+            )
+        if key != pinned:
+            raise PermissionDeniedError(
+                f"{name} refused: not signed by the coordinator this worker registered with ({pinned.hex()[:16]}…)"
+            )
 
     def _runner(self) -> StageRunner:
         r = self.node.runner
@@ -52,25 +79,32 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return r
 
     @maps_errors
+    @signed
     def AssignLayers(self, request, context):
         return pb.AssignLayersResponse(node=self.node.assign(request))
 
     @maps_errors
+    @signed
     def OpenSession(self, request, context):
         return self._runner().open(request)
 
     @maps_errors
+    @signed
     def CloseSession(self, request, context):
         return self._runner().close(request)
 
     @maps_errors
+    @signed
     def Execute(self, request, context):
         return self._runner().execute(request)
 
     @maps_errors
+    @signed
     def Rollback(self, request, context):
         return self._runner().rollback(request)
 
+    @maps_errors
+    @signed
     def GetStatus(self, request, context):
         r = self.node.runner
         return pb.WorkerStatus(
@@ -88,6 +122,11 @@ class WorkerNode:
         # The key signs every receipt; the id defaults to the one derived from it.
         self.identity = NodeIdentity.load_or_create(cfg.data_dir)
         self.node_id = cfg.node_id or self.identity.node_id
+        # TLS: a certificate bound to the key (the coordinator pins it); calls must be signed for the key
+        self.tls = None if cfg.insecure else TlsIdentity.load_or_create(cfg.data_dir)
+        self.tls_binding = bind_cert(self.identity, self.tls.cert_der) if self.tls else b""
+        self.gate = Gate(self.identity.public_key)
+        self._link: CoordinatorLink | None = None
         self.misbehaviour = Misbehaviour.parse(cfg.misbehave) if cfg.misbehave else None
         if self.misbehaviour is not None:
             log.warning("worker %s MISBEHAVES on purpose (%s): for tests only", self.node_id, cfg.misbehave)
@@ -97,7 +136,6 @@ class WorkerNode:
         self._assign_lock = threading.Lock()
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
-        self._channel: grpc.Channel | None = None
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -120,7 +158,7 @@ class WorkerNode:
         self.speed_gflops = measure_speed_gflops(self.device, cfg.engine.dtype)
         self._server = make_server(cfg.max_concurrency, cfg.max_message_bytes)
         add_servicer(self._server, WorkerServicer(self), "Worker")  # unparseable requests: INVALID_ARGUMENT
-        port = bind(self._server, cfg.host, cfg.port)
+        port = bind(self._server, cfg.host, cfg.port, self.tls)
         self._server.start()
         host = cfg.host
         if host in ("0.0.0.0", "::", ""):
@@ -128,9 +166,20 @@ class WorkerNode:
         self.address = cfg.advertise or f"{host}:{port}"
         self.port = port
         log.info("worker %s serving on %s:%d (advertised %s)", self.node_id, cfg.host, port, self.address)
-        self._channel = make_channel(cfg.coordinator, cfg.max_message_bytes)
-        self._coordinator = pb_grpc.CoordinatorStub(self._channel)
-        self._register(deadline=time.monotonic() + cfg.register_timeout_s)
+        if cfg.insecure:
+            log.warning(INSECURE_WARNING)
+        deadline = time.monotonic() + cfg.register_timeout_s
+        self._link = CoordinatorLink(
+            cfg.coordinator,
+            self.identity,
+            cfg.insecure,
+            cfg.coordinator_cert,
+            cfg.data_dir,
+            cfg.max_message_bytes,
+            cfg.register_timeout_s,
+        )
+        self._coordinator = self._link.stub
+        self._register(deadline)
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._expiry_loop, "kv-expiry")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -140,8 +189,8 @@ class WorkerNode:
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace_s).wait(grace_s + 1)
-        if self._channel is not None:
-            self._channel.close()
+        if self._link is not None:
+            self._link.close()
 
     def wait(self) -> None:
         while not self._stop.wait(0.5):
@@ -209,6 +258,8 @@ class WorkerNode:
             threads=_threads(),
             public_key=self.identity.public_key,
             standby=cfg.standby,
+            tls_cert=self.tls.cert_der if self.tls else b"",
+            tls_binding=self.tls_binding,
         )
         if r is not None:
             info.layers.CopyFrom(pb.LayerRange(start=r.layers.start, end=r.layers.end))
@@ -217,12 +268,19 @@ class WorkerNode:
 
     # --- coordinator -------------------------------------------------------------------
 
+    @property
+    def coordinator_key(self) -> bytes | None:
+        """The key of the coordinator this worker registered with: the only one it obeys."""
+        return self._link.key if self._link is not None else None
+
     def _register(self, deadline: float) -> None:
-        """Registers, retrying while the coordinator is unreachable; a refusal is final."""
+        """Registers (challenge-response: proof of this node's key), retrying while the coordinator
+        is unreachable; a refusal is final, and so is a coordinator that is not the one pinned."""
         addr = self.cfg.coordinator
         while True:
             try:
-                resp = self._coordinator.Register(pb.RegisterRequest(node=self.info()), timeout=10)
+                req = signed_registration(self.identity, self._link.challenge(), self.info())
+                resp = self._coordinator.Register(req, timeout=10)
                 self.heartbeat_interval_s = resp.heartbeat_interval_s or self.heartbeat_interval_s
                 log.info("registered with the coordinator at %s as %s", addr, self.node_id)
                 return

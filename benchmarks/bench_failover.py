@@ -48,7 +48,7 @@ import torch
 
 from consortium.coordinator.client import Client
 from consortium.coordinator.launcher import LocalCluster, LocalProcess, thirds
-from consortium.core.config import ClientConfig, EngineConfig, SessionRequest
+from consortium.core.config import EngineConfig, SessionRequest
 from consortium.model.files import resolve_model
 from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
@@ -114,7 +114,7 @@ def one_round(
             marks["failover_event"] = time.perf_counter()
             marks["tokens_before_failover_event"] = len(arrivals)
 
-        with Client(ClientConfig(cluster.address)) as client:
+        with Client(cluster.client_config()) as client:
             client.run(replace(req, max_tokens=2))  # warm-up of the three processes
             report = client.run(req, on_text=on_text, on_failover=on_failover)
         victim_status = victim.exited()

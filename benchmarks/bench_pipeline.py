@@ -30,7 +30,7 @@ import torch
 
 from consortium.coordinator.client import Client, SessionReport
 from consortium.coordinator.launcher import LocalCluster, thirds
-from consortium.core.config import ClientConfig, EngineConfig, SessionRequest
+from consortium.core.config import EngineConfig, SessionRequest
 from consortium.model.files import resolve_model
 from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         with cluster:
             cluster.start(timeout_s=300)
             startup_s = time.perf_counter() - t0
-            with Client(ClientConfig(cluster.address)) as client:
+            with Client(cluster.client_config()) as client:
                 client.run(replace(req, max_tokens=4))  # warm-up of the three processes
                 for r in range(a.rounds):
                     torch.set_num_threads(default_threads)

@@ -90,7 +90,7 @@ def run_cluster(model: Path, tokens: int, probability: float, single_tps: float 
     """The seed topology as 3 local processes; startup, tok/s, peak RSS per process, audits."""
     from consortium.coordinator.client import Client
     from consortium.coordinator.launcher import LocalCluster
-    from consortium.core.config import ClientConfig, EngineConfig, LayerRange, SessionRequest
+    from consortium.core.config import EngineConfig, LayerRange, SessionRequest
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as logs:
         ranges = [LayerRange(0, 11), LayerRange(11, 22)]
@@ -100,7 +100,7 @@ def run_cluster(model: Path, tokens: int, probability: float, single_tps: float 
         try:
             cluster.start(timeout_s=900)
             startup = time.perf_counter() - t
-            with Client(ClientConfig(cluster.address)) as client:
+            with Client(cluster.client_config()) as client:
                 req = SessionRequest(single.PROMPT, tokens, audit_probability=probability)
                 report = client.run(req)
             peaks = {p.name: _peak_rss_gb(p.pid) for p in cluster.processes}

@@ -27,7 +27,7 @@ import torch
 
 from consortium.coordinator.client import Client
 from consortium.coordinator.launcher import LocalCluster, thirds
-from consortium.core.config import ClientConfig, SessionRequest
+from consortium.core.config import SessionRequest
 from consortium.identity import NodeIdentity
 from consortium.model.files import resolve_model
 from consortium.model.gguf_file import GGUFModel
@@ -67,7 +67,7 @@ def honest_runs(model: Path, tmp: Path, sessions: int, tokens: int) -> tuple[dic
     reference: dict[str, list[int]] = {}
     try:
         totals = {"sessions": 0, "tokens": 0, "audits": 0, "passed": 0, "failed": 0, "rollbacks": 0}
-        with Client(ClientConfig(c.address)) as client:
+        with Client(c.client_config()) as client:
             for i in range(sessions):
                 prompt = PROMPTS[i % len(PROMPTS)]
                 sampling = SamplingParams() if i < len(PROMPTS) else SamplingParams(0.8, 40, 0.95, seed=i)
@@ -132,7 +132,7 @@ def cheat_runs(model: Path, tmp: Path, reference: dict[str, list[int]], tokens: 
         for p in (1.0, 0.2):
             c = cluster(model, tmp / f"cheat-{kind.replace('=', '_')}-{p}", misbehave=kind, probability=p)
             try:
-                with Client(ClientConfig(c.address)) as client:
+                with Client(c.client_config()) as client:
                     t0 = time.perf_counter()
                     r = client.run(
                         SessionRequest(prompt, tokens, SamplingParams(), audit_probability=p, audit_seed=7)
@@ -174,7 +174,7 @@ def overhead(model: Path, tmp: Path, tokens: int, rounds: int) -> dict:
     tps: dict[str, list[float]] = {"0.0": [], "0.2": []}
     step_ms: list[float] = []
     try:
-        with Client(ClientConfig(c.address)) as client:
+        with Client(c.client_config()) as client:
             for _ in range(rounds):
                 for p in (0.0, 0.2):
                     r = client.run(SessionRequest(PROMPTS[0], tokens, SamplingParams(), audit_probability=p))

@@ -98,7 +98,7 @@ def speed(cache: Path, n: int) -> dict[str, Any]:
 def cuda_worker_in_cpu_pipeline(cache: Path, n: int) -> dict[str, Any]:
     from consortium.coordinator.client import Client
     from consortium.coordinator.launcher import LocalCluster
-    from consortium.core.config import ClientConfig, LayerRange, SessionRequest
+    from consortium.core.config import LayerRange, SessionRequest
 
     path = _model(cache, "llama3.2-1b", layers=4)
     with tempfile.TemporaryDirectory() as logs:
@@ -106,7 +106,7 @@ def cuda_worker_in_cpu_pipeline(cache: Path, n: int) -> dict[str, Any]:
         cluster.worker_args = [["--device", "cuda", "--dtype", "fp16"]]
         cluster.start(timeout_s=600)
         try:
-            with Client(ClientConfig(cluster.address)) as client:
+            with Client(cluster.client_config()) as client:
                 report = client.run(SessionRequest(PROMPT, n, audit_probability=1.0))
         finally:
             cluster.stop()

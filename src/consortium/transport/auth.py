@@ -36,7 +36,7 @@ from consortium.identity.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, NodeIden
 from consortium.identity.tls import PinStore, TrustError, check_binding
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
-from consortium.transport.rpc import UnauthenticatedError, fetch_cert, make_channel
+from consortium.transport.rpc import PermissionDeniedError, UnauthenticatedError, fetch_cert, make_channel
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def signed(method: Callable) -> Callable:
             self.authorize(name, request, key)
             if call is not None:
                 self.gate.consume(call)
-        except Exception as e:
+        except (UnauthenticatedError, PermissionDeniedError) as e:
             _log_refusal(name, context, e)
             raise
         return {"signer": key} if wants_key else {}

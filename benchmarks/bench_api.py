@@ -34,7 +34,7 @@ PROMPT = "Explain in one paragraph why the sky appears blue."
 MODES = ("grpc", "api-verified", "api-optimistic")
 
 
-def grpc_run(address: str, prompt: str, max_tokens: int) -> tuple[list[float], str]:
+def grpc_run(client: ClientConfig, prompt: str, max_tokens: int) -> tuple[list[float], str]:
     """Arrival times (from the request) of each token's text, and the text (`session run`)."""
     times, parts = [], []
     t0 = time.perf_counter()
@@ -43,8 +43,8 @@ def grpc_run(address: str, prompt: str, max_tokens: int) -> tuple[list[float], s
         times.append(time.perf_counter() - t0)
         parts.append(text)
 
-    with Client(ClientConfig(address)) as client:
-        client.run(SessionRequest(prompt, max_tokens, SamplingParams()), on_text=on_text)
+    with Client(client) as c:
+        c.run(SessionRequest(prompt, max_tokens, SamplingParams()), on_text=on_text)
     return times, "".join(parts)
 
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalCluster(model, last, [first, second], logs, EngineConfig(), coordinator_args=args) as cluster:
         cluster.start(timeout_s=300)
         run = {
-            "grpc": lambda: grpc_run(cluster.address, a.prompt, a.max_tokens),
+            "grpc": lambda: grpc_run(cluster.client_config(), a.prompt, a.max_tokens),
             "api-verified": lambda: api_run(cluster.http_url, model.stem, a.prompt, a.max_tokens, "verified"),
             "api-optimistic": lambda: api_run(
                 cluster.http_url, model.stem, a.prompt, a.max_tokens, "optimistic"

@@ -161,3 +161,30 @@ def test_metrics_count_requests_tokens_and_latencies(http):
         "consortium_failovers_total",
     ):
         assert name in m
+
+
+def test_https_with_a_certificate_and_a_bad_pair_refused(server, tmp_path):
+    import ssl
+
+    from consortium.errors import ConsortiumError
+    from consortium.identity.tls import TlsIdentity
+    from consortium.serving.server import HttpServer
+
+    tls = TlsIdentity.generate()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(tls.cert_pem)
+    key.write_bytes(tls.key_pem)
+    https = HttpServer(server.coordinator, ServeConfig(http_port=0, http_tls_cert=cert, http_tls_key=key))
+    https.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False  # the certificate names consortium-node, not 127.0.0.1
+        assert https.url.startswith("https://")
+        assert httpx.get(https.url + "/health", verify=ctx).json()["status"] == "ok"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(https.url + "/health")  # an unknown certificate is refused by default
+    finally:
+        https.stop()
+    key.write_text("not a key")
+    with pytest.raises(ConsortiumError, match="cannot use .* for HTTPS"):
+        HttpServer(server.coordinator, ServeConfig(http_port=0, http_tls_cert=cert, http_tls_key=key))

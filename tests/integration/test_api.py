@@ -10,13 +10,11 @@ import json
 import httpx
 import openai
 import pytest
-from helpers.cluster import STARTUP_S, add_worker, start_cluster, wait_for
+from helpers.cluster import STARTUP_S, add_worker, start_cluster, wait_for, worker_stub
 from helpers.serving import Metrics, long_tiny_gguf, single_node_text
 
 from consortium.core.config import LayerRange
 from consortium.transport.proto import consortium_pb2 as pb
-from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
-from consortium.transport.rpc import make_channel
 
 PROMPT = "the cat sat on"
 
@@ -78,16 +76,16 @@ def test_errors_through_the_openai_client(api):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
-def _worker_sessions(address: str) -> int:
-    channel = make_channel(address)
+def _worker_sessions(cluster, node_id: str) -> int:
+    channel, stub = worker_stub(cluster, node_id)  # signing as the coordinator
     try:
-        return pb_grpc.WorkerStub(channel).GetStatus(pb.WorkerStatusRequest(), timeout=10).active_sessions
+        return stub.GetStatus(pb.WorkerStatusRequest(), timeout=10).active_sessions
     finally:
         channel.close()
 
 
 def test_a_client_disconnect_cancels_the_session_on_every_node(api):
-    _, _, http, _, _ = api
+    cluster, _, http, _, _ = api
     body = {
         "model": "long",
         "messages": [{"role": "user", "content": PROMPT}],
@@ -98,18 +96,16 @@ def test_a_client_disconnect_cancels_the_session_on_every_node(api):
         lines = (line for line in r.iter_lines() if line.startswith("data: "))
         sid = json.loads(next(lines)[6:])["id"].removeprefix("chatcmpl-")
         next(lines)
-        workers = {
-            n["node_id"]: n["address"] for n in http.get("/api/status").json()["nodes"] if not n["local"]
-        }
-        assert all(_worker_sessions(a) >= 1 for a in workers.values())
+        workers = [n["node_id"] for n in http.get("/api/status").json()["nodes"] if not n["local"]]
+        assert workers == ["worker-0", "worker-1"] and all(_worker_sessions(cluster, w) >= 1 for w in workers)
 
     def state() -> str:
         return next(s["state"] for s in http.get("/api/status").json()["sessions"] if s["session_id"] == sid)
 
     wait_for(lambda: state() != "running", 60, "the session to end")
     assert state() == "cancelled"
-    for node, address in workers.items():
-        wait_for(lambda a=address: _worker_sessions(a) == 0, 10, f"{node} to free the session's cache")
+    for w in workers:
+        wait_for(lambda w=w: _worker_sessions(cluster, w) == 0, 10, f"{w} to free the session's cache")
 
 
 def test_metrics_after_the_sessions(api):

@@ -182,6 +182,8 @@ serve_options = options(  # serve_config(options)
         positive=True,
         help="Tokens generated for an HTTP request that names no max_tokens.",
     ),
+    file_option("--http-tls-cert", "Serve the HTTP API over TLS with this certificate (PEM).", exists=True),
+    file_option("--http-tls-key", "The private key (PEM) of --http-tls-cert.", exists=True),
 )
 
 

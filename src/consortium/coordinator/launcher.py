@@ -159,7 +159,8 @@ class LocalCluster:
     def http_url(self) -> str:
         if self.http_port is None:
             raise ConsortiumError("the local cluster's coordinator serves no HTTP API")
-        return f"http://{self.host}:{self.http_port}"
+        scheme = "https" if "--http-tls-cert" in self.coordinator_args else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
 
     @property
     def coordinator_dir(self) -> Path:
@@ -386,6 +387,8 @@ def serve_args(serve: ServeConfig, api_keys_file: Path | None) -> list[str]:
     ]
     args += ["--default-max-tokens", str(serve.default_max_tokens)]
     args += ["--api-keys", str(api_keys_file)] if api_keys_file is not None else []
+    if serve.http_tls_cert is not None:
+        args += ["--http-tls-cert", str(serve.http_tls_cert), "--http-tls-key", str(serve.http_tls_key)]
     return args + (["--no-auth"] if serve.no_auth else [])
 
 

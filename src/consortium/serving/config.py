@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class ServeConfig:
     release: str = VERIFIED  # verified: a token goes out once no audit can roll it back
     default_max_tokens: int = 256  # a request that names no max_tokens
     max_body_bytes: int = 1 * 2**20  # larger request bodies: 413
+    http_tls_cert: Path | None = None  # PEM: serve HTTPS (with http_tls_key)
+    http_tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if self.release not in (VERIFIED, OPTIMISTIC):
@@ -30,6 +33,8 @@ class ServeConfig:
             raise ConsortiumError(f"http port {self.http_port} outside 0..65535")
         if self.default_max_tokens < 1 or self.max_body_bytes < 1:
             raise ConsortiumError("default max tokens and max body bytes must be positive")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ConsortiumError("--http-tls-cert and --http-tls-key go together")
 
     def check_exposure(self) -> None:
         """Without keys the API serves only on loopback, unless --no-auth says otherwise."""
@@ -42,6 +47,19 @@ class ServeConfig:
     @property
     def auth(self) -> bool:
         return self.api_keys is not None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The HTTPS context, checked now (a bad certificate or key is one error at start)."""
+        if self.http_tls_cert is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(self.http_tls_cert, self.http_tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConsortiumError(
+                f"cannot use {self.http_tls_cert} / {self.http_tls_key} for HTTPS: {e}"
+            ) from e
+        return ctx
 
 
 def is_loopback(host: str) -> bool:

@@ -26,6 +26,7 @@ class HttpServer:
         from consortium.serving.api import create_app
 
         serve.check_exposure()
+        serve.tls_context()
         self.serve = serve
         self.app = create_app(coordinator, serve)
         self.port = 0
@@ -36,7 +37,8 @@ class HttpServer:
     def url(self) -> str:
         host = self.serve.http_host
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self.port}"
+        scheme = "https" if self.serve.http_tls_cert is not None else "http"
+        return f"{scheme}://{shown}:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Binds the port here (a taken port fails now, with one line), then serves in a thread."""
@@ -50,8 +52,9 @@ class HttpServer:
             sock.close()
             raise ConsortiumError(f"cannot serve HTTP on {host}:{self.serve.http_port}: {e.strerror}") from e
         self.port = sock.getsockname()[1]
+        tls = {"ssl_certfile": self.serve.http_tls_cert, "ssl_keyfile": self.serve.http_tls_key}
         config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, timeout_graceful_shutdown=2, lifespan="off"
+            self.app, log_config=None, access_log=False, timeout_graceful_shutdown=2, lifespan="off", **tls
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, args=([sock],), name="http", daemon=True)

@@ -2,6 +2,11 @@
 is replaced, the replacement's KV cache rebuilt by replaying the stage's committed inputs,
 and the session ends with exactly the tokens of an uninterrupted single-node run.
 
+A worker meant to fail at a token is started with `--misbehave die-at=N` (it SIGKILLs itself)
+or `hang-at=N` (it SIGSTOPs itself) on the decode order of step N, so the failover happens at
+token N exactly; signals from outside remain for kills not tied to a worker's step (the
+coordinator, an auditor mid-audit, a hang before the session, the demo's --kill-at).
+
 The tiny model's cluster: worker-0 holds layers 0-1, worker-1 layers 1-2, the coordinator
 2-4 (and is the backup of any range: no standby worker holds the same layers).
 """
@@ -17,7 +22,7 @@ import time
 import grpc
 import pytest
 from helpers.cli import assert_one_line_error, consortium
-from helpers.cluster import STARTUP_S, add_worker, processes_mentioning, start_cluster
+from helpers.cluster import STARTUP_S, add_worker, processes_mentioning, start_cluster, wait_for
 
 from consortium.coordinator.client import Client
 from consortium.core.config import ClientConfig, LayerRange, SessionRequest
@@ -25,11 +30,13 @@ from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
 from consortium.transport.rpc import RemoteError
 from consortium.verification.ledger import Ledger
+from consortium.verification.misbehave import ENABLE_ENV
 
 PROMPT = "the cat sat on the"
 SEEDED = SamplingParams(temperature=0.8, top_k=50, seed=11)
 GREEDY = SamplingParams(temperature=0.0)
 TOKENS = 24
+FAIL_AT = 8  # die-at / hang-at: the worker fails on the decode order of step 8, the failover is at token 8
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +49,24 @@ def single_node(tiny_gguf):
     return run
 
 
-def _cluster(request, tiny_gguf, tmp_path, coordinator_args=()):
+def _cluster(request, tiny_gguf, tmp_path, coordinator_args=(), worker_args=()):
     ledger = tmp_path / "ledger.db"
     cluster = start_cluster(
-        request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2)],
+        request,
+        tiny_gguf,
+        tmp_path / "logs",
+        LayerRange(2, 4),
+        [LayerRange(0, 1), LayerRange(1, 2)],
         coordinator_args=["--ledger", str(ledger), *coordinator_args],
-    )  # fmt: skip
+        worker_args=list(worker_args),
+    )
     return cluster, ledger
+
+
+def _faults(monkeypatch, *faults: str | None) -> list[list[str]]:
+    """worker_args: worker-i starts with `--misbehave faults[i]` (e.g. die-at=8), None: honest."""
+    monkeypatch.setenv(ENABLE_ENV, "1")
+    return [["--misbehave", f] if f else [] for f in faults]
 
 
 def _proc(cluster, name: str):
@@ -77,21 +95,23 @@ def _read_ledger(path):
         led.close()
 
 
-def _run(client_for, cluster, sampling: SamplingParams, actions: dict[int, list[tuple[str, int]]]):
-    """Runs a session, sending the signals of `actions` as tokens stream in (see _signals)."""
-    req = SessionRequest(PROMPT, TOKENS, sampling, audit_probability=0.0)
-    return client_for(cluster).run(req, on_text=_signals(cluster, actions))
+def _run(client_for, cluster, sampling: SamplingParams):
+    """Runs a session without audits."""
+    return client_for(cluster).run(SessionRequest(PROMPT, TOKENS, sampling, audit_probability=0.0))
 
 
-def test_killed_worker_fails_over_to_the_coordinator(request, tiny_gguf, tmp_path, client_for, single_node):
-    cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
-    r = _run(client_for, cluster, GREEDY, {8: [("worker-1", signal.SIGKILL)]})
+def test_killed_worker_fails_over_to_the_coordinator(
+    request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch
+):
+    worker_args = _faults(monkeypatch, None, f"die-at={FAIL_AT}")
+    cluster, ledger = _cluster(request, tiny_gguf, tmp_path, worker_args=worker_args)
+    r = _run(client_for, cluster, GREEDY)
+    assert _proc(cluster, "worker-1").proc.wait(10) == -signal.SIGKILL
     assert r.tokens == single_node(GREEDY)
-    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [
-        (1, "worker-1", "coordinator")
-    ]
+    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [(1, "worker-1", "coordinator")]
     f = r.failovers[0]
-    assert 8 <= f.token_index < TOKENS and f.latency_ms > 0
+    assert f.token_index == FAIL_AT and f.latency_ms > 0
+    assert f.replayed_positions == r.prompt_tokens + FAIL_AT - 1  # every position committed before
     assert r.rollbacks == [] and r.banned_nodes == []
     assert [s.node_id for s in r.stages] == ["worker-0", "coordinator", "coordinator"]
     assert json.loads(json.dumps(r.to_dict()))["failovers"][0]["failed_node"] == "worker-1"
@@ -105,40 +125,40 @@ def test_killed_worker_fails_over_to_the_coordinator(request, tiny_gguf, tmp_pat
     assert [s.node_id for s in again.stages] == ["worker-0", "coordinator", "coordinator"]
 
 
-def test_hung_worker_is_detected_and_fails_over(request, tiny_gguf, tmp_path, client_for, single_node):
-    cluster, _ = _cluster(request, tiny_gguf, tmp_path)
+def test_hung_worker_is_detected_and_fails_over(
+    request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch
+):
+    worker_args = _faults(monkeypatch, None, f"hang-at={FAIL_AT}")
+    cluster, _ = _cluster(request, tiny_gguf, tmp_path, worker_args=worker_args)
     request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))  # before the stop
     t0 = time.monotonic()
-    r = _run(client_for, cluster, SEEDED, {8: [("worker-1", signal.SIGSTOP)]})
+    r = _run(client_for, cluster, SEEDED)
     assert time.monotonic() - t0 < 30  # the adaptive deadline (2 s floor), not the 60 s step timeout
     assert r.tokens == single_node(SEEDED)
-    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [
-        (1, "worker-1", "coordinator")
+    assert [(f.stage, f.token_index, f.failed_node, f.backup_node) for f in r.failovers] == [
+        (1, FAIL_AT, "worker-1", "coordinator")
     ]
 
 
-def test_two_stages_fail_in_one_session(request, tiny_gguf, tmp_path, client_for, single_node):
-    """worker-0 (the first stage, fed tokens) dies and worker-1 hangs at the same moment: both
-    fail over, in whichever order the token loop meets them (a kill later in the session would
-    race a pipeline that is then mostly local and fast)."""
-    cluster, _ = _cluster(request, tiny_gguf, tmp_path)
+def test_two_stages_fail_in_one_session(request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch):
+    """worker-0 (the first stage, fed tokens) dies and worker-1 hangs on the same step: the
+    token loop meets worker-0 first, fails it over, then worker-1 hangs on that step's order."""
+    worker_args = _faults(monkeypatch, "die-at=5", "hang-at=5")
+    cluster, _ = _cluster(request, tiny_gguf, tmp_path, worker_args=worker_args)
     request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))
-    on_text = _signals(cluster, {5: [("worker-1", signal.SIGSTOP), ("worker-0", signal.SIGKILL)]})
-    req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0)
-    r = client_for(cluster).run(req, on_text=on_text)
+    r = _run(client_for, cluster, SEEDED)
     assert r.tokens == single_node(SEEDED)
-    assert sorted((f.stage, f.failed_node, f.backup_node) for f in r.failovers) == [
-        (0, "worker-0", "coordinator"),
-        (1, "worker-1", "coordinator"),
+    assert [(f.stage, f.token_index, f.failed_node, f.backup_node) for f in r.failovers] == [
+        (0, 5, "worker-0", "coordinator"),
+        (1, 5, "worker-1", "coordinator"),
     ]
-    assert all(5 <= f.token_index < TOKENS for f in r.failovers)
     assert {s.node_id for s in r.stages} == {"coordinator"}
 
 
 def test_demo_kill_at_shows_a_failover(tiny_gguf, tmp_path, single_node):
-    done = consortium("demo", "--model", str(tiny_gguf), "--prompt", PROMPT, "--max-tokens", str(TOKENS),
-                      "--temperature", "0", "--kill-at", "6", "--audit-probability", "0", "--json",
-                      "--log-dir", str(tmp_path), timeout=300)  # fmt: skip
+    session = ["--model", str(tiny_gguf), "--prompt", PROMPT, "--max-tokens", str(TOKENS)]
+    opts = ["--temperature", "0", "--kill-at", "6", "--audit-probability", "0", "--json"]
+    done = consortium("demo", *session, *opts, "--log-dir", str(tmp_path), timeout=300)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["tokens"] == single_node(GREEDY)
@@ -149,66 +169,63 @@ def test_demo_kill_at_shows_a_failover(tiny_gguf, tmp_path, single_node):
     assert processes_mentioning(str(tmp_path)) == []
 
 
-def test_failover_with_every_unit_audited(request, tiny_gguf, tmp_path, client_for, single_node):
+def test_failover_with_every_unit_audited(request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch):
     """Interplay with verification: the failed node's committed work is still audited (and
     passes); no rollback, no ban; the backup (the coordinator) is not audited."""
-    cluster, _ = _cluster(request, tiny_gguf, tmp_path)
-    on_text = _signals(cluster, {8: [("worker-1", signal.SIGKILL)]})
+    worker_args = _faults(monkeypatch, None, f"die-at={FAIL_AT}")
+    cluster, _ = _cluster(request, tiny_gguf, tmp_path, worker_args=worker_args)
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
-    r = client_for(cluster).run(req, on_text=on_text)
+    r = client_for(cluster).run(req)
     assert r.tokens == single_node(SEEDED)
-    assert [(f.stage, f.failed_node) for f in r.failovers] == [(1, "worker-1")]
+    assert [(f.stage, f.token_index, f.failed_node) for f in r.failovers] == [(1, FAIL_AT, "worker-1")]
     assert r.rollbacks == [] and r.banned_nodes == []
     assert r.audits.failed == 0 and r.audits.pending == 0 and r.audits.passed > 0
 
 
-def _standby_cluster(request, tiny_gguf, tmp_path, coordinator_args=()):
+def _standby_cluster(request, tiny_gguf, tmp_path, worker_1_args=()):
     """worker-0 0-1, worker-1 1-2, worker-2 a standby (no layers), the coordinator 2-4."""
     return start_cluster(
-        request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2), None],
-        coordinator_args=["--ledger", str(tmp_path / "ledger.db"), *coordinator_args],
-        worker_args=[[], [], ["--standby"]],
-    )  # fmt: skip
+        request,
+        tiny_gguf,
+        tmp_path / "logs",
+        LayerRange(2, 4),
+        [LayerRange(0, 1), LayerRange(1, 2), None],
+        coordinator_args=["--ledger", str(tmp_path / "ledger.db")],
+        worker_args=[[], list(worker_1_args), ["--standby"]],
+    )
 
 
 def _roles(client) -> dict[str, str]:
     return {n["node_id"]: n["role"] for n in client.cluster_status()["nodes"]}
 
 
-def _wait_for(predicate, timeout_s: float = 30.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
-
-
 def test_standby_takes_over_and_the_restarted_worker_rejoins_as_spare(
-    request, tiny_gguf, tmp_path, client_for, single_node
+    request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch
 ):
-    cluster = _standby_cluster(request, tiny_gguf, tmp_path)
+    cluster = _standby_cluster(request, tiny_gguf, tmp_path, *_faults(monkeypatch, f"die-at={FAIL_AT}"))
     client = client_for(cluster)
-    assert _roles(client) == {"coordinator": "serving", "worker-0": "serving", "worker-1": "serving",
-                              "worker-2": "standby"}  # fmt: skip
+    assert _roles(client) == {
+        "coordinator": "serving",
+        "worker-0": "serving",
+        "worker-1": "serving",
+        "worker-2": "standby",
+    }
     live = []
-    on_text = _signals(cluster, {8: [("worker-1", signal.SIGKILL)]})
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0)
-    r = client.run(req, on_text=on_text, on_failover=live.append)
+    r = client.run(req, on_failover=live.append)
     assert r.tokens == single_node(SEEDED)
-    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [
-        (1, "worker-1", "worker-2")
-    ]
+    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [(1, "worker-1", "worker-2")]
     assert [ev.backup_node for ev in live] == ["worker-2"]  # streamed while the session ran
     f = r.failovers[0]
-    assert f.load_ms > 0 and f.replayed_positions >= len(r.tokens) - TOKENS + 8
+    assert f.token_index == FAIL_AT and f.load_ms > 0
+    assert f.replayed_positions == r.prompt_tokens + FAIL_AT - 1
     assert [s.node_id for s in r.stages] == ["worker-0", "worker-2", "coordinator"]
     assert "loading layers 1-2: 1/1" in (tmp_path / "logs" / "worker-2.log").read_text()
 
-    # worker-1 restarted with the same identity: registers again and waits as a spare of 1-2
+    # worker-1 restarted with the same identity (and its die-at, but a spare gets no work here):
+    # registers again and waits as a spare of 1-2
     _proc(cluster, "worker-1").start(dict(os.environ, PYTHONUNBUFFERED="1"))
-    _wait_for(lambda: _roles(client).get("worker-1") == "spare", what="worker-1 to rejoin as a spare")
+    wait_for(lambda: _roles(client).get("worker-1") == "spare", what="worker-1 to rejoin as a spare")
     assert _roles(client)["worker-2"] == "serving"
     again = client.run(SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=0.0))
     assert again.tokens == single_node(GREEDY) and again.failovers == []
@@ -216,42 +233,44 @@ def test_standby_takes_over_and_the_restarted_worker_rejoins_as_spare(
 
 
 def test_a_hung_worker_that_comes_back_drops_its_stale_caches(
-    request, tiny_gguf, tmp_path, client_for, single_node
+    request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch
 ):
-    cluster = _standby_cluster(request, tiny_gguf, tmp_path)
+    cluster = _standby_cluster(request, tiny_gguf, tmp_path, *_faults(monkeypatch, f"hang-at={FAIL_AT}"))
     request.addfinalizer(lambda: _proc(cluster, "worker-1").signal_group(signal.SIGCONT))
     client = client_for(cluster)
-    r = _run(client_for, cluster, GREEDY, {8: [("worker-1", signal.SIGSTOP)]})
+    r = _run(client_for, cluster, GREEDY)
     assert r.tokens == single_node(GREEDY)
-    assert [(f.failed_node, f.backup_node) for f in r.failovers] == [("worker-1", "worker-2")]
+    assert [(f.token_index, f.failed_node, f.backup_node) for f in r.failovers] == [
+        (FAIL_AT, "worker-1", "worker-2")
+    ]
     _proc(cluster, "worker-1").signal_group(signal.SIGCONT)
     log_file = tmp_path / "logs" / "worker-1.log"
     # gone either by the close the coordinator sent while it hung (served on SIGCONT) or by the
     # heartbeat reply naming it (whichever comes first; the placement test covers the latter alone)
     gone = (f"dropped the KV cache of session {r.session_id}", f"session {r.session_id} closed")
-    _wait_for(lambda: any(g in log_file.read_text() for g in gone), what="worker-1 to drop the stale cache")
+    wait_for(lambda: any(g in log_file.read_text() for g in gone), what="worker-1 to drop the stale cache")
     # back, it queues behind the standby that replaced it
-    _wait_for(lambda: _roles(client).get("worker-1") == "spare", what="worker-1 to be a spare")
+    wait_for(lambda: _roles(client).get("worker-1") == "spare", what="worker-1 to be a spare")
     again = client.run(SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=0.0))
     assert again.tokens == single_node(SEEDED) and [s.node_id for s in again.stages][1] == "worker-2"
 
 
 def test_no_backup_fails_the_session_clearly_and_keeps_its_tokens(
-    request, tiny_gguf, tmp_path, client_for, single_node
+    request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch
 ):
-    cluster, ledger = _cluster(request, tiny_gguf, tmp_path, ["--no-backup"])
+    worker_args = _faults(monkeypatch, None, f"die-at={FAIL_AT}")
+    cluster, ledger = _cluster(request, tiny_gguf, tmp_path, ["--no-backup"], worker_args)
     client = client_for(cluster)
     started = []
-    on_text = _signals(cluster, {8: [("worker-1", signal.SIGKILL)]})
     req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=0.0)
     with pytest.raises(RemoteError, match="no backup is available") as exc:
-        client.run(req, on_text=on_text, on_start=started.append)
+        client.run(req, on_start=started.append)
     assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
     sid = started[0].session_id
     st = client.session_status(sid)
     baseline = single_node(GREEDY)
     assert st["state"] == "failed" and "no backup" in st["error"]
-    assert 8 <= len(st["tokens"]) < TOKENS and st["tokens"] == baseline[: len(st["tokens"])]
+    assert len(st["tokens"]) == FAIL_AT and st["tokens"] == baseline[:FAIL_AT]
     with _read_ledger(ledger) as led:
         assert led.tokens(sid) == st["tokens"] and led.session(sid)["status"] == "failed"
     assert st["resumable"]  # once a node can take the layers, the session goes on exactly
@@ -333,8 +352,11 @@ def _add_spare(cluster, tiny_gguf, tmp_path, name: str, extra_args=(), role: str
     p = add_worker(cluster, name, tiny_gguf, tmp_path / "logs" / f"{name}.log", *args)
     client = Client(ClientConfig(cluster.address))
     try:
-        _wait_for(lambda: _roles(client).get(name) == role, timeout_s=STARTUP_S,
-                  what=lambda: f"{name} to register as {role}: {_roles(client)}")  # fmt: skip
+        wait_for(
+            lambda: _roles(client).get(name) == role,
+            timeout=STARTUP_S,
+            what=lambda: f"{name} to register as {role}: {_roles(client)}",
+        )
     finally:
         client.close()
     return p
@@ -387,10 +409,14 @@ def test_an_auditor_colluding_with_a_cheat_is_caught_by_the_coordinators_recheck
     monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
     ledger = tmp_path / "ledger.db"
     cluster = start_cluster(
-        request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2)],
+        request,
+        tiny_gguf,
+        tmp_path / "logs",
+        LayerRange(2, 4),
+        [LayerRange(0, 1), LayerRange(1, 2)],
         coordinator_args=["--ledger", str(ledger), "--audit-recheck", "1"],
         worker_args=[[], ["--misbehave", "wrong-weights"]],
-    )  # fmt: skip
+    )
     _add_spare(cluster, tiny_gguf, tmp_path, "colluder", ["--misbehave", "wrong-weights"])
     req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=1.0, audit_seed=4)
     r = client_for(cluster).run(req)

@@ -3,8 +3,9 @@ its prefill, is replaced by the coordinator and the session ends with exactly th
 an uninterrupted single-node run.
 
 - SmolLM2 (the demo's topology: workers 0-10 and 10-20, the coordinator 20-30 with the
-  head): the worker of layers 10-20 killed after token 20 of 64 (greedy), and a worker
-  killed when the session starts, while a long prompt's prefill runs;
+  head): the worker of layers 10-20 dying at token 20 of 64 exactly (greedy; `--misbehave
+  die-at=20`: it SIGKILLs itself on the decode order of step 20), and a worker killed from
+  outside when the session starts, while a long prompt's prefill runs;
 - the tiny model (workers 0-1 and 1-2, the coordinator 2-4), seeded sampling: kills at
   seeded-random token indices of either worker.
 
@@ -26,13 +27,14 @@ from consortium.core.config import LayerRange, SessionRequest
 from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
 from consortium.verification.ledger import Ledger
+from consortium.verification.misbehave import ENABLE_ENV
 
 GREEDY = SamplingParams(temperature=0.0)
 SEEDED = SamplingParams(temperature=0.8, top_k=50, seed=11)
 
 SMOLLM_PROMPT = "Explain in one paragraph why the sky appears blue."
 SMOLLM_TOKENS = 64
-SMOLLM_KILL_AFTER = 20
+SMOLLM_DIE_AT = 20  # worker-1 SIGKILLs itself on the decode order of step 20: the failover is at token 20
 # (c): a no-chat prompt of several hundred tokens, so that the first stage's prefill takes a
 # while (hundreds of ms on one CPU thread)
 PARAGRAPH = (
@@ -104,29 +106,35 @@ def tiny_seeded(tiny_gguf) -> list[int]:
     return generate(stage, tok, tok.encode_prompt(TINY_PROMPT, chat=True), TINY_TOKENS, SEEDED).tokens
 
 
-def _smollm_cluster(request, smollm_path, tmp_path):
+def _smollm_cluster(request, smollm_path, tmp_path, worker_args=()):
     ledger = tmp_path / "ledger.db"
     cluster = start_cluster(
-        request, smollm_path, tmp_path / "logs", LayerRange(20, 30), [LayerRange(0, 10), LayerRange(10, 20)],
+        request,
+        smollm_path,
+        tmp_path / "logs",
+        LayerRange(20, 30),
+        [LayerRange(0, 10), LayerRange(10, 20)],
         coordinator_args=["--ledger", str(ledger)],
-    )  # fmt: skip
+        worker_args=list(worker_args),
+    )
     return cluster, ledger
 
 
 @pytest.mark.model
-def test_smollm_worker_killed_after_token_20(request, smollm_path, tmp_path, client_for, smollm_single):
-    cluster, ledger = _smollm_cluster(request, smollm_path, tmp_path)
-    on_text, killed = _kill_after(cluster, "worker-1", SMOLLM_KILL_AFTER)
+def test_smollm_worker_killed_at_token_20(
+    request, smollm_path, tmp_path, client_for, smollm_single, monkeypatch
+):
+    monkeypatch.setenv(ENABLE_ENV, "1")
+    die = [[], ["--misbehave", f"die-at={SMOLLM_DIE_AT}"]]
+    cluster, ledger = _smollm_cluster(request, smollm_path, tmp_path, die)
     req = SessionRequest(SMOLLM_PROMPT, SMOLLM_TOKENS, GREEDY, audit_probability=0.0)
-    r = client_for(cluster).run(req, on_text=on_text)
-    assert killed and _proc(cluster, "worker-1").proc.wait(10) == -signal.SIGKILL
+    r = client_for(cluster).run(req)
+    assert _proc(cluster, "worker-1").proc.wait(10) == -signal.SIGKILL
     assert len(r.tokens) == SMOLLM_TOKENS and r.stop_reason == "max_tokens"
     assert r.tokens == list(smollm_single(SMOLLM_PROMPT, True, SMOLLM_TOKENS, GREEDY))
-    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [
-        (1, "worker-1", "coordinator")
-    ]
+    assert [(f.stage, f.failed_node, f.backup_node) for f in r.failovers] == [(1, "worker-1", "coordinator")]
     f = r.failovers[0]
-    assert SMOLLM_KILL_AFTER <= f.token_index < SMOLLM_TOKENS
+    assert f.token_index == SMOLLM_DIE_AT
     # the replay rebuilt every position the stage had committed before the failed step
     assert f.replayed_positions == r.prompt_tokens + f.token_index - 1
     assert [s.node_id for s in r.stages] == ["worker-0", "coordinator", "coordinator"]
@@ -142,8 +150,8 @@ def test_tiny_kill_at_a_random_token(request, tiny_gguf, tmp_path, client_for, t
         request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2)]
     )
     on_text, killed = _kill_after(cluster, worker, after)
-    r = client_for(cluster).run(SessionRequest(TINY_PROMPT, TINY_TOKENS, SEEDED, audit_probability=0.0),
-                                on_text=on_text)  # fmt: skip
+    req = SessionRequest(TINY_PROMPT, TINY_TOKENS, SEEDED, audit_probability=0.0)
+    r = client_for(cluster).run(req, on_text=on_text)
     assert killed and _proc(cluster, worker).proc.wait(10) == -signal.SIGKILL
     assert r.tokens == tiny_seeded
     # The kill lands while the worker computes the step after token `after` (or just before
@@ -158,8 +166,9 @@ def test_tiny_kill_at_a_random_token(request, tiny_gguf, tmp_path, client_for, t
 
 @pytest.mark.model
 @pytest.mark.parametrize("worker", ["worker-0", "worker-1"])
-def test_smollm_worker_killed_during_the_prefill(request, smollm_path, tmp_path, client_for, smollm_single,
-                                                 worker):  # fmt: skip
+def test_smollm_worker_killed_during_the_prefill(
+    request, smollm_path, tmp_path, client_for, smollm_single, worker
+):
     """Killed when the session starts (SessionStarted comes before the prefill): worker-0
     before its prefill call arrives or while it computes it, worker-1 before worker-0's
     prefill is done. Either way the failed step is the prefill: token index 0, and nothing

@@ -4,6 +4,7 @@ strings, request validation, config files and CONSORTIUM_* variables, exposure r
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -229,3 +230,28 @@ def test_a_missing_config_file_is_one_error_line(tmp_path):
         and r.stderr.strip()
         == f"error: cannot read config {tmp_path / 'none.yaml'}: No such file or directory"
     )
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_the_example_configs_are_valid(path):
+    from consortium.cli.pipeline import coordinator_start, worker_start
+    from consortium.cli.session import demo
+    from consortium.serving.config_file import load
+
+    command = (
+        demo
+        if path.name == "demo.yaml"
+        else coordinator_start
+        if "coordinator" in path.name
+        else worker_start
+    )
+    values = load(path, command)
+    assert values and all(isinstance(k, str) and k.isidentifier() for k in values)
+
+
+def test_there_are_example_configs():
+    names = {str(p.relative_to(p.parents[1] if p.parent.name != "configs" else p.parent)) for p in CONFIGS}
+    assert {"demo.yaml", "seed/coordinator.yaml", "seed/worker-a.yaml", "8b/coordinator.yaml"} <= names

@@ -224,7 +224,8 @@ demo_options = options(  # fill(DemoConfig, options)
 def demo(as_json, serve_api, **options):
     """Start a coordinator (last third of the layers) and two workers here, run one session, stop all."""
     from consortium.coordinator.client import format_report
-    from consortium.coordinator.launcher import run_demo, serve_demo
+    from consortium.coordinator.launcher import run_demo
+    from consortium.serving.demo import serve_demo
 
     serving = _serving(serve_api, options)
     request = session_request(options)

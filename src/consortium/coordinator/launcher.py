@@ -10,7 +10,6 @@ outlives the cluster, also on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -331,7 +330,7 @@ def run_demo(cfg: DemoConfig, note: Callable[[str], None], on_end: Callable[[], 
         from consortium.verification.misbehave import Misbehaviour
 
         Misbehaviour.parse(cfg.misbehave)  # refused here, before anything starts, unless enabled
-    cluster = demo_cluster(cfg, _demo_model(cfg, note))
+    cluster = demo_cluster(cfg, demo_model(cfg, note))
     try:
         for line in demo_layout(cluster):
             note(line)
@@ -369,50 +368,10 @@ def demo_cluster(cfg: DemoConfig, model: Path) -> LocalCluster:
         workers,
         log_dir,
         cfg.engine,
-        coordinator_args=serve_args(cfg.serve, cfg.api_keys_file) if cfg.serve is not None else [],
+        coordinator_args=cfg.serve.cli_args(cfg.api_keys_file) if cfg.serve is not None else [],
         worker_args=[[], cheat, ["--standby"]],
         insecure=cfg.insecure,
     )
-
-
-def serve_args(serve: ServeConfig, api_keys_file: Path | None) -> list[str]:
-    """The coordinator's flags for the HTTP API of `serve`."""
-    args = [
-        "--http-port",
-        str(serve.http_port or 0),
-        "--http-host",
-        serve.http_host,
-        "--release",
-        serve.release,
-    ]
-    args += ["--default-max-tokens", str(serve.default_max_tokens)]
-    args += ["--api-keys", str(api_keys_file)] if api_keys_file is not None else []
-    if serve.http_tls_cert is not None:
-        args += ["--http-tls-cert", str(serve.http_tls_cert), "--http-tls-key", str(serve.http_tls_key)]
-    return args + (["--no-auth"] if serve.no_auth else [])
-
-
-def serve_demo(cfg: DemoConfig, note: Callable[[str], None]) -> None:
-    """`demo --serve`: the demo's cluster with the HTTP API on its coordinator, until Ctrl-C (or
-    until the coordinator exits); every process is stopped at the end."""
-    if cfg.serve is None or cfg.kill_at is not None:
-        raise ConsortiumError("demo --serve runs no session of its own: drop --kill-at")
-    cluster = demo_cluster(cfg, _demo_model(cfg, note))
-    try:
-        for line in demo_layout(cluster):
-            note(line)
-        cluster.start()
-        url, model = cluster.http_url, cluster.model.stem
-        note(f"cluster ready: OpenAI-compatible API at {url}/v1 (model {model!r}), status page {url}/")
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi"}]})
-        note(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'")
-        note("Ctrl-C stops every process")
-        while True:
-            cluster.processes[0].check_running()
-            time.sleep(0.5)
-    finally:
-        cluster.stop()
-        note("all processes stopped")
 
 
 def demo_layout(cluster: LocalCluster) -> list[str]:
@@ -426,7 +385,7 @@ def demo_layout(cluster: LocalCluster) -> list[str]:
     return lines
 
 
-def _demo_model(cfg: DemoConfig, note: Callable[[str], None]) -> Path:
+def demo_model(cfg: DemoConfig, note: Callable[[str], None]) -> Path:
     from consortium.model.files import default_model_path, pull, resolve_model
 
     if cfg.model is None and not default_model_path().is_file():

@@ -44,6 +44,22 @@ class ServeConfig:
                 "(or --no-auth, for a network you trust)"
             )
 
+    def cli_args(self, api_keys_file: Path | None) -> list[str]:
+        """The flags of `coordinator start` that serve this (the demo's coordinator is a child)."""
+        args = [
+            "--http-port",
+            str(self.http_port or 0),
+            "--http-host",
+            self.http_host,
+            "--release",
+            self.release,
+        ]
+        args += ["--default-max-tokens", str(self.default_max_tokens)]
+        args += ["--api-keys", str(api_keys_file)] if api_keys_file is not None else []
+        if self.http_tls_cert is not None:
+            args += ["--http-tls-cert", str(self.http_tls_cert), "--http-tls-key", str(self.http_tls_key)]
+        return args + (["--no-auth"] if self.no_auth else [])
+
     @property
     def auth(self) -> bool:
         return self.api_keys is not None

@@ -193,12 +193,12 @@ class ClusterCollector:
             if kind not in ("failed audit", "false audit"):
                 rejections.add_metric([reason], n)
         yield rejections
-        for kind, doc in (
-            ("rollback", "Fraud rollbacks"),
-            ("failover", "Stage failovers"),
-            ("auditor_lost", "Auditors lost"),
+        for name, kind, doc in (
+            ("rollbacks", "rollback", "Fraud rollbacks"),
+            ("failovers", "failover", "Stage failovers"),
+            ("auditors_lost", "auditor_lost", "Remote auditors that died or lied mid-audit"),
         ):
-            yield CounterMetricFamily(f"consortium_{kind}s", doc, value=t.events[kind])
+            yield CounterMetricFamily(f"consortium_{name}", doc, value=t.events[kind])
         yield histogram(
             "consortium_failover_latency_seconds",
             "Failure detected to the replacement ready",

@@ -1,8 +1,8 @@
 """Release modes against a real cheater: worker-1 adds noise to its outputs and every unit is
-audited. Two streams run at once; each session is rolled back when its audit catches the
+audited. Three requests run at once; each session is rolled back when its audit catches the
 cheat. Verified release never shows the withdrawn text: the client gets exactly the honest
 single-node text. Optimistic release had already sent it: the stream ends with an error
-event naming the rollback."""
+event naming the rollback. A full (non-streaming) response is the honest text in any mode."""
 
 from __future__ import annotations
 
@@ -19,18 +19,19 @@ PROMPT = "the cat sat on"
 TOKENS = 24
 
 
-def _stream(url: str, release: str, out: dict) -> None:
+def _request(url: str, release: str, stream: bool, out: dict) -> None:
     body = {
         "model": "long",
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": TOKENS,
-        "stream": True,
+        "stream": stream,
         "release": release,
     }
-    events = []
+    if not stream:  # a full response: sent at the end, whatever the release mode
+        out["full"] = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json()
+        return
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
-        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    out[release] = events
+        out[release] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
 
 
 def test_verified_release_never_retracts_and_optimistic_names_the_rollback(request, tmp_path, monkeypatch):
@@ -47,9 +48,8 @@ def test_verified_release_never_retracts_and_optimistic_names_the_rollback(reque
         worker_args=[[], ["--misbehave", "noise=0.5"]],
     )
     out: dict[str, list[str]] = {}
-    threads = [
-        threading.Thread(target=_stream, args=(cluster.http_url, r, out)) for r in ("verified", "optimistic")
-    ]
+    runs = [("verified", True), ("optimistic", True), ("optimistic", False)]
+    threads = [threading.Thread(target=_request, args=(cluster.http_url, r, s, out)) for r, s in runs]
     for t in threads:
         t.start()
     for t in threads:
@@ -70,3 +70,6 @@ def test_verified_release_never_retracts_and_optimistic_names_the_rollback(reque
     sent = "".join(e["choices"][0]["delta"].get("content") or "" for e in optimistic[:-1] if e["choices"])
     assert sent and "withdrawing" in error["message"]  # text had gone out before the rollback withdrew it
     assert optimistic[-1]["consortium"]["rollbacks"][0]["node"] == "worker-1"
+
+    full = out["full"]
+    assert full["choices"][0]["message"]["content"] == honest and full["consortium"]["rollbacks"]

@@ -181,7 +181,8 @@ class Api:
             err = api_error(e)
             self.metrics.request(kind, "rejected")
             return error_response(err)
-        verified = (req.release or self.serve.release) == VERIFIED
+        # a full response is sent at the end, when every audit has settled: never optimistic
+        verified = not req.stream or (req.release or self.serve.release) == VERIFIED
         gen = Generation(session, self.c.run(session), verified, req.stops, self.metrics.token)
         head = {
             "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{session.session_id}",

@@ -161,12 +161,6 @@ def test_a_badly_signed_result_is_no_evidence_the_stage_fails_over(coordinator, 
     assert r.session.audits.counts().failed == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: Ledger.verify_session chains each step's receipts from the token digest "
-    "through consecutive stages, but a stage the coordinator ran (its backup after a failover) has "
-    "no receipt, so an honest session reads as a broken chain",
-)
 @pytest.mark.parametrize(
     ("ranges", "own", "failing"),
     [([W0, W1], LayerRange(2, 4), 0), ([W0, LayerRange(1, 3), LayerRange(3, 4)], None, 1)],

@@ -95,7 +95,17 @@ class Verifier:
         self.pool.submit(session, stage)
 
     def punish(self, session: Session, fraud: Fraud, evidence: dict) -> None:
-        """Evidence, ban, and the session's rollback target (the earliest fraud wins)."""
+        """Evidence, ban, and the session's rollback target (the earliest fraud wins). A node
+        already caught in this session, or whose fraud is pending there, is recorded once."""
+        audits = session.audits
+        with audits.lock:
+            pending = audits.fraud is not None and audits.fraud.node_id == fraud.node_id
+            if fraud.node_id in audits.caught or (pending and audits.fraud.position <= fraud.position):
+                return  # its work is already (being) withdrawn and its stage moved
+            if audits.fraud is None or fraud.position < audits.fraud.position:
+                audits.fraud = fraud
+        if pending:
+            return
         log.warning(
             "FRAUD by %s at stage %d, position %d of session %s: %s",
             fraud.node_id,
@@ -106,12 +116,6 @@ class Verifier:
         )
         self.ledger.add_evidence(fraud.node_id, session.session_id, fraud.reason.split(":")[0], evidence)
         self.cluster.ban(fraud.node_id, fraud.reason)
-        audits = session.audits
-        with audits.lock:
-            if fraud.node_id in audits.caught:  # its work is already withdrawn and its stage moved
-                return
-            if audits.fraud is None or fraud.position < audits.fraud.position:
-                audits.fraud = fraud
 
     def result_fraud(
         self, session: Session, stage: int, order: pb.WorkOrder, node_id: str, reason: str, res: pb.WorkResult

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -163,7 +164,10 @@ class Misbehaviour:
         log.warning("misbehaviour %s=%d: %s at step %d", self.kind, self.step, what, self.step)
         for h in logging.getLogger().handlers:  # the log line must survive the kill
             h.flush()
-        os.kill(os.getpid(), signal.SIGKILL if self.kind == "die-at" else signal.SIGSTOP)
+        if self.kind == "die-at":
+            os.kill(os.getpid(), signal.SIGKILL)  # reaches every thread at once
+        else:  # from this thread, so that it stops before it can answer the order
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 class MisbehavingRunner(StageRunner):

@@ -81,15 +81,17 @@ class Receipt:
 
 
 def check_chain(receipts: list[Receipt], first_input_digest: bytes) -> None:
-    """Stage k's input digest must equal stage k-1's output digest (or the token digest)."""
-    expected = first_input_digest
+    """Stage k's input digest must equal stage k-1's output digest (or the token digest). Only
+    remote stages sign receipts: where the coordinator ran a stage itself (its own layers, or a
+    stage it took over), the link across it is its own work and is not in the ledger."""
+    expected, prev = first_input_digest, -1
     for r in sorted(receipts, key=lambda r: r.stage_index):
-        if r.input_digest != expected:
+        if r.stage_index == prev + 1 and r.input_digest != expected:
             raise ReceiptError(
                 f"digest chain broken at stage {r.stage_index} (session {r.session_id}, step {r.step}): "
                 f"input {r.input_digest.hex()[:16]}… does not match {expected.hex()[:16]}…"
             )
-        expected = r.output_digest
+        expected, prev = r.output_digest, r.stage_index
 
 
 # --- on the wire ---------------------------------------------------------------------------

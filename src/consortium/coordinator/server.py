@@ -124,10 +124,9 @@ class Coordinator:
         cfg = self.cfg
         self.admission = Admission.load(cfg, self.registry)
         self.cluster.dialer = Dialer(self.admission.identity, cfg.insecure, cfg.max_message_bytes)
-        self._server = make_server(max(32, cfg.max_sessions + 16), cfg.max_request_bytes)
-        add_servicer(
-            self._server, CoordinatorServicer(self), "Coordinator"
-        )  # unparseable requests: INVALID_ARGUMENT
+        limit = min(cfg.max_request_bytes, cfg.max_message_bytes)  # what the coordinator receives
+        self._server = make_server(max(32, cfg.max_sessions + 16), limit)
+        add_servicer(self._server, CoordinatorServicer(self), "Coordinator")
         self.port = bind(self._server, cfg.host, cfg.port, self.admission.tls)
         if cfg.insecure:
             log.warning(INSECURE_WARNING)

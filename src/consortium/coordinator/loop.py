@@ -37,8 +37,15 @@ from consortium.verification.ledger import Ledger
 from consortium.verification.receipts import Receipt, ReceiptError, UnsignedError, input_digest
 
 log = logging.getLogger(__name__)
-# A remote stage that fails a call with one of these is dead or hung: its stage fails over.
-FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# A remote stage that fails a call with one of these is dead, hung or refuses us: its stage fails over.
+FAILOVER_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAUTHENTICATED,  # it refuses our orders (e.g. its clock is off): no evidence
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
 MAX_FAILOVERS_PER_STEP = 3
 RTT_WINDOW = 16  # recent decode round trips behind a stage's adaptive deadline
 

@@ -3,7 +3,8 @@
 Kept apart from the honest code path: a worker builds a `MisbehavingRunner` (a StageRunner
 subclass) only with `--misbehave KIND`, and only when CONSORTIUM_ALLOW_MISBEHAVE=1 is set.
 Each cheat is one a lazy or malicious node might try: skip work, use cheaper weights, perturb
-results, or lie in its receipts. `die-at=N` and `hang-at=N` fail at an exact step instead, so
+results (noise; `steer=R` pushes every row toward one token by R of its norm; `scale=F`
+multiplies it by F), or lie in its receipts. `die-at=N` and `hang-at=N` fail at an exact step instead, so
 a failover test can predict the token where it happens.
 """
 
@@ -15,11 +16,14 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from consortium.errors import ConsortiumError
+from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import Block, Linear, Stage, StageSpec, load_block
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.tensors import WireTensor
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 KINDS = (
     "skip-layer",
     "noise",
+    "steer",
+    "scale",
     "wrong-weights",
     "int4-weights",
     "int8-weights",
@@ -44,6 +50,12 @@ KINDS = (
 FAULTS = ("die-at", "hang-at")
 AUDIT_MARK = ".audit"  # in every audit session id (the coordinator's audit_session_id)
 ENABLE_ENV = "CONSORTIUM_ALLOW_MISBEHAVE"
+VALUED = {  # the cheats that take a number
+    "noise": "a relative sigma, e.g. noise=0.01",
+    "steer": "a relative size, e.g. steer=0.07",
+    "scale": "a factor, e.g. scale=1.05",
+}
+STEER_TOKEN = 2000  # the token `steer` pushes toward (modulo the vocabulary)
 
 
 class _SkippedBlock(Block):
@@ -61,6 +73,7 @@ class Misbehaviour:
     kind: str
     sigma: float = 0.0  # noise: standard deviation relative to each row's RMS
     step: int = 0  # die-at / hang-at: the coordinator's step number that triggers the fault
+    amount: float = 0.0  # steer: ||push|| / ||row||; scale: the factor
 
     @classmethod
     def parse(cls, text: str, enabled: bool | None = None) -> Misbehaviour:
@@ -72,14 +85,12 @@ class Misbehaviour:
         kind, _, arg = text.partition("=")
         if kind not in KINDS:
             raise ConsortiumError(f"unknown misbehaviour {kind!r} (one of: {', '.join(KINDS)})")
-        if kind == "noise":
+        if kind in VALUED:
             try:
-                sigma = float(arg)
+                value = float(arg)
             except ValueError:
-                raise ConsortiumError(
-                    f"noise needs a relative sigma, e.g. noise=0.01 (got {text!r})"
-                ) from None
-            return cls(kind, sigma)
+                raise ConsortiumError(f"{kind} needs {VALUED[kind]} (got {text!r})") from None
+            return cls(kind, value) if kind == "noise" else cls(kind, amount=value)
         if kind in FAULTS:
             if not arg.isdigit() or int(arg) < 1:
                 raise ConsortiumError(f"{kind} needs a decode step N >= 1, e.g. {kind}=5 (got {text!r})")
@@ -107,13 +118,21 @@ class Misbehaviour:
                     m.weight = requantize(m.weight, bits)
         return stage
 
-    def corrupt_output(self, out: Tensor, step: int) -> Tensor:
-        """Apply output-level cheats to a stage's result rows."""
+    def corrupt_output(self, out: Tensor, step: int, gguf: GGUFModel | None = None) -> Tensor:
+        """Apply output-level cheats to a stage's result rows (`steer` needs the model)."""
         if self.kind == "noise":
             g = torch.Generator().manual_seed(1_000_003 * step + 17)
             rms = out.float().pow(2).mean(-1, keepdim=True).sqrt()
             noise = torch.randn(out.shape, generator=g) * rms * self.sigma
             return (out.float() + noise).to(out.dtype)
+        if self.kind == "scale":
+            return (out.float() * self.amount).to(out.dtype)
+        if self.kind == "steer":
+            if gguf is None:
+                raise ValueError("steer needs the model (its token embeddings)")
+            u = steer_direction(gguf, out.shape[-1]).to(out.device)
+            push = out.float().norm(dim=-1, keepdim=True) * self.amount * u
+            return (out.float() + push).to(out.dtype)
         if self.kind == "flip-max":
             out = out.clone()
             idx = out.abs().argmax(-1, keepdim=True)
@@ -192,7 +211,7 @@ class MisbehavingRunner(StageRunner):
 
     def _forward(self, order: pb.WorkOrder) -> tuple[WireTensor, Tensor, float]:
         inp, y, compute_ms = super()._forward(order)
-        return inp, self.misbehaviour.corrupt_output(y, order.step), compute_ms
+        return inp, self.misbehaviour.corrupt_output(y, order.step, self.gguf), compute_ms
 
     def _sign(self, order: pb.WorkOrder, inp: WireTensor, out: WireTensor) -> pb.Receipt:
         receipt = super()._sign(order, inp, out)
@@ -219,3 +238,16 @@ def requantize(w: Tensor, bits: int) -> Tensor:
         return (torch.round(g / scale).clamp(-8, 7) * scale).reshape(w.shape).to(w.dtype)
     scale = wf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
     return (torch.round(wf / scale).clamp(-127, 127) * scale).to(w.dtype)
+
+
+@cache
+def steer_direction(gguf: GGUFModel, width: int) -> Tensor:
+    """The unit vector toward token STEER_TOKEN: its (tied) embedding row for hidden states, its own
+    logit for logits. Pushing a hidden state along the embedding raises that token's logit."""
+    tok = STEER_TOKEN % gguf.args.vocab_size
+    if width != gguf.args.dim:
+        u = torch.zeros(width)
+        u[tok] = 1.0
+        return u
+    row = torch.from_numpy(gguf.dequantize("token_embd.weight", rows=np.array([tok]))).float().reshape(-1)
+    return row / row.norm()

@@ -368,15 +368,17 @@ def _audits(ledger, sid: str) -> list[dict]:
 
 
 def test_a_spare_audits_and_its_death_mid_audit_moves_the_audit(
-    request, tiny_gguf, tmp_path, client_for, single_node
+    request, tiny_gguf, tmp_path, client_for, single_node, monkeypatch
 ):
     """A worker holding the audited layers (not in the pipeline) is the auditor; killed while it
-    audits, the audit is reassigned (to the coordinator) and nobody is called a cheat."""
+    audits (SIGKILL to itself on its 2nd audit call: after one audit is recorded, whatever the
+    machine's load), the audit is reassigned (to the coordinator) and nobody is called a cheat."""
+    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
-    _add_spare(cluster, tiny_gguf, tmp_path, "auditor")
-    on_text = _signals(cluster, {8: [("auditor", signal.SIGKILL)]})
+    auditor = _add_spare(cluster, tiny_gguf, tmp_path, "auditor", ["--misbehave", "die-on-audit=2"])
     req = SessionRequest(PROMPT, TOKENS, SEEDED, audit_probability=1.0, audit_seed=1)
-    r = client_for(cluster).run(req, on_text=on_text)
+    r = client_for(cluster).run(req)
+    assert auditor.proc.wait(30) == -signal.SIGKILL
     assert r.tokens == single_node(SEEDED)
     assert r.audits.failed == 0 and r.audits.pending == 0 and r.banned_nodes == [] and r.rollbacks == []
     auditors = {(a["stage"], a["auditor"]) for a in _audits(ledger, r.session_id)}

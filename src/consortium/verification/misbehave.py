@@ -44,10 +44,11 @@ KINDS = (
     "replay",
     "die-at",
     "hang-at",
+    "die-on-audit",
     "nan",
     "extra-row",
 )
-FAULTS = ("die-at", "hang-at")
+FAULTS = ("die-at", "hang-at", "die-on-audit")
 AUDIT_MARK = ".audit"  # in every audit session id (the coordinator's audit_session_id)
 ENABLE_ENV = "CONSORTIUM_ALLOW_MISBEHAVE"
 VALUED = {  # the cheats that take a number
@@ -168,7 +169,10 @@ class Misbehaviour:
         prefill), one per pass through the pipeline. In a new session without an earlier EOS or
         rollback, step N consumes token N-1 at position prompt_tokens + N - 1: the client has
         received tokens 0 .. N-1 (the prefill's and N-1 decode results) and the failover that
-        follows reports token_index N."""
+        follows reports token_index N. die-on-audit=N fires on the N-th order of an audit
+        session instead (a remote auditor's recompute: its steps count from 0)."""
+        if self.kind == "die-on-audit":
+            return AUDIT_MARK in order.session_id and order.step == self.step - 1
         return (
             self.kind in FAULTS
             and order.step == self.step
@@ -179,11 +183,11 @@ class Misbehaviour:
     def fault(self) -> None:
         """die-at: SIGKILL to itself (as `kill -9`). hang-at: SIGSTOP to itself (every thread,
         heartbeats included, stops until SIGCONT; then the order completes, late)."""
-        what = "dying (SIGKILL)" if self.kind == "die-at" else "hanging (SIGSTOP)"
+        what = "hanging (SIGSTOP)" if self.kind == "hang-at" else "dying (SIGKILL)"
         log.warning("misbehaviour %s=%d: %s at step %d", self.kind, self.step, what, self.step)
         for h in logging.getLogger().handlers:  # the log line must survive the kill
             h.flush()
-        if self.kind == "die-at":
+        if self.kind != "hang-at":
             os.kill(os.getpid(), signal.SIGKILL)  # reaches every thread at once
         else:  # from this thread, so that it stops before it can answer the order
             signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from consortium.errors import CacheError
@@ -54,6 +56,16 @@ class ClientLimits:
             self._clients[client] = c
             self._clients.move_to_end(client)
             self._forget_idle()
+
+    @contextmanager
+    def starting(self, client: str) -> Iterator[None]:
+        """Counts a session of `client` while it starts; uncounted again if starting it fails."""
+        self.admit(client)
+        try:
+            yield
+        except BaseException:
+            self.release(client)
+            raise
 
     def release(self, client: str) -> None:
         with self._lock:

@@ -265,12 +265,8 @@ class Coordinator:
                 f"prompt of {size} bytes cannot fit the model's context of {self.args.context_length} tokens "
                 f"(at most {self.max_prompt_bytes} bytes)"
             )
-        self.limits.admit(client)
-        try:
+        with self.limits.starting(client):
             return self._start(request, client)
-        except BaseException:
-            self.limits.release(client)
-            raise
 
     def _start(self, request: SessionRequest, client: str) -> Session:
         ids = self.tokenizer.encode_prompt(request.prompt, chat=request.chat)
@@ -311,12 +307,8 @@ class Coordinator:
         """A session the ledger holds as interrupted (or failed, or cancelled) continues from its
         committed tokens: same id, prompt, sampling and seed, so the tokens it goes on to
         generate are those it would have generated without the stop."""
-        self.limits.admit(client)
-        try:
+        with self.limits.starting(client):
             return self._resume(req, client)
-        except BaseException:
-            self.limits.release(client)
-            raise
 
     def _resume(self, req: pb.ResumeRequest, client: str) -> Session:
         sid = req.session_id

@@ -1,27 +1,34 @@
-"""Calibration: measure honest numerical spread and cheat signatures, propose thresholds.
+"""Calibration: measure honest numerical spread and cheat signatures per layer range, propose thresholds.
 
-Every configuration recomputes the same pipeline stages on bit-identical inputs (as an
-auditor does) and is compared row by row with CPU fp32 prefill. Honest configurations
-set the floor of the thresholds; cheats (misbehave.py) must land above them.
+sweep.py measures every (worker, auditor) pair of honest configurations and every cheat on every
+layer range that starts at a sampled layer (every START_STEP-th, and the starts of the `n_stages`
+split), on bit-identical inputs, as audits compare. Per range and class:
+
+- tau (every row) = MARGIN_ROW x the worst honest row; tau_max likewise for max-element/RMS;
+- tau_mean (a unit's mean, Tolerance.mean_bound) = MARGIN_MEAN x the worst honest mean over
+  windows of MIN_WINDOW or more consecutive rows, raised where needed so that every honest
+  window of any length passes;
+- a range that starts between samples takes the bounds of the sampled start before it, whose
+  range holds it and adds layers, whose rounding adds error (tolerance.tolerance_for);
+- the sequential test's h = MARGIN_SEQ x the highest CUSUM that any honest sequence reached.
+
+Cheats (misbehave.py) must land above: their per-row, per-unit and sequential verdicts are reported.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from consortium.model.gguf_file import GGUFModel
-from consortium.model.model import Stage, StageSpec
 from consortium.model.tokenizer import GGUFTokenizer
-from consortium.verification.commitment import seed_style_hash
-from consortium.verification.misbehave import Misbehaviour
-from consortium.verification.tolerance import STRICT_DTYPES, compare_rows
+from consortium.verification.sweep import REF, Config, Sweep, run_sweep
+from consortium.verification.tolerance import CLASSES, Tolerance, tolerance_for
 
 PROMPTS = [
     "Explain in one paragraph why the sky appears blue.",
@@ -38,59 +45,29 @@ CHEATS = [
     "noise=0.01",
     "noise=0.1",
     "flip-max",
+    "steer=0.07",
+    "scale=1.05",
 ]
 # Cheats a class must catch; noise at 0.1% of RMS is below honest fp16 spread and is only reported.
 MUST_CATCH = {
-    "strict": [
+    "strict": [c for c in CHEATS if c != "noise=0.001"],
+    "loose": [
         "skip-layer",
         "wrong-weights",
         "int4-weights",
-        "int8-weights",
-        "noise=0.01",
         "noise=0.1",
         "flip-max",
+        "steer=0.07",
+        "scale=1.05",
     ],
-    "loose": ["skip-layer", "wrong-weights", "int4-weights", "noise=0.1", "flip-max"],
 }
-
-
-@dataclass(frozen=True)
-class Config:
-    name: str
-    device: str
-    dtype: str
-    packed: bool = False
-    decode: bool = False  # one position per call (as generation runs) instead of one prefill
-
-    @property
-    def klass(self) -> str:
-        return "strict" if self.dtype in STRICT_DTYPES else "loose"
-
-
-def _stats(units: list[tuple[torch.Tensor, torch.Tensor]], hashes: list[float]) -> dict:
-    """units: (rel_l2 [S], max_rel [S]) per work unit (prompt x stage)."""
-    rel = torch.cat([u[0] for u in units])
-    mx = torch.cat([u[1] for u in units])
-    return {
-        "rows": int(rel.numel()),
-        "rel_l2_max": float(rel.max()),
-        "rel_l2_p50": float(rel.median()),
-        "rel_l2_min": float(rel.min()),
-        "max_rel_max": float(mx.max()),
-        "max_rel_p50": float(mx.median()),
-        "max_rel_min": float(mx.min()),
-        # the weakest unit of a cheat: its most visible row (an audit of the unit sees every row)
-        "unit_rel_l2_min": min(float(u[0].max()) for u in units),
-        "unit_max_rel_min": min(float(u[1].max()) for u in units),
-        "seed_hash_row_match": sum(hashes) / max(len(hashes), 1),
-    }
-
-
-def _run(stage: Stage, x: torch.Tensor, decode: bool) -> torch.Tensor:
-    cache = stage.new_cache(x.shape[0])
-    if not decode:
-        return stage(x, cache, all_logits=True).float().cpu()
-    return torch.cat([stage(x[i : i + 1], cache, all_logits=True).float().cpu() for i in range(x.shape[0])])
+MARGIN_ROW, MARGIN_MEAN, MARGIN_SEQ = 3.0, 2.0, 2.0
+# Floors (rel_l2, max_rel, mean_rel_l2): a class measured in fp32 only would otherwise get bounds at
+# the fp32 rounding level (~1e-6), which rows not in the calibration set may exceed; no cheat that
+# matters comes near them (the weakest required one, noise at 1% of RMS, is at 1e-2).
+FLOORS = (1e-4, 1e-3, 5e-5)
+MIN_WINDOW = 16  # rows: the shortest window whose mean sets tau_mean directly
+START_STEP = 5  # sample every START_STEP-th start layer
 
 
 def calibrate(
@@ -101,95 +78,93 @@ def calibrate(
     prompts: list[str] = PROMPTS,
     h200: str | Path | None = None,
     log: Callable[[str], None] = print,
+    starts: list[int] | None = None,
+    sweep: Sweep | None = None,
 ) -> dict:
+    """The calibration report (`sweep`: reuse one already measured with these arguments)."""
     gguf = GGUFModel(model)
-    tok = GGUFTokenizer(gguf)
     n = gguf.args.n_layers
     bounds = [round(i * n / n_stages) for i in range(n_stages + 1)]
-    ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
-    ids = [torch.tensor(tok.encode_prompt(p, chat=True)) for p in prompts]
-    bench = _Bench(ranges, [Stage(gguf, StageSpec(a, b)) for a, b in ranges], ids, log)
-    for c in _configs(devices, dtypes):
-        spec = dict(device=c.device, dtype=c.dtype, packed=c.packed)
-        bench.measure(c.name, lambda a, b, s=spec: Stage(gguf, StageSpec(a, b, **s)), c.dtype, c.decode)
-    for text in CHEATS:
-        cheat = Misbehaviour.parse(text, enabled=True)
-        make = lambda a, b, ch=cheat: ch.corrupt_stage(Stage(gguf, StageSpec(a, b)))  # noqa: E731
-        bench.measure("cheat_" + text.replace("=", "_"), make, "fp32", False, cheat)
+    starts = default_starts(n, n_stages, starts)
+    if sweep is not None and sweep.starts != starts:
+        raise ValueError(f"the sweep measured starts {sweep.starts}, not {starts}")
+    if sweep is None:
+        sweep = run_sweep(gguf, encode(gguf, prompts), _configs(devices, dtypes), CHEATS, starts, log)
+    split = list(zip(bounds[:-1], bounds[1:], strict=True))
     imported = _import_h200(h200) if h200 else {}
     report = {
         "model": gguf.path.name,
         "model_digest": gguf.digest,
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "stages": ranges,
+        "stages": split,
         "prompts": len(prompts),
-        "rows_per_config": sum(int(x.shape[0]) for x in ids) * len(ranges),
-        "measurements": bench.measurements,
+        "rows_per_range": sum(int(x.shape[0]) for x in encode(gguf, prompts)),
+        "measurements": measurements(sweep, split),
         "imported": imported,
     }
-    report["proposed"] = propose(bench.measurements, imported)
+    report["ranges"], report["proposed"] = propose(sweep, imported)
     return report
+
+
+def default_starts(n_layers: int, n_stages: int = 3, starts: list[int] | None = None) -> list[int]:
+    """The sampled start layers: every START_STEP-th (or `starts`) and those of the split."""
+    split = {round(i * n_layers / n_stages) for i in range(n_stages)}
+    return sorted(set(range(0, n_layers, START_STEP) if starts is None else starts) | split)
+
+
+def encode(gguf: GGUFModel, prompts: list[str]) -> list[Tensor]:
+    tok = GGUFTokenizer(gguf)
+    return [torch.tensor(tok.encode_prompt(p, chat=True)) for p in prompts]
 
 
 def _configs(devices: list[str], dtypes: list[str]) -> list[Config]:
     configs = [Config("cpu_fp32_decode", "cpu", "fp32", decode=True)]
     for dev in devices:
+        short = dev.split(":")[0]
         for dt in dtypes:
-            if dev == "cpu" and dt == "fp32":
-                continue
-            configs.append(Config(f"{dev.split(':')[0]}_{dt}_prefill", dev, dt))
-            configs.append(Config(f"{dev.split(':')[0]}_{dt}_decode", dev, dt, decode=True))
+            configs += [
+                Config(f"{short}_{dt}_prefill", dev, dt),
+                Config(f"{short}_{dt}_decode", dev, dt, decode=True),
+            ]
         if dev == "cpu" and "bf16" in dtypes and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            configs.append(Config("cpu_bf16_packed_prefill", "cpu", "bf16", packed=True))
             configs.append(Config("cpu_bf16_packed_decode", "cpu", "bf16", packed=True, decode=True))
-    return configs
+    return [c for c in dict.fromkeys(configs) if c != REF]
 
 
-class _Bench:
-    """The reference pipeline (CPU fp32 prefill, each stage's input and output remembered) and
-    the measurements of other configurations and cheats against it."""
+def _stats(units: list[tuple[Tensor, Tensor]]) -> dict:
+    """units: (rel_l2 [S], max_rel [S]) per work unit (prompt x stage)."""
+    rel = torch.cat([u[0] for u in units])
+    mx = torch.cat([u[1] for u in units])
+    return {
+        "rows": int(rel.numel()),
+        "rel_l2_max": float(rel.max()),
+        "rel_l2_p50": float(rel.median()),
+        "rel_l2_mean": float(rel.mean()),
+        "max_rel_max": float(mx.max()),
+        "max_rel_p50": float(mx.median()),
+        # the weakest unit of a cheat: its most visible row (an audit of the unit sees every row)
+        "unit_rel_l2_min": min(float(u[0].max()) for u in units),
+        "unit_max_rel_min": min(float(u[1].max()) for u in units),
+        "unit_mean_rel_l2_min": min(float(u[0].mean()) for u in units),
+    }
 
-    def __init__(
-        self,
-        ranges: list[tuple[int, int]],
-        ref_stages: list[Stage],
-        ids: list[torch.Tensor],
-        log: Callable[[str], None],
-    ):
-        self.ranges, self.ref_stages, self.log = ranges, ref_stages, log
-        self.measurements: dict[str, dict] = {}
-        self.ref_io: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for x in ids:
-            io = []
-            for st in ref_stages:
-                out = _run(st, x, decode=False)
-                io.append((x, out))
-                x = out
-            self.ref_io.append(io)
 
-    def measure(
-        self, name: str, make_stage: Callable[[int, int], Stage], dtype: str, decode: bool, cheat=None
-    ) -> None:
-        units, hashes = [], []
-        for si, (a, b) in enumerate(self.ranges):
-            st = make_stage(a, b)
-            for io in self.ref_io:
-                x, ref_out = io[si]
-                if x.is_floating_point():  # the committed input, in the sender's dtype
-                    x = x.to(st.spec.torch_dtype)
-                    ref_out = _run(self.ref_stages[si], x.float(), decode=False)
-                out = _run(st, x.to(st.spec.device), decode)
-                if cheat is not None:
-                    out = cheat.corrupt_output(out, step=si)
-                cmp = compare_rows(out, ref_out)
-                units.append((cmp.rel_l2, cmp.max_rel))
-                pairs = zip(seed_style_hash(out), seed_style_hash(ref_out), strict=True)
-                hashes += [float(h1 == h2) for h1, h2 in pairs]
-        m = self.measurements[name] = {"dtype": dtype, "decode": decode, **_stats(units, hashes)}
-        self.log(
-            f"{name:28s} rel_l2 max {m['rel_l2_max']:.2e}  max_rel max {m['max_rel_max']:.2e}  "
-            f"seed-hash match {m['seed_hash_row_match']:.1%}"
-        )
+def measurements(sweep: Sweep, split: list[tuple[int, int]]) -> dict:
+    """Each configuration (audited by the fp32 reference) and each cheat on the split's stages."""
+    out = {}
+    for name, klass in sweep.klass.items():
+        worker, _, auditor = name.partition("|")
+        if klass == "cheat":
+            key, dtype = "cheat_" + name.removeprefix("cheat:").replace("=", "_"), "fp32"
+        elif auditor == REF.name:
+            key, dtype = worker, worker.split("_")[1]
+        else:
+            continue
+        units = [u for a, b in split for u in sweep.rows[(name, a, b)]]
+        out[key] = {"dtype": dtype, "decode": key.endswith("_decode"), **_stats(units)}
+    return out
 
 
 def _import_h200(path: str | Path) -> dict:
@@ -209,41 +184,187 @@ def _import_h200(path: str | Path) -> dict:
     return out
 
 
-def propose(measurements: dict, imported: dict) -> dict:
-    """Per class: thresholds between the worst honest row and the weakest cheat unit.
+# --- thresholds -------------------------------------------------------------------------------
 
-    max-element/RMS goes first, with a wide margin over honest outliers: it catches the
-    cheats that leave large single-element errors (skipped or wrong layers, flipped maxima,
-    int4 weights). rel-L2 then sits geometrically between the honest worst and the weakest
-    required cheat that max-element/RMS does not catch (noise, int8 weights)."""
-    honest = {k: v for k, v in {**measurements, **imported}.items() if not k.startswith("cheat_")}
+Table = dict[tuple[int, int], float]
+
+
+def _window_stats(rel: Tensor, tau: float) -> tuple[float, float]:
+    """Over the windows of consecutive rows of one sequence: the largest mean of a window of at
+    least MIN_WINDOW rows (or the whole sequence), and the smallest tau_mean with which every
+    window of two or more rows meets Tolerance.mean_bound, given tau."""
+    n = rel.numel()
+    c = torch.cat([rel.new_zeros(1), rel.double().cumsum(0)])
+    i, j = torch.triu_indices(n + 1, n + 1, offset=1)
+    size, sums = (j - i).double(), c[j] - c[i]
+    long = size >= min(MIN_WINDOW, n)
+    two = size >= 2
+    need = float(((sums[two] - tau) / (size[two] - 1)).max()) if bool(two.any()) else 0.0
+    return float((sums[long] / size[long]).max()), need
+
+
+def _tols(klass: str, tau: Table, tau_max: Table, tau_mean: Table) -> dict[tuple[int, int], Tolerance]:
+    return {r: Tolerance(klass, tau[r], tau_max[r], tau_mean[r], r) for r in tau}
+
+
+def class_table(sweep: Sweep, klass: str, honest: list[str]) -> dict[str, Table]:
+    """Honest worst row, worst windowed mean and the thresholds of one class, per range."""
+    worst, worst_max, mean_hi = {}, {}, {}
+    for r in sweep.ranges():
+        rows = sweep.honest_rows(honest, r)
+        worst[r] = max(float(u[0].max()) for u in rows)
+        worst_max[r] = max(float(u[1].max()) for u in rows)
+        mean_hi[r] = max(_window_stats(u[0], 0.0)[0] for u in rows)
+    tau = {r: max(MARGIN_ROW * v, FLOORS[0]) for r, v in worst.items()}
+    tau_max = {r: max(MARGIN_ROW * v, FLOORS[1]) for r, v in worst_max.items()}
+    need = {r: max(_window_stats(u[0], tau[r])[1] for u in sweep.honest_rows(honest, r)) for r in tau}
+    tau_mean = {r: min(max(MARGIN_MEAN * max(mean_hi[r], need[r]), FLOORS[2]), tau[r]) for r in tau}
+    return {
+        "honest_rel_l2": worst,
+        "honest_max_rel": worst_max,
+        "honest_mean_rel_l2": mean_hi,
+        "rel_l2": tau,
+        "max_rel": tau_max,
+        "mean_rel_l2": tau_mean,
+    }
+
+
+def cusum(excess: Tensor, h: float = float("inf")) -> tuple[float, int | None]:
+    """The CUSUM's peak over a sequence of row excesses, and the rows it took to pass h (None: never)."""
+    s = peak = 0.0
+    for i, e in enumerate(excess.tolist()):
+        s = max(0.0, s + e)
+        peak = max(peak, s)
+        if s > h:
+            return peak, i + 1
+    return peak, None
+
+
+def _excess(units: list[tuple[Tensor, Tensor]], tol: Tolerance) -> Tensor:
+    """The rows of every unit, one after another, as the sequential test's increments."""
+    return tol.scores(torch.cat([u[0] for u in units] or [torch.zeros(0, dtype=torch.float64)])) - 1
+
+
+def visibility(rel: Tensor, mx: Tensor, tol: Tolerance) -> tuple[float, float]:
+    """How far a unit's rows are beyond the bounds (> 1: caught): by the row bounds, and by the
+    row or mean bounds."""
+    row = max(float(rel.max()) / tol.rel_l2, float(mx.max()) / tol.max_rel)
+    return row, max(row, float(rel.mean()) / tol.mean_bound(rel.numel()))
+
+
+def cheat_verdicts(sweep: Sweep, text: str, tols: dict[tuple[int, int], Tolerance], h: float) -> dict:
+    """Whether a cheat is caught on every unit (prompt x range): by the row bounds alone, or by
+    the row or mean bounds; its weakest unit's visibility per range; and the most rows the
+    sequential test needs to flag it on any range."""
+    seen: dict[tuple[int, int], tuple[float, float]] = {}
+    rows_needed: list[int | None] = []
+    for r, tol in tols.items():
+        units = sweep.rows[("cheat:" + text, *r)]
+        v = [visibility(rel, mx, tol) for rel, mx in units]
+        seen[r] = (min(x[0] for x in v), min(x[1] for x in v))
+        rows_needed.append(cusum(_excess(units, tol), h)[1])
+    never = None in rows_needed
+    return {
+        "row": all(v[0] > 1 for v in seen.values()),
+        "unit": all(v[1] > 1 for v in seen.values()),
+        "weakest_unit": min(v[1] for v in seen.values()),
+        # a, b, row and unit visibility, rows the CUSUM needs (None: not within the prompts' rows)
+        "per_range": [[*r, *v, n] for (r, v), n in zip(seen.items(), rows_needed, strict=True)],
+        "cusum_rows": None if never else max(rows_needed),
+    }
+
+
+def propose(sweep: Sweep, imported: dict) -> tuple[dict, dict]:
+    """Per class: thresholds per range (as tolerance_for reads them) and the class summary."""
+    starts, n = sweep.starts, sweep.n_layers
+    ranges: dict = {"n_layers": n, "sampled_starts": starts}
+    proposed = {}
+    for klass in CLASSES:
+        honest = _honest(sweep, klass)
+        t = class_table(sweep, klass, honest)
+        ranges[klass] = {k: [[t[k][a, b] for b in range(a + 1, n + 1)] for a in starts] for k in _KEYS}
+        proposed[klass] = summarise(sweep, klass, honest, t, imported)
+    return ranges, proposed
+
+
+_KEYS = ("rel_l2", "max_rel", "mean_rel_l2")
+
+
+def _honest(sweep: Sweep, klass: str) -> list[str]:
+    """The honest comparisons a class admits: strict pairs, and for loose every honest pair."""
+    return [k for k, c in sweep.klass.items() if c == "strict" or (klass == "loose" and c == "loose")]
+
+
+def summarise(sweep: Sweep, klass: str, honest: list[str], t: dict[str, Table], imported: dict) -> dict:
+    """The class-wide bounds (for models without a table), h, and every cheat's verdicts."""
+    tols = _tols(klass, t["rel_l2"], t["max_rel"], t["mean_rel_l2"])
+    peak = max(
+        cusum(_excess(sweep.honest_rows([name], r), tol))[0] for name in honest for r, tol in tols.items()
+    )
+    h = MARGIN_SEQ * max(peak, 1.0)
+    verdicts = {c: cheat_verdicts(sweep, c, tols, h) for c in CHEATS}
+    members = sorted({c for name in honest for c in name.split("|")})
+    cuda = {k: v["rel_l2_max"] for k, v in imported.items() if klass == "loose" or v["dtype"] != "bf16"}
+    four = min(v for (a, b), v in t["rel_l2"].items() if b - a == 4)  # the H200 file measured 4 layers
+    return {
+        **{k: max(t[k].values()) for k in _KEYS},
+        "cusum_h": h,
+        "honest_members": members,
+        "honest_worst_rel_l2": max(t["honest_rel_l2"].values()),
+        "honest_worst_max_rel": max(t["honest_max_rel"].values()),
+        "honest_worst_mean_rel_l2": max(t["honest_mean_rel_l2"].values()),
+        "honest_cusum_peak": peak,
+        "honest_non_finite_rows": sweep.non_finite(honest),
+        "margins": {"row": MARGIN_ROW, "mean": MARGIN_MEAN, "sequential": MARGIN_SEQ},
+        "imported_worst_rel_l2": max(cuda.values(), default=None),
+        "imported_within_every_4_layer_tau": all(v < four for v in cuda.values()),
+        "must_catch": MUST_CATCH[klass],
+        "caught_by_row_bounds": {c: v["row"] for c, v in verdicts.items()},
+        "caught_at_every_unit": {c: v["unit"] for c, v in verdicts.items()},
+        "cusum_rows_to_detect": {c: v["cusum_rows"] for c, v in verdicts.items()},
+        "weakest_unit_visibility": {c: v["weakest_unit"] for c, v in verdicts.items()},
+        "separates_all_required": all(verdicts[c]["unit"] for c in MUST_CATCH[klass]),
+        # the ranges where a required cheat's weakest unit passes the row and mean bounds
+        "missed": {c: [x[:2] for x in verdicts[c]["per_range"] if x[3] <= 1] for c in MUST_CATCH[klass]},
+    }
+
+
+def validate(sweep: Sweep, report: dict, digest: str) -> dict:
+    """Judge a sweep on other prompts (and starts) with a report's thresholds: per class and range,
+    the honest worst row and windowed mean against them (any honest row or window of rows out of
+    bounds is a false fraud), the honest CUSUM peak against h, and the cheat closest to passing."""
     out = {}
-    for klass in ("strict", "loose"):
-        members = {k: v for k, v in honest.items() if klass == "loose" or v["dtype"] in STRICT_DTYPES}
-        h_rel = max(v["rel_l2_max"] for v in members.values())
-        h_max = max(v["max_rel_max"] for v in members.values())
-        cheats = {c: measurements["cheat_" + c.replace("=", "_")] for c in MUST_CATCH[klass]}
-        outliers = [v["unit_max_rel_min"] for v in cheats.values() if v["unit_max_rel_min"] > h_max * 3]
-        tau_max = math.sqrt(h_max * min(outliers)) if outliers else h_max * 3
-        rest = [v["unit_rel_l2_min"] for v in cheats.values() if v["unit_max_rel_min"] <= tau_max]
-        c_rel = min(rest) if rest else h_rel * 4
-        tau = math.sqrt(h_rel * c_rel) if c_rel > h_rel else h_rel * 2
-        caught = {}
-        for c in CHEATS:
-            v = measurements["cheat_" + c.replace("=", "_")]
-            caught[c] = v["unit_rel_l2_min"] > tau or v["unit_max_rel_min"] > tau_max
-        out[klass] = {
-            "rel_l2": tau,
-            "max_rel": tau_max,
-            "honest_members": sorted(members),
-            "honest_worst_rel_l2": h_rel,
-            "honest_worst_max_rel": h_max,
-            "weakest_required_cheat_rel_l2": c_rel,
-            "rel_l2_margin_over_honest": tau / h_rel,
-            "rel_l2_margin_under_cheat": c_rel / tau,
-            "max_rel_margin_over_honest": tau_max / h_max,
-            "must_catch": MUST_CATCH[klass],
-            "caught_at_every_unit": caught,
-            "separates_all_required": all(caught[c] for c in MUST_CATCH[klass]),
-        }
+    for klass in CLASSES:
+        honest = _honest(sweep, klass)
+        tols = {r: tolerance_for(klass, r, sweep.n_layers, digest, report) for r in sweep.ranges()}
+        h = report["proposed"][klass]["cusum_h"]
+        verdicts = {c: cheat_verdicts(sweep, c, tols, h) for c in CHEATS if ("cheat:" + c) in sweep.klass}
+        rows = [_validate_range(sweep, honest, r, tol, h) for r, tol in tols.items()] if honest else []
+        for i, row in enumerate(rows):
+            seen = {c: verdicts[c]["per_range"][i][3] for c in MUST_CATCH[klass] if c in verdicts}
+            row["closest_cheat"] = min(seen, key=seen.get) if seen else None
+            row["closest_cheat_visibility"] = min(seen.values(), default=None)
+        bad = [x["layers"] for x in rows if not x["passes"]]
+        out[klass] = {"false_fraud_ranges": bad, "cusum_h": h, "ranges": rows, "cheats": verdicts}
     return out
+
+
+def _validate_range(sweep: Sweep, honest: list[str], r: tuple[int, int], tol: Tolerance, h: float) -> dict:
+    units = sweep.honest_rows(honest, r)
+    worst = max(float(u[0].max()) for u in units)
+    worst_max = max(float(u[1].max()) for u in units)
+    windows = [_window_stats(u[0], tol.rel_l2) for u in units]
+    need = max(w[1] for w in windows)
+    peak = max(cusum(_excess(sweep.honest_rows([name], r), tol))[0] for name in honest)
+    return {
+        "layers": list(r),
+        "honest_rel_l2": worst,
+        "rel_l2": tol.rel_l2,
+        "honest_max_rel": worst_max,
+        "max_rel": tol.max_rel,
+        "honest_mean": max(w[0] for w in windows),
+        "mean_needed": need,
+        "mean_rel_l2": tol.mean_rel_l2,
+        "cusum_peak": peak,
+        "passes": worst <= tol.rel_l2 and worst_max <= tol.max_rel and need <= tol.mean_rel_l2 and peak <= h,
+    }

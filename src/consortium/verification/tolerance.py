@@ -1,12 +1,15 @@
 """Fuzzy comparison of committed outputs with an auditor's recomputation (DESIGN.md §4.3-4.4).
 
 Per row: relative L2 error ||c - r|| / ||r|| and max element error / RMS(r), where r is the
-auditor's row. Thresholds come from the committed calibration report, not from guesses.
+auditor's row. Per unit (the rows one audit compares): their mean rel-L2, so rows that all sit
+just under the per-row threshold fail. Thresholds come from the committed calibration report,
+per layer range and numeric class (calibrate.py), not from guesses.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -14,17 +17,64 @@ from importlib import resources
 import torch
 from torch import Tensor
 
-# Compute dtypes whose honest results are compared with the strict thresholds; any other
-# (bf16) puts a comparison in the loose class, where int8-weight shortcuts are not
-# distinguishable per row.
+from consortium.errors import ConsortiumError
+
+# Numeric classes, strictest first. Results computed in these dtypes are compared with the strict
+# thresholds; bf16 (and the packed int4 kernel, which computes in bf16) puts a comparison in the
+# loose class, where int8-weight shortcuts are not distinguishable.
+CLASSES = ("strict", "loose")
 STRICT_DTYPES = frozenset({"fp32", "fp16", "tf32"})
+# What a session's summary says about the verification of its weakest class (docs/tolerances.md).
+WEAKER = {
+    "strict": "",
+    "loose": "weaker: bf16 rounding hides int8-weight shortcuts, and a x1.05 scaling of the logits of a "
+    "last stage of 18 or more layers; steering and scaling are caught over a unit's or a node's rows, not per row",
+}
+
+
+def class_of(dtype: str, packed: bool = False, device: str = "cpu") -> str:
+    """The numeric class of a node's results (the device does not change it on any backend measured)."""
+    return "strict" if dtype in STRICT_DTYPES and not packed else "loose"
+
+
+def worst_class(*classes: str) -> str:
+    return max(classes, key=CLASSES.index)
+
+
+def admitted_classes(spec: str) -> frozenset[str]:
+    """`--tolerance-classes`: a comma-separated list of classes ("strict", "loose", or "all");
+    strict is always admitted. The default, "strict", refuses bf16 and packed nodes."""
+    names = {s.strip() for s in spec.split(",") if s.strip()}
+    names = set(CLASSES) if "all" in names else names
+    if not names or names - set(CLASSES):
+        raise ConsortiumError(
+            f"tolerance classes {spec!r}: use a comma-separated list of {', '.join(CLASSES)}"
+        )
+    return frozenset(names | {"strict"})
 
 
 @dataclass(frozen=True)
 class Tolerance:
     name: str  # strict | loose
-    rel_l2: float  # tau
-    max_rel: float  # tau_max
+    rel_l2: float  # tau: bound on every row
+    max_rel: float  # tau_max: bound on every row
+    mean_rel_l2: float = math.inf  # tau_mean: the unit's mean rel-L2 bound, for many rows
+    layers: tuple[int, int] | None = None  # the range calibrated for (None: the class-wide bound)
+
+    def mean_bound(self, rows: int) -> float:
+        """The bound on the mean rel-L2 of `rows` rows: tau for one row, tending to tau_mean. Honest
+        rows rarely sit near tau; a unit of n rows may hold one such outlier and still pass."""
+        if math.isinf(self.mean_rel_l2):
+            return self.rel_l2
+        return self.mean_rel_l2 + (self.rel_l2 - self.mean_rel_l2) / max(rows, 1)
+
+    def scores(self, rel_l2: Tensor) -> Tensor:
+        """Each row's error in units of tau_mean, capped at tau / tau_mean (one row, however bad,
+        adds at most that much to the sequential test; worse rows fail the audit anyway)."""
+        if math.isinf(self.mean_rel_l2):
+            return torch.zeros_like(rel_l2)
+        cap = self.rel_l2 / self.mean_rel_l2
+        return (rel_l2 / self.mean_rel_l2).nan_to_num(cap, cap, cap).clamp(max=cap)
 
 
 @dataclass(frozen=True)
@@ -36,6 +86,22 @@ class RowComparison:
         bad = (self.rel_l2 > tol.rel_l2) | (self.max_rel > tol.max_rel) | ~torch.isfinite(self.rel_l2)
         return [int(i) for i in torch.nonzero(bad).reshape(-1)]
 
+    def excess(self, tol: Tolerance) -> Tensor:
+        """Per row: score - 1 (> 0 where a row is above tau_mean): the sequential test's increments."""
+        return tol.scores(self.rel_l2) - 1
+
+    def mean_fails(self, tol: Tolerance) -> int | None:
+        """The row where the excess that fails the mean bound starts (the start of the segment of
+        rows with the largest summed excess), or None if the unit's mean is within bounds."""
+        if float(self.rel_l2.mean()) <= tol.mean_bound(self.rel_l2.numel()):
+            return None
+        best, start, run, run_start = -math.inf, 0, 0.0, 0
+        for i, e in enumerate(self.excess(tol).tolist()):
+            run, run_start = (run + e, run_start) if run > 0 else (e, i)
+            if run > best:
+                best, start = run, run_start
+        return start
+
     @property
     def worst_rel_l2(self) -> float:
         return float(self.rel_l2.max())
@@ -43,6 +109,10 @@ class RowComparison:
     @property
     def worst_max_rel(self) -> float:
         return float(self.max_rel.max())
+
+    @property
+    def mean_rel_l2(self) -> float:
+        return float(self.rel_l2.mean())
 
 
 def compare_rows(committed: Tensor, recomputed: Tensor) -> RowComparison:
@@ -66,8 +136,47 @@ def calibration_report() -> dict:
     return json.loads(text)
 
 
-def tolerance_class(*dtypes: str) -> Tolerance:
-    """Thresholds for comparing work done in these compute dtypes (worst class wins)."""
-    name = "strict" if all(d in STRICT_DTYPES for d in dtypes) else "loose"
-    t = calibration_report()["proposed"][name]
-    return Tolerance(name, float(t["rel_l2"]), float(t["max_rel"]))
+def tolerance_for(
+    klass: str,
+    layers: tuple[int, int] | None = None,
+    n_layers: int | None = None,
+    model_digest: str | None = None,
+    report: dict | None = None,
+) -> Tolerance:
+    """Thresholds of a class for the stage over `layers` ([start, end)) of the calibrated model
+    (`report`: another calibration report than the committed one).
+
+    The report holds thresholds for every range that starts at a sampled layer; a range starting
+    between samples takes those of the sampled start before it, whose range holds it and more
+    layers, whose rounding adds error (validated on starts that were not sampled:
+    docs/tolerances.md). Another model (n_layers and digest), or no range given, gets the
+    class-wide bound (the largest over every range measured)."""
+    report = report or calibration_report()
+    p, table = report["proposed"][klass], report.get("ranges")
+    fallback = Tolerance(
+        klass, float(p["rel_l2"]), float(p["max_rel"]), float(p.get("mean_rel_l2", math.inf))
+    )
+    if (
+        layers is None
+        or table is None
+        or (n_layers, model_digest) != (table["n_layers"], report["model_digest"])
+    ):
+        return fallback
+    a, b = layers
+    if not 0 <= a < b <= n_layers:
+        raise ValueError(f"layer range {a}-{b} outside 0-{n_layers}")
+    i = max(i for i, s in enumerate(table["sampled_starts"]) if s <= a)
+    j = b - table["sampled_starts"][i] - 1
+    t = table[klass]
+    return Tolerance(klass, t["rel_l2"][i][j], t["max_rel"][i][j], t["mean_rel_l2"][i][j], (a, b))
+
+
+def tolerance_class(
+    *dtypes: str,
+    layers: tuple[int, int] | None = None,
+    n_layers: int | None = None,
+    model_digest: str | None = None,
+) -> Tolerance:
+    """Thresholds for comparing work done in these compute dtypes (worst class wins), for a stage
+    over `layers` of the model with `n_layers` layers and that digest when given."""
+    return tolerance_for(worst_class(*(class_of(d) for d in dtypes)), layers, n_layers, model_digest)

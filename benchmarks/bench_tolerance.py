@@ -176,16 +176,16 @@ def _markdown(report: dict, cal: dict, held: dict) -> str:
     lines = [
         "# Tolerances per layer range and numeric class (SmolLM2-135M, CPU)",
         "",
-        "Written by `benchmarks/bench_tolerance.py` (the scheme: `src/consortium/verification/calibrate.py`).",
+        "Written by `benchmarks/bench_tolerance.py` (scheme: `src/consortium/verification/calibrate.py`).",
         "Visibility: how far a cheat's weakest unit (one prompt's rows, audited by fp32) is beyond the",
         "bounds; above 1 it is caught by the row or the mean bound.",
         "",
         f"Calibrated on every range from starts {report['ranges']['sampled_starts']} (all lengths) with "
-        f"{report['prompts']} prompts ({report['rows_per_range']} rows per range); validated on every range "
-        f"from starts {VALIDATION_STARTS} with {len(VALIDATION_PROMPTS)} other prompts (545 rows, positions up "
-        "to 300). A range starting between samples takes the bounds of the sampled start before it. Every "
-        "(worker, auditor) pair of CPU fp32/fp16 (strict) and bf16/packed int4 (loose) in prefill and decode; "
-        "margins: row x3, mean x2, CUSUM h x2 over the honest worst.",
+        f"{report['prompts']} prompts ({report['rows_per_range']} rows per range); validated on every "
+        f"range from starts {VALIDATION_STARTS} with {len(VALIDATION_PROMPTS)} other prompts (545 rows, "
+        "positions up to 300). A range starting between samples takes the bounds of the sampled start "
+        "before it. Every (worker, auditor) pair of CPU fp32/fp16 (strict) and bf16/packed int4 (loose) "
+        "in prefill and decode; margins: row x3, mean x2, CUSUM h x2 over the honest worst.",
         "",
     ]
     lines += _summary(report, held)

@@ -51,7 +51,8 @@ class NodeErrorStats:
             self._s[node_id] = s
         if s <= h:
             return Verdict(True, s, h)
-        why = f"sequential test: CUSUM {s:.3g} > {h:.3g} ({result.tolerance}; last unit mean rel-L2 {result.mean_rel_l2:.3g})"
+        last = f"{result.tolerance}; last unit mean rel-L2 {result.mean_rel_l2:.3g}"
+        why = f"sequential test: CUSUM {s:.3g} > {h:.3g} ({last})"
         return Verdict(False, s, h, why)
 
     def statistic(self, node_id: str) -> float:

@@ -27,8 +27,9 @@ STRICT_DTYPES = frozenset({"fp32", "fp16", "tf32"})
 # What a session's summary says about the verification of its weakest class (docs/tolerances.md).
 WEAKER = {
     "strict": "",
-    "loose": "weaker: bf16 rounding hides int8-weight shortcuts, and a x1.05 scaling of the logits of a "
-    "last stage of 18 or more layers; steering and scaling are caught over a unit's or a node's rows, not per row",
+    "loose": "weaker: bf16 rounding hides int8-weight shortcuts, and a x1.05 scaling of the logits of "
+    "a last stage of 18 or more layers; steering and scaling are caught over a unit's or a node's "
+    "rows, not per row",
 }
 
 

@@ -126,7 +126,7 @@ def _peak_rss_gb(pid: int | None) -> float | None:
 
 
 def engine_run(engine: str, mode: str, model: Path, prompt: list[int], a) -> dict[str, Any]:
-    single.wait_quiet(60)
+    single.wait_quiet(a.quiet_wait)
     spec = {"engine": engine, "mode": mode, "model": str(model), "prompt": prompt}
     return single.run_child(spec | {"tokens": a.tokens, "threads": a.threads}, timeout=1200)
 
@@ -136,6 +136,7 @@ def compare(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
         return {}
     return {
         "decode_vs_llama_cpp": round(ours["decode_tps"] / ref["decode_tps"], 3),
+        "decode_per_cpu_s_vs_llama_cpp": round(ours["decode_tps_per_cpu_s"] / ref["decode_tps_per_cpu_s"], 3),
         "prefill_vs_llama_cpp": round(ours["prefill_tps"] / ref["prefill_tps"], 3),
         "load_vs_llama_cpp": round(ours["load_s"] / ref["load_s"], 2),
         "peak_rss_vs_llama_cpp": round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 2),
@@ -154,6 +155,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--quiet-wait", type=float, default=60, help="seconds to wait for a quiet machine per run")
+    p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--cluster", action="store_true", help="also run the 3-process seed topology")
     p.add_argument("--audit-probability", type=float, default=0.2)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -173,7 +176,8 @@ def main() -> None:
         "tokens": a.tokens,
         "goals": GOALS,
     }
-    res["kernels_ms"] = kernels(a.threads)
+    if not a.no_kernels:
+        res["kernels_ms"] = kernels(a.threads)
     if not a.no_llama_cpp and importlib.util.find_spec("llama_cpp") is not None:
         res["llama.cpp"] = engine_run("llama.cpp", "default", model, prompt, a)
     res["consortium"] = engine_run("consortium", "bf16+packed", model, prompt, a)

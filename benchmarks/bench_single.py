@@ -81,7 +81,7 @@ def _timed(step_prefill, step_decode, prompt: list[int], n: int) -> dict[str, An
     busy0, own0 = machine_busy_s(), own_cpu_s()
     t0 = time.perf_counter()
     tokens = [step_prefill(prompt)]
-    t1 = time.perf_counter()
+    t1, own_mid = time.perf_counter(), own_cpu_s()
     while len(tokens) < n:
         tokens.append(step_decode(tokens[-1]))
     t2 = time.perf_counter()
@@ -91,6 +91,9 @@ def _timed(step_prefill, step_decode, prompt: list[int], n: int) -> dict[str, An
         "decode_s": t2 - t1,
         "prefill_tps": len(prompt) / (t1 - t0),
         "decode_tps": (n - 1) / (t2 - t1) if n > 1 else 0.0,
+        # Tokens per CPU-second of this process: on a busy machine, with one thread, closer to the
+        # quiet rate than wall time is (a spinning multi-thread engine inflates it).
+        "decode_tps_per_cpu_s": (n - 1) / max(own1 - own_mid, 1e-9) if n > 1 else 0.0,
         "generated_tokens": n,
         "tokens": tokens,
         # Cores kept busy by other processes while this run was timed: the noise indicator.

@@ -108,22 +108,32 @@ def _split(lo: np.ndarray, lo_s, lo_z, hi: np.ndarray, hi_s) -> Int4Parts:
     return Int4Parts(codes, np.concatenate([hi_s, lo_s], axis=1), np.concatenate([0 * hi_s, lo_z], axis=1))
 
 
+def _plain(raw: np.ndarray, kind: str) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """A 4-bit format's nibble bytes [n, blocks, bytes] (chunks of `width` bytes: low nibbles, then
+    high ones), and scale and zero per 32 values [n, K/32]."""
+    n = raw.shape[0]
+    b = raw.reshape(n, -1, GGML_QUANT_SIZES[Q[kind]][1])
+    if kind == "Q4_K":
+        d, dmin = _f16(b, 0), _f16(b, 2)
+        sc, mn = _k_scales(b[..., 4:16])
+        return b[..., 16:], 32, *_flat(d * sc, 8 * d * sc - dmin * mn)
+    d, head = _f16(b, 0), 2 if kind == "Q4_0" else 4
+    return b[..., head:], 16, *_flat(d, 0 * d if kind == "Q4_0" else 8 * d + _f16(b, 2))
+
+
 def decode(raw: np.ndarray, kind: str) -> Int4Parts:
     """The int4 form of rows of a quantized matrix (raw: uint8 [n, row bytes])."""
     n = raw.shape[0]
     b = raw.reshape(n, -1, GGML_QUANT_SIZES[Q[kind]][1])
-    if kind in ("Q4_0", "Q4_1"):
-        d, head = _f16(b, 0), 2 if kind == "Q4_0" else 4
-        zero = 0 * d if kind == "Q4_0" else 8 * d + _f16(b, 2)
-        return Int4Parts(*_flat(nibbles(b[..., head:], 16), d, zero))
-    if kind in ("Q4_K", "Q5_K"):
+    if LAYOUTS[kind] == "plain":
+        qs, width, scale, zero = _plain(raw, kind)
+        return Int4Parts(nibbles(qs, width).reshape(n, -1), scale, zero)
+    if kind == "Q5_K":
         d, dmin = _f16(b, 0), _f16(b, 2)
         sc, mn = _k_scales(b[..., 4:16])
         scale, zero = d * sc, 8 * d * sc - dmin * mn
-        lo = nibbles(b[..., 16:144] if kind == "Q4_K" else b[..., 48:176], 32)
-        if kind == "Q4_K":
-            return Int4Parts(*_flat(lo, scale, zero))
-        return _split(*_flat(lo, scale, zero, _high_bits(b[..., 16:48], kind), 16 * scale))
+        lo, hi = nibbles(b[..., 48:176], 32), _high_bits(b[..., 16:48], kind)
+        return _split(*_flat(lo, scale, zero, hi, 16 * scale))
     if kind in ("Q5_0", "Q5_1"):
         d, head = _f16(b, 0), 2 if kind == "Q5_0" else 4
         zero = -8 * d if kind == "Q5_0" else 8 * d + _f16(b, 2)
@@ -163,7 +173,15 @@ def _pack_fast(codes: np.ndarray) -> np.ndarray:
     n, k = codes.shape
     c = codes.reshape(n // 64, 4, 16, k)
     p = np.concatenate([c[:, 0] | (c[:, 2] << U8[4]), c[:, 1] | (c[:, 3] << U8[4])], axis=1)
-    return np.ascontiguousarray(p.transpose(0, 2, 1)).reshape(n, k // 2)
+    return _transpose(p).reshape(n, k // 2)
+
+
+def _transpose(p: np.ndarray) -> np.ndarray:
+    """[blocks, 32, K] -> [blocks, K, 32] in tiles of 64 k (an L1-sized tile: ~4x faster than one
+    strided copy, which reads a new cache line for every byte)."""
+    nb, j, k = p.shape
+    tile = 64 if k % 64 == 0 else 1
+    return np.ascontiguousarray(p.reshape(nb, j, k // tile, tile).transpose(0, 2, 3, 1)).reshape(nb, k, j)
 
 
 @cache
@@ -176,10 +194,26 @@ def _fast_layout_ok() -> bool:
     )
 
 
+def _pack_nibbles(qs: np.ndarray, width: int) -> np.ndarray:
+    """_pack_fast straight from a 4-bit format's nibble bytes, without the codes in between: a
+    low-nibble value of rows (a, b) packs as (a & 15) | b << 4, a high-nibble one as a >> 4 | b & 0xF0."""
+    q = qs.reshape(qs.shape[0] // 64, 4, 16, -1, width)
+    pairs = []
+    for a, b in ((q[:, 0], q[:, 2]), (q[:, 1], q[:, 3])):
+        pairs.append(np.stack([(a & U8[15]) | (b << U8[4]), (a >> U8[4]) | (b & np.uint8(0xF0))], axis=-2))
+    return _transpose(np.stack(pairs, axis=1).reshape(qs.shape[0] // 64, 32, -1)).reshape(qs.shape[0], -1)
+
+
 def _pack_rows(raw: np.ndarray, kind: str, packed: Tensor, sz: Tensor) -> None:
     """Decode rows and write their packed codes and scale/zero into the given output rows."""
+    fast = raw.shape[0] % 64 == 0 and _fast_layout_ok()
+    if fast and LAYOUTS[kind] == "plain":
+        qs, width, scale, zero = _plain(np.asarray(raw), kind)
+        packed.copy_(torch.from_numpy(_pack_nibbles(qs, width)))
+        sz.copy_(torch.from_numpy(np.stack([scale, zero], axis=-1)))
+        return
     parts = decode(np.asarray(raw), kind)
-    if parts.codes.shape[0] % 64 == 0 and _fast_layout_ok():
+    if fast:
         packed.copy_(torch.from_numpy(_pack_fast(parts.codes)))
     else:
         packed.copy_(

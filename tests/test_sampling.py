@@ -52,3 +52,17 @@ def test_top_k_and_top_p_restrict_support():
 def test_invalid_parameters(kw):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**kw)
+
+
+def test_logits_from_any_device_or_layout_sample_alike():
+    """sample() copies the logits to the CPU where its generator draws (CUDA logits used to meet CPU
+    random numbers): a non-contiguous column, a [1, vocab] row and a graph-attached tensor give the
+    tokens of the plain fp32 vector, and so do CUDA logits where there is a GPU."""
+    p = SamplingParams(temperature=0.7, top_k=4, seed=9)
+    wide = torch.stack([LOGITS, LOGITS.flip(0)], dim=1)  # column 0 is a non-contiguous view
+    attached = LOGITS.clone().requires_grad_(True)
+    for i in range(20):
+        want = sample(LOGITS, p, i)
+        assert sample(wide[:, 0], p, i) == sample(LOGITS[None, :], p, i) == sample(attached, p, i) == want
+    if torch.cuda.is_available():  # the case this guards; CI has no GPU (benchmarks/gpu_check.sh runs it)
+        assert all(sample(LOGITS.cuda(), p, i) == sample(LOGITS, p, i) for i in range(20))

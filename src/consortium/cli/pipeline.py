@@ -257,6 +257,13 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
         positive=True,
         help="Sessions audited at once (each session's audits run one after another).",
     ),
+    config_option(
+        CoordinatorConfig,
+        "tolerance_classes",
+        "--tolerance-classes",
+        help="Numeric classes of nodes admitted: strict (fp32, fp16), loose (bf16, packed: weaker "
+        "verification, see SECURITY.md), or all.",
+    ),
     serve_options,
     file_option(
         "--http-port-file", "Write the HTTP API's bound port here (launcher.py's protocol).", hidden=True

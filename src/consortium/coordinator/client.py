@@ -203,6 +203,8 @@ def format_report(report: SessionReport) -> list[str]:
         f"{report.time_to_first_token_s * 1000:.0f} ms, stop: {report.stop_reason}, session {report.session_id}]"
     ]
     a = report.audits
+    if report.verification_note:
+        lines.append(f"  verification: {report.verification} class, {report.verification_note}")
     lines.append(
         f"  audits: {a.total} ({a.passed} passed, {a.failed} failed, {a.pending} pending)"
         + (f"; banned: {', '.join(report.banned_nodes)}" if report.banned_nodes else "")

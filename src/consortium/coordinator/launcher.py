@@ -23,6 +23,7 @@ from consortium.core.config import ClientConfig, EngineConfig, LayerRange, Sessi
 from consortium.errors import ConsortiumError
 from consortium.identity.tls import CERT_FILE
 from consortium.serving.config import ServeConfig
+from consortium.verification.tolerance import class_of
 
 DEMO_PROMPT = "Explain in one paragraph why the sky appears blue."
 
@@ -184,6 +185,11 @@ class LocalCluster:
     def _coordinator(self) -> LocalProcess:
         args = ["coordinator", "start", "--model", str(self.model), "--host", self.host, "--port", "0"]
         args += ["--data-dir", str(self.coordinator_dir), *self._engine_args(), *self.coordinator_args]
+        if class_of(self.engine.dtype, self.engine.packed) != "strict" and "--tolerance-classes" not in args:
+            args += [
+                "--tolerance-classes",
+                "all",
+            ]  # the engine asked for is the admission: its sessions say so
         args += ["--insecure"] if self.insecure else []
         if self.coordinator_layers is not None:
             args += ["--layers", str(self.coordinator_layers)]

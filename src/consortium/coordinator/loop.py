@@ -35,6 +35,7 @@ from consortium.transport.rpc import RemoteError
 from consortium.transport.tensors import TensorError, WireTensor, decode_hidden, decode_logits
 from consortium.verification.ledger import Ledger
 from consortium.verification.receipts import Receipt, ReceiptError, UnsignedError, input_digest
+from consortium.verification.tolerance import WEAKER, class_of, worst_class
 
 log = logging.getLogger(__name__)
 # A remote stage that fails a call with one of these is dead, hung or refuses us: its stage fails over.
@@ -382,4 +383,6 @@ class TokenLoop:
             rollbacks=[r.to_proto() for r in session.rollbacks],
             banned_nodes=sorted({r.node for r in session.rollbacks}),
             failovers=[f.to_proto() for f in session.failovers],
+            verification=(weakest := worst_class(*(class_of(r.dtype) for r in session.stages))),
+            verification_note=WEAKER[weakest],
         )

@@ -186,7 +186,15 @@ class Recovery:
             else:
                 out, _ = decode_hidden(res.output, self.args.dim)
                 committed, positions = [r.output for r in kept], [r.positions for r in kept]
-            result = judge(committed, positions, out.to_torch(), False, tolerance_class(old.dtype, ref.dtype))
+            args, layers = self.args, (ref.layers.start, ref.layers.end)
+            tol = tolerance_class(
+                old.dtype,
+                ref.dtype,
+                layers=layers,
+                n_layers=args.n_layers,
+                model_digest=self.verifier.gguf.digest,
+            )
+            result = judge(committed, positions, out.to_torch(), False, tol)
         except (TensorError, ValueError, RuntimeError, IndexError) as e:
             log.warning(
                 "session %s: the replay of stage %d on %s could not be compared: %s", sid, s, ref.node_id, e

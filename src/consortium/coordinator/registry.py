@@ -16,6 +16,7 @@ from consortium.model.model import DTYPES
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import NotFoundError, PermissionDeniedError, PreconditionError, check_address
 from consortium.verification.ledger import Ledger
+from consortium.verification.tolerance import class_of
 
 MAX_NODE_ID = 64
 
@@ -133,9 +134,11 @@ class Registry:
         node_timeout_s: float,
         ledger: Ledger | None = None,
         allow_keys: frozenset[bytes] | None = None,
+        classes: frozenset[str] = frozenset({"strict"}),
     ):
         self.model_digest, self.model_name, self.n_layers = model_digest, model_name, n_layers
         self.node_timeout_s, self.ledger, self.allow_keys = node_timeout_s, ledger, allow_keys
+        self.classes = classes  # the numeric classes admitted (--tolerance-classes)
         # the ledger pins an id to its first key, and bans persist across restarts
         self._banned: set[str] = set(ledger.banned_nodes()) if ledger is not None else set()
         self._entries: dict[str, _Entry] = {}
@@ -155,6 +158,13 @@ class Registry:
                 )
             if self.is_banned(node.node_id):
                 raise PermissionDeniedError(f"node {node.node_id} is banned (failed verification)")
+            cls = class_of(node.dtype, node.packed, node.device)
+            if cls not in self.classes:
+                raise PreconditionError(
+                    f"node {node.node_id} computes in the {cls} verification class ({node.dtype}"
+                    f"{', packed' if node.packed else ''}), which this coordinator does not admit "
+                    f"(--tolerance-classes {','.join(sorted(self.classes))})"
+                )
         if node.model_digest != self.model_digest:
             raise PreconditionError(
                 f"model digest mismatch: node {node.node_id} has sha256 {node.model_digest[:16] or '(none)'}…, "

@@ -44,6 +44,7 @@ from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import PreconditionError, bind, make_server, maps_errors
 from consortium.verification.audit import LocalAuditor
 from consortium.verification.ledger import Ledger
+from consortium.verification.tolerance import admitted_classes
 from consortium.worker.runner import StageRunner, set_threads
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
             sid,
             sid,
         )
+    classes = admitted_classes(cfg.tolerance_classes)
     registry = Registry(
-        gguf.digest, gguf.path.name, gguf.args.n_layers, cfg.node_timeout_s, ledger, cfg.allow_keys
+        gguf.digest, gguf.path.name, gguf.args.n_layers, cfg.node_timeout_s, ledger, cfg.allow_keys, classes
     )
     cluster = NodeCluster(cfg, engine, gguf, registry, ledger)
     auditor = LocalAuditor(gguf, resolve_device(cfg.audit_device), "fp32")

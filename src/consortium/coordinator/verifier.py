@@ -13,6 +13,7 @@ import logging
 import random
 import secrets
 import threading
+from dataclasses import replace
 
 from consortium.coordinator.audit_targets import AuditorLost, LocalTarget, RemoteTarget, Target
 from consortium.coordinator.audits import AuditPool, Fraud, SessionAudits
@@ -30,6 +31,7 @@ from consortium.verification.receipts import (
     input_digest,
     output_digest,
 )
+from consortium.verification.sequential import NodeErrorStats
 from consortium.verification.tolerance import tolerance_class
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class Verifier:
         self._layers_digests: dict[tuple[int, int], str] = {}
         self._digest_lock = threading.Lock()
         self.pool = AuditPool(workers, self._run, self._close_if_done)
+        self.node_stats = NodeErrorStats()  # a per-node sequential test over every audited row
 
     def stop(self) -> None:
         self.pool.stop()
@@ -295,8 +298,16 @@ class Verifier:
         ends: list[int],
         res: AuditResult,
     ) -> None:
-        """Record an audit's result; a failure is fraud by the node whose row is first bad."""
+        """Record an audit's result; a failure is fraud by the node whose row is first bad. A unit
+        that passes still feeds its node's sequential test: a node whose errors sit consistently
+        high fails it, as if this audit had failed at the node's first position in the unit."""
         start, upto, ref = records[0].start_position, max(ends), session.history[stage].stage
+        if res.passed:
+            culprit = records[-1].node_id
+            seq = self.node_stats.update(culprit, res)
+            if not seq.passed:
+                first = next(r.start_position for r in records if r.node_id == culprit)
+                res = replace(res, passed=False, first_bad_position=first, reason=seq.reason)
         bad = res.first_bad_position
         node = next((r.node_id for r in records if bad in r.positions), records[-1].node_id)
         if bad is not None:
@@ -328,7 +339,7 @@ class Verifier:
         if not res.passed:
             self.punish(
                 session,
-                Fraud(stage, bad, node, f"failed audit: rel-L2 {res.worst_rel_l2:.3g}"),
+                Fraud(stage, bad, node, f"failed audit: {res.reason or f'rel-L2 {res.worst_rel_l2:.3g}'}"),
                 {"audit": res.__dict__, "layers": str(ref.layers), "auditor": target.node_id},
             )
         failed = sum(1 for e in ends if bad is not None and e > bad)
@@ -338,13 +349,17 @@ class Verifier:
         """Run the committed inputs of `records` through the auditor (continuing its cache) and
         judge its rows against the committed outputs."""
         recomputed = target.extend(concat_inputs([r.input for r in records]))
-        is_last = ref.layers.end == self.gguf.args.n_layers
+        args, layers = self.gguf.args, (ref.layers.start, ref.layers.end)
+        is_last = ref.layers.end == args.n_layers
+        tol = tolerance_class(
+            ref.dtype, target.dtype, layers=layers, n_layers=args.n_layers, model_digest=self.gguf.digest
+        )
         return judge(
             [r.output for r in records],
             [r.positions for r in records],
             recomputed,
             is_last,
-            tolerance_class(ref.dtype, target.dtype),
+            tol,
         )
 
     def _second_opinion(

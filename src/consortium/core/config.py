@@ -9,6 +9,7 @@ from pathlib import Path
 from consortium.errors import ConsortiumError, InvalidRequestError
 from consortium.model.sampling import SamplingParams
 from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
+from consortium.verification.tolerance import admitted_classes, class_of
 
 LOCALHOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -111,6 +112,8 @@ class CoordinatorConfig:
     audit_recheck_probability: float = 0.1
     audit_wait_timeout_s: float = 600.0  # a session's result waits this long for its audits
     audit_workers: int = 4  # sessions audited at once (each session's audits run one at a time)
+    # numeric classes admitted (verification/tolerance.py): strict (fp32, fp16), loose (bf16, packed)
+    tolerance_classes: str = "strict"
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -118,6 +121,12 @@ class CoordinatorConfig:
             raise ConsortiumError("max-sessions must be at least 1")
         if self.audit_workers < 1:
             raise ConsortiumError("audit-workers must be at least 1")
+        own = class_of(self.engine.dtype, self.engine.packed) if self.layers is not None else "strict"
+        if own not in admitted_classes(self.tolerance_classes):
+            raise ConsortiumError(
+                f"the coordinator's own stage computes in the {own} class ({self.engine.dtype}), which "
+                f"--tolerance-classes {self.tolerance_classes} does not admit"
+            )
         if self.hang_after_s <= self.heartbeat_interval_s:
             raise ConsortiumError(
                 f"hang-after ({self.hang_after_s:g} s) must exceed the heartbeat interval ({self.heartbeat_interval_s:g} s)"

@@ -206,6 +206,8 @@ class SessionReport:
     rollbacks: list[RollbackRecord]
     banned_nodes: list[str]
     failovers: list[FailoverRecord]
+    verification: str = "strict"  # the weakest numeric class among its stages
+    verification_note: str = ""  # what that class cannot catch (loose: weaker verification)
 
     @classmethod
     def from_proto(cls, m: pb.SessionSummary) -> SessionReport:
@@ -222,6 +224,8 @@ class SessionReport:
             rollbacks=[RollbackRecord.from_proto(r) for r in m.rollbacks],
             banned_nodes=list(m.banned_nodes),
             failovers=[FailoverRecord.from_proto(f) for f in m.failovers],
+            verification=m.verification or "strict",
+            verification_note=m.verification_note,
         )
 
     def to_dict(self) -> dict:

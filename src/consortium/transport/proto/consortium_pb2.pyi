@@ -355,7 +355,7 @@ class TokenEvent(_message.Message):
     def __init__(self, token: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SessionSummary(_message.Message):
-    __slots__ = ("session_id", "tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "stages", "stop_reason", "audits", "rollbacks", "banned_nodes", "failovers")
+    __slots__ = ("session_id", "tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "stages", "stop_reason", "audits", "rollbacks", "banned_nodes", "failovers", "verification", "verification_note")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -368,6 +368,8 @@ class SessionSummary(_message.Message):
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
     BANNED_NODES_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_NOTE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -380,7 +382,9 @@ class SessionSummary(_message.Message):
     rollbacks: _containers.RepeatedCompositeFieldContainer[RollbackEvent]
     banned_nodes: _containers.RepeatedScalarFieldContainer[str]
     failovers: _containers.RepeatedCompositeFieldContainer[FailoverEvent]
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., audits: _Optional[_Union[AuditSummary, _Mapping]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ..., banned_nodes: _Optional[_Iterable[str]] = ..., failovers: _Optional[_Iterable[_Union[FailoverEvent, _Mapping]]] = ...) -> None: ...
+    verification: str
+    verification_note: str
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., audits: _Optional[_Union[AuditSummary, _Mapping]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ..., banned_nodes: _Optional[_Iterable[str]] = ..., failovers: _Optional[_Iterable[_Union[FailoverEvent, _Mapping]]] = ..., verification: _Optional[str] = ..., verification_note: _Optional[str] = ...) -> None: ...
 
 class FailoverEvent(_message.Message):
     __slots__ = ("stage", "token_index", "failed_node", "backup_node", "latency_ms", "replay_ms", "replayed_positions", "load_ms", "error", "position", "replay_check")

@@ -156,8 +156,13 @@ def one_round(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF (default: the pulled SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512],
-                    help="context sizes at the kill (prompt tokens + tokens generated before it)")  # fmt: skip
+    ap.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[64, 512],
+        help="context sizes at the kill (prompt tokens + tokens generated before it)",
+    )
     ap.add_argument("--kill-after", type=int, default=16, help="streamed tokens before worker-1 is killed")
     ap.add_argument("--tokens-after", type=int, default=16, help="tokens asked for after the kill")
     ap.add_argument("--rounds", type=int, default=3)
@@ -192,24 +197,37 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 run["equal"] = run.pop("tokens") == base.tokens
                 runs.append(run)
-                print(f"context {run['context_at_kill']} round {r + 1}/{a.rounds}: kill->next token "
-                      f"{_fmt(run['kill_to_next_token_ms'])} ms (load {_fmt(run['load_ms'])}, replay "
-                      f"{_fmt(run['replay_ms'])} ms of {run['replayed_positions']} positions), decode step "
-                      f"{_fmt(run['decode_step_ms'], 1)} ms, equal {run['equal']}", file=sys.stderr)  # fmt: skip
-            keys = ("kill_to_next_token_ms", "kill_to_token_after_failover_ms", "latency_ms", "replay_ms",
-                    "replayed_positions", "load_ms", "kill_to_next_token_minus_load_ms", "decode_step_ms",
-                    "stall_in_decode_steps")  # fmt: skip
-            contexts.append({
-                "target_context": ctx,
-                "prompt_tokens": len(ids),
-                "context_at_kill": len(ids) + a.kill_after,
-                "prompt": prompt,
-                "baseline_tokens": base.tokens,
-                "all_equal": all(x["equal"] for x in runs),
-                "all_one_failover": all(x["failovers"] == 1 for x in runs),
-                "median": {k: _median([x[k] for x in runs if x[k] is not None]) for k in keys},
-                "runs": runs,
-            })  # fmt: skip
+                print(
+                    f"context {run['context_at_kill']} round {r + 1}/{a.rounds}: kill->next token "
+                    f"{_fmt(run['kill_to_next_token_ms'])} ms (load {_fmt(run['load_ms'])}, replay "
+                    f"{_fmt(run['replay_ms'])} ms of {run['replayed_positions']} positions), decode step "
+                    f"{_fmt(run['decode_step_ms'], 1)} ms, equal {run['equal']}",
+                    file=sys.stderr,
+                )
+            keys = (
+                "kill_to_next_token_ms",
+                "kill_to_token_after_failover_ms",
+                "latency_ms",
+                "replay_ms",
+                "replayed_positions",
+                "load_ms",
+                "kill_to_next_token_minus_load_ms",
+                "decode_step_ms",
+                "stall_in_decode_steps",
+            )
+            contexts.append(
+                {
+                    "target_context": ctx,
+                    "prompt_tokens": len(ids),
+                    "context_at_kill": len(ids) + a.kill_after,
+                    "prompt": prompt,
+                    "baseline_tokens": base.tokens,
+                    "all_equal": all(x["equal"] for x in runs),
+                    "all_one_failover": all(x["failovers"] == 1 for x in runs),
+                    "median": {k: _median([x[k] for x in runs if x[k] is not None]) for k in keys},
+                    "runs": runs,
+                }
+            )
 
     first = contexts[0]["median"]["kill_to_next_token_ms"] if contexts else None
     result = {
@@ -239,20 +257,28 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
 
-    print(f"failover of {KILLED} (layers 10-20) to the coordinator, {a.dtype}{' packed' if a.packed else ''}, "
-          f"medians of {a.rounds} rounds:")  # fmt: skip
-    print(f"{'context':>7} {'kill->next':>10} {'w/o load':>8} {'coord':>7} {'load':>7} {'replay':>7} "
-          f"{'replayed':>8} {'step':>6} {'steps':>6}  equal")  # fmt: skip
+    print(
+        f"failover of {KILLED} (layers 10-20) to the coordinator, {a.dtype}{' packed' if a.packed else ''}, "
+        f"medians of {a.rounds} rounds:"
+    )
+    print(
+        f"{'context':>7} {'kill->next':>10} {'w/o load':>8} {'coord':>7} {'load':>7} {'replay':>7} "
+        f"{'replayed':>8} {'step':>6} {'steps':>6}  equal"
+    )
     for c in contexts:
         m = c["median"]
-        print(f"{c['context_at_kill']:>7} {_fmt(m['kill_to_next_token_ms']):>10} "
-              f"{_fmt(m['kill_to_next_token_minus_load_ms']):>8} {_fmt(m['latency_ms']):>7} "
-              f"{_fmt(m['load_ms']):>7} {_fmt(m['replay_ms']):>7} {_fmt(m['replayed_positions']):>8} "
-              f"{_fmt(m['decode_step_ms'], 1):>6} {_fmt(m['stall_in_decode_steps'], 1):>6}  "
-              f"{c['all_equal']}")  # fmt: skip
-    print(f"(ms; w/o load = kill->next minus load_ms; coord = the coordinator's latency_ms; step = median "
-          f"decode step before the kill; steps = kill->next / step)\ngoal: {result['goal']}: "
-          f"{result['goal_met']} -> {a.out}")  # fmt: skip
+        print(
+            f"{c['context_at_kill']:>7} {_fmt(m['kill_to_next_token_ms']):>10} "
+            f"{_fmt(m['kill_to_next_token_minus_load_ms']):>8} {_fmt(m['latency_ms']):>7} "
+            f"{_fmt(m['load_ms']):>7} {_fmt(m['replay_ms']):>7} {_fmt(m['replayed_positions']):>8} "
+            f"{_fmt(m['decode_step_ms'], 1):>6} {_fmt(m['stall_in_decode_steps'], 1):>6}  "
+            f"{c['all_equal']}"
+        )
+    print(
+        f"(ms; w/o load = kill->next minus load_ms; coord = the coordinator's latency_ms; step = median "
+        f"decode step before the kill; steps = kill->next / step)\ngoal: {result['goal']}: "
+        f"{result['goal_met']} -> {a.out}"
+    )
     return 0 if result["all_equal"] else 1
 
 

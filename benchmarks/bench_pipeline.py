@@ -50,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--packed", action="store_true")
-    ap.add_argument("--audit-probability", type=float, default=0.0,
-                    help="share of work units audited (0: the bare pipeline; audits recompute on the coordinator)")  # fmt: skip
+    ap.add_argument(
+        "--audit-probability",
+        type=float,
+        default=0.0,
+        help="share of work units audited (0: the bare pipeline; audits recompute on the coordinator)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results/bench_pipeline.json"))
     a = ap.parse_args(argv)
 
@@ -81,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                     torch.set_num_threads(cluster.engine.threads)
                     pinned.append(generate(stage, tok, ids, a.max_tokens, req.sampling).to_dict())
                     pipeline.append(client.run(req))
-                    print(f"round {r + 1}/{a.rounds}: single {single[-1]['tokens_per_second']:.1f} tok/s "
-                          f"({default_threads} threads), {pinned[-1]['tokens_per_second']:.1f} tok/s "
-                          f"({cluster.engine.threads}), pipeline {pipeline[-1].tokens_per_second:.1f} tok/s",
-                          file=sys.stderr)  # fmt: skip
+                    print(
+                        f"round {r + 1}/{a.rounds}: single {single[-1]['tokens_per_second']:.1f} tok/s "
+                        f"({default_threads} threads), {pinned[-1]['tokens_per_second']:.1f} tok/s "
+                        f"({cluster.engine.threads}), pipeline {pipeline[-1].tokens_per_second:.1f} tok/s",
+                        file=sys.stderr,
+                    )
 
     equal = all(
         p.tokens == s["tokens"] == q["tokens"] for p, s, q in zip(pipeline, single, pinned, strict=True)
@@ -100,12 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         step = _median([s.mean_step_ms for s in rows])
         compute = _median([s.mean_compute_ms for s in rows])
         positions = pipeline[0].prompt_tokens + s0.steps - 1
-        stages.append({
-            "node_id": s0.node_id, "layers": s0.layers, "local": s0.local,
-            "mean_step_ms": step, "mean_compute_ms": compute,
-            "hop_overhead_ms": step - compute,  # serialization + gRPC round trip (0 for the local stage)
-            "bytes_sent_per_token": s0.bytes_sent / positions, "bytes_received_per_token": s0.bytes_received / positions,
-        })  # fmt: skip
+        stages.append(
+            {
+                "node_id": s0.node_id,
+                "layers": s0.layers,
+                "local": s0.local,
+                "mean_step_ms": step,
+                "mean_compute_ms": compute,
+                "hop_overhead_ms": step - compute,  # serialization + gRPC round trip (0 for the local stage)
+                "bytes_sent_per_token": s0.bytes_sent / positions,
+                "bytes_received_per_token": s0.bytes_received / positions,
+            }
+        )
     remote = [s for s in stages if not s["local"]]
     ms_per_token = 1000 / pipe_tps if pipe_tps else 0.0
     result = {
@@ -158,16 +170,26 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": torch.get_num_threads(),
             "python": platform.python_version(),
             "torch": torch.__version__,
-        },  # fmt: skip
+        },
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
-    keys = ("tokens", "tokens_equal", "ratio_pipeline_over_single", "ratio_pipeline_over_single_same_threads",
-            "ratio_best_pipeline_over_best_single",
-            "per_hop_overhead_ms", "coordinator_overhead_ms_per_token", "activation_bytes_per_token")  # fmt: skip
+    keys = (
+        "tokens",
+        "tokens_equal",
+        "ratio_pipeline_over_single",
+        "ratio_pipeline_over_single_same_threads",
+        "ratio_best_pipeline_over_best_single",
+        "per_hop_overhead_ms",
+        "coordinator_overhead_ms_per_token",
+        "activation_bytes_per_token",
+    )
     print(json.dumps({k: result[k] for k in keys}))
-    print(f"single {single_tps:.1f} tok/s, pipeline {pipe_tps:.1f} tok/s, ratio "
-          f"{result['ratio_pipeline_over_single']:.3f} -> {a.out}", file=sys.stderr)  # fmt: skip
+    print(
+        f"single {single_tps:.1f} tok/s, pipeline {pipe_tps:.1f} tok/s, ratio "
+        f"{result['ratio_pipeline_over_single']:.3f} -> {a.out}",
+        file=sys.stderr,
+    )
     return 0 if equal else 1
 
 

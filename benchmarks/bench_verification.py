@@ -47,17 +47,30 @@ PROMPTS = [
     "What is the capital of France, and why is it famous?",
     "Describe how a bicycle works to a child.",
 ]
-CHEATS = ["skip-layer", "noise=0.01", "wrong-weights", "int4-weights", "int8-weights", "flip-max",
-          "bad-signature", "replay"]  # fmt: skip
+CHEATS = [
+    "skip-layer",
+    "noise=0.01",
+    "wrong-weights",
+    "int4-weights",
+    "int8-weights",
+    "flip-max",
+    "bad-signature",
+    "replay",
+]
 
 
 def cluster(
     model: Path, log_dir: Path, misbehave: str | None = None, probability: float = 1.0
 ) -> LocalCluster:
     first, second, last = thirds(GGUFModel(model).args.n_layers)
-    c = LocalCluster(model, last, [first, second], log_dir,
-                     coordinator_args=["--audit-probability", str(probability), "--ledger", str(log_dir / "ledger.db")],
-                     worker_args=[[], ["--misbehave", misbehave] if misbehave else []])  # fmt: skip
+    c = LocalCluster(
+        model,
+        last,
+        [first, second],
+        log_dir,
+        coordinator_args=["--audit-probability", str(probability), "--ledger", str(log_dir / "ledger.db")],
+        worker_args=[[], ["--misbehave", misbehave] if misbehave else []],
+    )
     c.start(timeout_s=300)
     return c
 
@@ -157,8 +170,14 @@ def overhead(model: Path, tmp: Path, tokens: int, rounds: int) -> dict:
     # per decode step: the worker signs, the coordinator checks (fp32 [1, 576] output)
     node = NodeIdentity.generate()
     inp, out = WireTensor.from_torch(torch.randn(1, 576)), WireTensor.from_torch(torch.randn(1, 576))
-    order = pb.WorkOrder(session_id="s" * 32, step=5, stage_index=1, layers=pb.LayerRange(start=10, end=20),
-                         start_position=50, input=inp.to_proto())  # fmt: skip
+    order = pb.WorkOrder(
+        session_id="s" * 32,
+        step=5,
+        stage_index=1,
+        layers=pb.LayerRange(start=10, end=20),
+        start_position=50,
+        input=inp.to_proto(),
+    )
     n = 2000
     t0 = time.perf_counter()
     for _ in range(n):

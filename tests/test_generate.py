@@ -38,8 +38,14 @@ def test_seeded_sampling_is_reproducible(smol):
 def test_streamed_text_equals_final_text(smol):
     gguf, stage, tok = smol
     pieces: list[str] = []
-    r = generate(stage, tok, tok.encode_prompt("Write the word café three times.", chat=True), 24,
-                 SamplingParams(), on_text=pieces.append)  # fmt: skip
+    r = generate(
+        stage,
+        tok,
+        tok.encode_prompt("Write the word café three times.", chat=True),
+        24,
+        SamplingParams(),
+        on_text=pieces.append,
+    )
     assert "".join(pieces) == r.text
 
 

@@ -56,8 +56,20 @@ def test_signatures():
 
 
 def _receipt(ident: NodeIdentity, stage: int, inp: bytes, out: bytes, step: int = 0) -> Receipt:
-    return Receipt("s1", step, 0, 3, stage, 10 * stage, 10 * stage + 10, "ab" * 32, inp, out, ident.node_id,
-                   1_700_000_000_000).signed(ident)  # fmt: skip
+    return Receipt(
+        "s1",
+        step,
+        0,
+        3,
+        stage,
+        10 * stage,
+        10 * stage + 10,
+        "ab" * 32,
+        inp,
+        out,
+        ident.node_id,
+        1_700_000_000_000,
+    ).signed(ident)
 
 
 def test_receipt_signature_binds_every_field():
@@ -218,7 +230,10 @@ def test_ledger_records_and_verifies(tmp_path):
         led.upsert_node(n.node_id, n.public_key, "127.0.0.1:1", "cpu", "fp32")
     led.create_session("s1", [1, 2, 3], {"seed": 0}, [])
     t = token_digest("s1", 0, [1, 2, 3])
-    receipts = [(_receipt(a, 0, t, b"h" * 32), a.public_key), (_receipt(b, 1, b"h" * 32, b"o" * 32), b.public_key)]
+    receipts = [
+        (_receipt(a, 0, t, b"h" * 32), a.public_key),
+        (_receipt(b, 1, b"h" * 32, b"o" * 32), b.public_key),
+    ]
     led.commit_step("s1", receipts, 3, 42)  # one transaction: the step's receipts and its token
     s = led.verify_session("s1")
     assert (s.receipts, s.steps, s.tokens) == (2, 1, 1)
@@ -281,8 +296,14 @@ def test_work_receipt_round_trip_and_every_lie():
     node = NodeIdentity.generate()
     inp = WireTensor.from_tokens([5, 6, 7])
     out = WireTensor.from_torch(torch.randn(3, 8))
-    order = pb.WorkOrder(session_id="s", step=0, stage_index=0, layers=pb.LayerRange(start=0, end=10),
-                         start_position=0, input=inp.to_proto())  # fmt: skip
+    order = pb.WorkOrder(
+        session_id="s",
+        step=0,
+        stage_index=0,
+        layers=pb.LayerRange(start=0, end=10),
+        start_position=0,
+        input=inp.to_proto(),
+    )
     r = to_proto(make_receipt(node, "w0", order, "d" * 64, inp, out))
     want_in = token_digest("s", 0, [5, 6, 7])
     assert input_digest("s", 0, 0, inp) == want_in

@@ -21,9 +21,12 @@ PROMPT = "Explain in one paragraph why the sky appears blue."
 @pytest.fixture(scope="module")
 def smollm_cluster(request, smollm_path, tmp_path_factory):
     return start_cluster(
-        request, smollm_path, tmp_path_factory.mktemp("smollm-cluster"), LayerRange(20, 30),
+        request,
+        smollm_path,
+        tmp_path_factory.mktemp("smollm-cluster"),
+        LayerRange(20, 30),
         [LayerRange(0, 10), LayerRange(10, 20)],
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
@@ -42,8 +45,10 @@ def test_session_run_equals_generate(smollm_cluster, smollm_path, sampling):
     assert dist["tokens"] == base["tokens"] and dist["text"] == base["text"]
     assert dist["prompt_tokens"] == base["prompt_tokens"]
     assert [(s["node_id"], s["layers"]) for s in dist["stages"]] == [
-        ("worker-0", [0, 10]), ("worker-1", [10, 20]), ("coordinator", [20, 30])
-    ]  # fmt: skip
+        ("worker-0", [0, 10]),
+        ("worker-1", [10, 20]),
+        ("coordinator", [20, 30]),
+    ]
 
 
 def test_four_concurrent_sessions_equal_alone(smollm_cluster):

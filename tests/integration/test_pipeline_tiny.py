@@ -58,9 +58,13 @@ def test_no_chat_prompt_equals_single_node(tiny_cluster, client_for, single_node
 def test_four_concurrent_sessions_equal_alone(tiny_cluster, client_for):
     reqs = [
         SessionRequest(p, max_tokens=20, sampling=s)
-        for p, s in [("one two", GREEDY), ("three four", SAMPLED), ("five", SamplingParams(1.0, seed=3)),
-                     ("the six and seven", SamplingParams(0.7, top_p=0.8, seed=4))]
-    ]  # fmt: skip
+        for p, s in [
+            ("one two", GREEDY),
+            ("three four", SAMPLED),
+            ("five", SamplingParams(1.0, seed=3)),
+            ("the six and seven", SamplingParams(0.7, top_p=0.8, seed=4)),
+        ]
+    ]
     client = client_for(tiny_cluster)
     alone = [client.run(r).tokens for r in reqs]
     with ThreadPoolExecutor(4) as pool:
@@ -87,18 +91,58 @@ def test_session_status_and_stats(tiny_cluster, client_for, tiny_gguf):
 
 
 def test_session_cli_text_json_and_status(tiny_cluster):
-    r = CliRunner().invoke(cli, ["session", "run", "--coordinator", tiny_cluster.address, "--prompt", "hi there",
-                                 "--max-tokens", "5"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli,
+        [
+            "session",
+            "run",
+            "--coordinator",
+            tiny_cluster.address,
+            "--prompt",
+            "hi there",
+            "--max-tokens",
+            "5",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "tok/s" in r.stderr and "stage 2: coordinator" in r.stderr
-    r = CliRunner().invoke(cli, ["session", "run", "--coordinator", tiny_cluster.address, "--prompt", "hi there",
-                                 "--max-tokens", "5", "--json"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli,
+        [
+            "session",
+            "run",
+            "--coordinator",
+            tiny_cluster.address,
+            "--prompt",
+            "hi there",
+            "--max-tokens",
+            "5",
+            "--json",
+        ],
+    )
     out = json.loads(r.stdout)
-    assert {"tokens", "text", "prompt_tokens", "tokens_per_second", "time_to_first_token_s", "session_id",
-            "stages"} <= set(out)  # fmt: skip
+    assert {
+        "tokens",
+        "text",
+        "prompt_tokens",
+        "tokens_per_second",
+        "time_to_first_token_s",
+        "session_id",
+        "stages",
+    } <= set(out)
     assert {"node_id", "layers", "device", "mean_step_ms"} <= set(out["stages"][0])
-    r = CliRunner().invoke(cli, ["session", "status", "--coordinator", tiny_cluster.address, "--session-id",
-                                 out["session_id"], "--json"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli,
+        [
+            "session",
+            "status",
+            "--coordinator",
+            tiny_cluster.address,
+            "--session-id",
+            out["session_id"],
+            "--json",
+        ],
+    )
     assert r.exit_code == 0 and json.loads(r.stdout)["state"] == "finished"
     r = CliRunner().invoke(cli, ["coordinator", "status", "--coordinator", tiny_cluster.address])
     assert r.exit_code == 0 and "pipeline: worker-0 0-1 -> worker-1 1-2 -> coordinator 2-4" in r.stdout
@@ -123,8 +167,9 @@ def test_cli_errors_are_one_line(tiny_cluster):
     _one_line_error(r, f"cannot reach coordinator at {dead}")
     r = CliRunner().invoke(cli, ["session", "run", "--coordinator", "nohost", "--prompt", "x"])
     _one_line_error(r, "expected host:port")
-    r = CliRunner().invoke(cli, ["session", "run", "--coordinator", tiny_cluster.address, "--prompt", "x",
-                                 "--top-p", "0"])  # fmt: skip
+    r = CliRunner().invoke(
+        cli, ["session", "run", "--coordinator", tiny_cluster.address, "--prompt", "x", "--top-p", "0"]
+    )
     _one_line_error(r, "top-p must be in (0, 1]")
     r = CliRunner().invoke(
         cli, ["session", "run", "--coordinator", tiny_cluster.address, "--prompt", "x " * 300]
@@ -145,8 +190,9 @@ def worker1(tiny_cluster):
 
 
 def _order(sid: str, pos: int, x: pb.Tensor, layers=(1, 2)) -> pb.WorkOrder:
-    return pb.WorkOrder(session_id=sid, layers=pb.LayerRange(start=layers[0], end=layers[1]), start_position=pos,
-                        input=x)  # fmt: skip
+    return pb.WorkOrder(
+        session_id=sid, layers=pb.LayerRange(start=layers[0], end=layers[1]), start_position=pos, input=x
+    )
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
@@ -218,8 +264,14 @@ def test_coordinator_refuses_bad_registrations(tiny_cluster, client_for):
     stub, identity = link.stub, NodeIdentity.generate()
 
     def node(**kw) -> pb.RegisterRequest:  # each properly signed: refused for what it says
-        base = dict(node_id="intruder", address="127.0.0.1:9", dtype="fp32", model_digest=digest,
-                    layers=pb.LayerRange(start=0, end=1), public_key=identity.public_key)  # fmt: skip
+        base = dict(
+            node_id="intruder",
+            address="127.0.0.1:9",
+            dtype="fp32",
+            model_digest=digest,
+            layers=pb.LayerRange(start=0, end=1),
+            public_key=identity.public_key,
+        )
         return signed_register(link, identity, **{**base, **kw})
 
     try:

@@ -33,9 +33,14 @@ def _cluster(request, tiny_gguf, tmp_path, misbehave: str | None = None, coordin
     ledger = tmp_path / "ledger.db"
     worker1 = ["--misbehave", misbehave] if misbehave else []
     cluster = start_cluster(
-        request, tiny_gguf, tmp_path / "logs", LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2)],
-        coordinator_args=["--ledger", str(ledger), *coordinator_args], worker_args=[[], worker1],
-    )  # fmt: skip
+        request,
+        tiny_gguf,
+        tmp_path / "logs",
+        LayerRange(2, 4),
+        [LayerRange(0, 1), LayerRange(1, 2)],
+        coordinator_args=["--ledger", str(ledger), *coordinator_args],
+        worker_args=[[], worker1],
+    )
     return cluster, ledger
 
 
@@ -44,8 +49,9 @@ def _run(client_for, cluster, probability: float, seed: int | None = None, **kw)
     return client_for(cluster).run(req)
 
 
-def test_honest_cluster_passes_every_audit_and_receipts_verify(request, tiny_gguf, tmp_path, client_for,
-                                                               honest_tokens):  # fmt: skip
+def test_honest_cluster_passes_every_audit_and_receipts_verify(
+    request, tiny_gguf, tmp_path, client_for, honest_tokens
+):
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path)
     reports = [_run(client_for, cluster, 1.0) for _ in range(3)]
     for r in reports:
@@ -78,8 +84,9 @@ CHEATS = [
 
 
 @pytest.mark.parametrize("kind", CHEATS)
-def test_cheat_is_caught_rolled_back_and_banned(request, tiny_gguf, tmp_path, client_for, honest_tokens,
-                                                monkeypatch, kind):  # fmt: skip
+def test_cheat_is_caught_rolled_back_and_banned(
+    request, tiny_gguf, tmp_path, client_for, honest_tokens, monkeypatch, kind
+):
     monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path, misbehave=kind)
     r = _run(client_for, cluster, 1.0, seed=1)
@@ -120,8 +127,9 @@ def test_a_bad_signature_is_no_evidence_the_stage_fails_over_and_nobody_is_banne
     led.close()
 
 
-def test_cheat_at_low_audit_probability_still_ends_honest(request, tiny_gguf, tmp_path, client_for,
-                                                          honest_tokens, monkeypatch):  # fmt: skip
+def test_cheat_at_low_audit_probability_still_ends_honest(
+    request, tiny_gguf, tmp_path, client_for, honest_tokens, monkeypatch
+):
     monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
     cluster, ledger = _cluster(request, tiny_gguf, tmp_path, misbehave="noise=0.05")
     r = _run(client_for, cluster, 0.2, seed=3)

@@ -29,3 +29,42 @@ def test_huge_and_overlong_prompts_are_refused_fast_and_the_coordinator_keeps_se
     assert all(n["alive"] for n in status["nodes"]) and status["route"]
     r = client.run(SessionRequest("a short prompt", max_tokens=4, chat=False))
     assert r.stop_reason in ("eos", "max_tokens") and r.prompt_tokens > 0
+
+
+def test_a_strangers_overlapping_range_blocks_no_session(tiny_cluster, client_for, tiny_gguf):
+    """The 'blocking every session' attack: a properly registered stranger holding an overlapping
+    range (1-3 across workers 0-1, 1-2 and the coordinator's 2-4) used to make every session fail
+    "layer ranges do not tile". Placement now picks the tiling and the stranger is a spare."""
+    import grpc
+    from helpers.cluster import coordinator_link, signed_register
+    from helpers.inprocess import single_node_tokens
+
+    from consortium.identity import NodeIdentity
+    from consortium.model.sampling import SamplingParams
+    from consortium.transport.proto import consortium_pb2 as pb
+
+    client = client_for(tiny_cluster)
+    digest = client.cluster_status()["model_digest"]
+    link, identity = coordinator_link(tiny_cluster), NodeIdentity.generate()
+    try:
+        req = signed_register(
+            link,
+            identity,
+            node_id="stranger",
+            address="127.0.0.1:9",
+            dtype="fp32",
+            model_digest=digest,
+            layers=pb.LayerRange(start=1, end=3),
+            public_key=identity.public_key,
+        )
+        link.stub.Register(req, timeout=30)
+    except grpc.RpcError as e:
+        pytest.fail(f"a properly signed registration was refused: {e.details()}")
+    finally:
+        link.channel.close()
+    roles = {n["node_id"]: n["role"] for n in client.cluster_status()["nodes"]}
+    assert roles["stranger"] == "spare" and roles["worker-1"] == "serving"
+    greedy = SamplingParams()
+    r = client.run(SessionRequest("still serving", 6, greedy, audit_probability=0.0))
+    assert "stranger" not in {s.node_id for s in r.stages}
+    assert r.tokens == single_node_tokens(tiny_gguf, "still serving", 6, greedy)

@@ -158,8 +158,16 @@ def run_llama_cpp(model: str, mode: str, prompt: list[int], n: int, threads: int
         llm.eval([tok])  # no stop check: decode past end-of-turn like the other engines
         return last_logits()
 
-    return _measure(prefill, decode, prompt, n, load_s=load_s, rss_after_load_mb=rss_loaded, threads=threads,
-                    version=llama_cpp.__version__)  # fmt: skip
+    return _measure(
+        prefill,
+        decode,
+        prompt,
+        n,
+        load_s=load_s,
+        rss_after_load_mb=rss_loaded,
+        threads=threads,
+        version=llama_cpp.__version__,
+    )
 
 
 def run_hf(model: str, mode: str, prompt: list[int], n: int, threads: int) -> dict[str, Any]:
@@ -191,8 +199,16 @@ def run_hf(model: str, mode: str, prompt: list[int], n: int, threads: int) -> di
         tok, past = step([tok], past)
         return tok
 
-    return _measure(prefill, decode, prompt, n, load_s=load_s, rss_after_load_mb=rss_loaded, threads=threads,
-                    version=transformers.__version__)  # fmt: skip
+    return _measure(
+        prefill,
+        decode,
+        prompt,
+        n,
+        load_s=load_s,
+        rss_after_load_mb=rss_loaded,
+        threads=threads,
+        version=transformers.__version__,
+    )
 
 
 RUNNERS = {"consortium": run_consortium, "llama.cpp": run_llama_cpp, "transformers": run_hf}

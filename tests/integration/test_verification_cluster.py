@@ -71,16 +71,10 @@ def test_honest_cluster_passes_every_audit_and_receipts_verify(
     led.close()
 
 
-CHEATS = [
-    "skip-layer",
-    "noise=0.05",
-    "wrong-weights",
-    "int4-weights",
-    "flip-max",
-    "replay",
-    "nan",
-    "extra-row",
-]
+# skip-layer and int4-weights change the tiny random model's rows less than honest fp16 rounding
+# does (the strict class admits fp16): they are tested on SmolLM2, whose tolerances are
+# calibrated per layer range, below.
+CHEATS = ["noise=0.05", "wrong-weights", "flip-max", "replay", "nan", "extra-row"]
 
 
 @pytest.mark.parametrize("kind", CHEATS)
@@ -145,3 +139,31 @@ def test_banned_or_unlisted_keys_are_refused(request, tiny_gguf, tmp_path, monke
     allowed.write_text(f"# the only admitted key\n{NodeIdentity.generate().public_key.hex()}\n")
     with pytest.raises(Exception, match="not in the allowed keys"):
         _cluster(request, tiny_gguf, tmp_path, coordinator_args=["--allow-keys", str(allowed)])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("kind", ["skip-layer", "int4-weights"])
+def test_subtle_cheats_are_caught_on_the_calibrated_model(
+    request, smollm_path, tmp_path, client_for, monkeypatch, kind
+):
+    """On SmolLM2 (the calibrated model: thresholds per layer range), the cheats below the tiny
+    model's noise floor are caught by the first audit, banned and rolled back; the tokens are
+    the single-node ones."""
+    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
+    ledger = tmp_path / "ledger.db"
+    cluster = start_cluster(
+        request,
+        smollm_path,
+        tmp_path / "logs",
+        LayerRange(20, 30),
+        [LayerRange(0, 10), LayerRange(10, 20)],
+        coordinator_args=["--ledger", str(ledger)],
+        worker_args=[[], ["--misbehave", kind]],
+    )
+    greedy, tokens = SamplingParams(), 12
+    _, stage, tok = load_single_node(smollm_path)
+    honest = generate(stage, tok, tok.encode_prompt(PROMPT, chat=True), tokens, greedy).tokens
+    r = client_for(cluster).run(SessionRequest(PROMPT, tokens, greedy, audit_probability=1.0, audit_seed=1))
+    assert r.tokens == honest
+    assert r.banned_nodes == ["worker-1"] and "failed audit" in r.rollbacks[0].reason
+    assert [(x.stage, x.node, x.new_node) for x in r.rollbacks] == [(1, "worker-1", "coordinator")]

@@ -44,7 +44,7 @@ from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import PreconditionError, bind, make_server, maps_errors
 from consortium.verification.audit import LocalAuditor
 from consortium.verification.ledger import Ledger
-from consortium.verification.tolerance import admitted_classes
+from consortium.verification.tolerance import admitted_classes, calibration_report
 from consortium.worker.runner import StageRunner, set_threads
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
     gguf = GGUFModel(cfg.model)
     if cfg.layers is not None:
         cfg.layers.check(gguf.args.n_layers)
+    if calibration_report()["model_digest"] != gguf.digest:  # thresholds per range exist for one model
+        log.warning(
+            "no tolerances calibrated for %s: audits use the class-wide bounds, which catch gross "
+            "cheats only (docs/tolerances.md; `consortium calibrate` measures a model)",
+            gguf.path.name,
+        )
     ledger = Ledger(cfg.ledger or Path(tempfile.mkdtemp(prefix="consortium-")) / "ledger.db")
     log.info("ledger: %s", ledger.path)
     for sid in ledger.interrupt_running():

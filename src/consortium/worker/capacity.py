@@ -1,22 +1,13 @@
-"""What a node offers for placement: memory and a measured speed."""
+"""What a node offers for placement: a measured speed (its memory: model.memory.available_bytes)."""
 
 from __future__ import annotations
 
 import time
 
-import psutil
 import torch
 import torch.nn.functional as F
 
 from consortium.model.model import DTYPES
-
-
-def available_memory(device: str) -> int:
-    """Bytes free for weights and caches on the device (host RAM for cpu and mps)."""
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    return int(psutil.virtual_memory().available)
 
 
 def measure_speed_gflops(device: str, dtype: str, seconds: float = 0.2, n: int = 2048) -> float:

@@ -15,6 +15,7 @@ from consortium.errors import ConsortiumError
 from consortium.identity import NodeIdentity
 from consortium.identity.tls import TlsIdentity, bind_cert
 from consortium.model.gguf_file import GGUFModel
+from consortium.model.memory import available_bytes
 from consortium.model.model import resolve_device
 from consortium.transport.auth import (
     CoordinatorLink,
@@ -39,7 +40,7 @@ from consortium.transport.rpc import (
     one_line,
 )
 from consortium.verification.misbehave import Misbehaviour, make_runner
-from consortium.worker.capacity import available_memory, measure_speed_gflops
+from consortium.worker.capacity import measure_speed_gflops
 from consortium.worker.runner import StageRunner, set_threads
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class WorkerNode:
         self.model_digest = self.gguf.digest
         if cfg.layers is not None:
             self._load(cfg.layers)
-        self.memory_bytes = available_memory(self.device)
+        self.memory_bytes = available_bytes(self.device)
         if cfg.max_memory_bytes is not None:
             self.memory_bytes = min(self.memory_bytes, cfg.max_memory_bytes)
         self.speed_gflops = measure_speed_gflops(self.device, cfg.engine.dtype)

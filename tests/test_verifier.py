@@ -97,6 +97,8 @@ def test_a_lying_auditor_is_banned_and_the_honest_node_is_not(coordinator, tiny_
     assert [e["kind"] for e in evidence] == ["false audit"] and evidence[0]["detail"]["stage"] == 1
     assert c.ledger.evidence("w1") == []
     assert _auditors(c, r, 1) == {"coordinator"}  # the coordinator's verdict is the one recorded
+    rechecks = c.ledger.events(r.session.session_id, "recheck")  # what /metrics counts
+    assert [(e["auditor"], e["remote_passed"], e["agreed"]) for e in rechecks] == [("liar", False, False)]
     assert r.session.audits.counts().failed == 0
     _settled(r)
 
@@ -113,6 +115,9 @@ def test_an_auditor_colluding_with_a_cheat_is_caught_by_the_recheck(coordinator,
     assert [(b.stage, b.node, b.new_node) for b in r.rollbacks] == [(1, "w1", "coordinator")]
     assert c.ledger.banned_nodes() == ["colluder", "w1"] and list(r.summary.banned_nodes) == ["w1"]
     assert [e["kind"] for e in c.ledger.evidence("colluder")] == ["false audit"]
+    assert [(e["auditor"], e["agreed"]) for e in c.ledger.events(r.session.session_id, "recheck")][:1] == [
+        ("colluder", False)
+    ]
     assert {e["kind"] for e in c.ledger.evidence("w1")} == {"failed audit"}
     _settled(r)
 

@@ -374,6 +374,14 @@ class Verifier:
         audits, hist = session.audits, session.history[stage]
         local = LocalTarget(self.auditor, hist.stage.layers, session.capacity)
         mine = self._recompute(local, hist.stage, [r for r in list(hist.steps) if r.start_position < upto])
+        agreed = mine.passed == verdict.passed
+        detail = {
+            "stage": stage,
+            "auditor": remote.node_id,
+            "remote_passed": verdict.passed,
+            "agreed": agreed,
+        }
+        self.ledger.event(session.session_id, "recheck", detail)
         if mine.passed and verdict.passed:
             log.info(
                 "re-check of auditor %s (stage %d, session %s): agrees",

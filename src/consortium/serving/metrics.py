@@ -186,6 +186,11 @@ class ClusterCollector:
             "Remote auditors' verdicts the coordinator's re-check contradicted (auditor banned)",
             value=contradicted,
         )
+        yield CounterMetricFamily(
+            "consortium_audit_rechecks",
+            "Remote auditors' verdicts the coordinator recomputed (every reported failure, a share of passes)",
+            value=t.events["recheck"],
+        )
         rejections = CounterMetricFamily(
             "consortium_receipt_rejections", "Remote results refused before use, by reason", labels=["reason"]
         )

@@ -143,6 +143,8 @@ def test_a_disconnect_cancels_the_session_and_frees_its_cache(server, http):
 
 
 def test_metrics_count_requests_tokens_and_latencies(http):
+    """Reads what the tests above did to the module's server (it runs after them, in file order;
+    alone, with -k, it has nothing to count)."""
     m = Metrics(http.get("/metrics").text)
     value = m.value
     assert value("consortium_requests_total", endpoint="chat", outcome="length") >= 2

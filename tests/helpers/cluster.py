@@ -41,6 +41,28 @@ def start_cluster(
     return cluster
 
 
+# (the coordinator's layers, the workers') of the three-process clusters the tests run
+TINY_SPLIT = (LayerRange(2, 4), [LayerRange(0, 1), LayerRange(1, 2)])
+SMOLLM_SPLIT = (LayerRange(20, 30), [LayerRange(0, 10), LayerRange(10, 20)])
+
+
+def ledger_cluster(
+    request, model: Path, tmp_path: Path, split, coordinator_args=(), worker_args=()
+) -> tuple[LocalCluster, Path]:
+    """A started three-process cluster on `model` split as `split`, its ledger at tmp_path/ledger.db
+    and its logs in tmp_path/logs; (cluster, ledger path)."""
+    ledger = tmp_path / "ledger.db"
+    cluster = start_cluster(
+        request,
+        model,
+        tmp_path / "logs",
+        *split,
+        coordinator_args=["--ledger", str(ledger), *coordinator_args],
+        worker_args=list(worker_args),
+    )
+    return cluster, ledger
+
+
 def add_worker(cluster: LocalCluster, name: str, model: Path, log_file: Path, *args: str) -> LocalProcess:
     """Starts one more worker `name` of `cluster` (stopped with it); it binds a port of its own
     choosing and reports it (LocalProcess.wait_port)."""

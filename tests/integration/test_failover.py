@@ -22,7 +22,15 @@ import time
 import grpc
 import pytest
 from helpers.cli import assert_one_line_error, consortium
-from helpers.cluster import STARTUP_S, add_worker, processes_mentioning, start_cluster, wait_for
+from helpers.cluster import (
+    STARTUP_S,
+    TINY_SPLIT,
+    add_worker,
+    ledger_cluster,
+    processes_mentioning,
+    start_cluster,
+    wait_for,
+)
 
 from consortium.coordinator.client import Client
 from consortium.core.config import ClientConfig, LayerRange, SessionRequest
@@ -50,17 +58,7 @@ def single_node(tiny_gguf):
 
 
 def _cluster(request, tiny_gguf, tmp_path, coordinator_args=(), worker_args=()):
-    ledger = tmp_path / "ledger.db"
-    cluster = start_cluster(
-        request,
-        tiny_gguf,
-        tmp_path / "logs",
-        LayerRange(2, 4),
-        [LayerRange(0, 1), LayerRange(1, 2)],
-        coordinator_args=["--ledger", str(ledger), *coordinator_args],
-        worker_args=list(worker_args),
-    )
-    return cluster, ledger
+    return ledger_cluster(request, tiny_gguf, tmp_path, TINY_SPLIT, coordinator_args, worker_args)
 
 
 def _faults(monkeypatch, *faults: str | None) -> list[list[str]]:
@@ -409,15 +407,8 @@ def test_an_auditor_colluding_with_a_cheat_is_caught_by_the_coordinators_recheck
     """worker-1 and its auditor run the same wrong weights, so the auditor passes the cheat;
     the coordinator re-checks the remote passes (--audit-recheck 1), bans both and rolls back."""
     monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
-    ledger = tmp_path / "ledger.db"
-    cluster = start_cluster(
-        request,
-        tiny_gguf,
-        tmp_path / "logs",
-        LayerRange(2, 4),
-        [LayerRange(0, 1), LayerRange(1, 2)],
-        coordinator_args=["--ledger", str(ledger), "--audit-recheck", "1"],
-        worker_args=[[], ["--misbehave", "wrong-weights"]],
+    cluster, ledger = _cluster(
+        request, tiny_gguf, tmp_path, ["--audit-recheck", "1"], [[], ["--misbehave", "wrong-weights"]]
     )
     _add_spare(cluster, tiny_gguf, tmp_path, "colluder", ["--misbehave", "wrong-weights"])
     req = SessionRequest(PROMPT, TOKENS, GREEDY, audit_probability=1.0, audit_seed=4)

@@ -21,7 +21,7 @@ import time
 from functools import cache
 
 import pytest
-from helpers.cluster import start_cluster
+from helpers.cluster import SMOLLM_SPLIT, ledger_cluster, start_cluster
 
 from consortium.core.config import LayerRange, SessionRequest
 from consortium.model.generate import generate, load_single_node
@@ -107,17 +107,7 @@ def tiny_seeded(tiny_gguf) -> list[int]:
 
 
 def _smollm_cluster(request, smollm_path, tmp_path, worker_args=()):
-    ledger = tmp_path / "ledger.db"
-    cluster = start_cluster(
-        request,
-        smollm_path,
-        tmp_path / "logs",
-        LayerRange(20, 30),
-        [LayerRange(0, 10), LayerRange(10, 20)],
-        coordinator_args=["--ledger", str(ledger)],
-        worker_args=list(worker_args),
-    )
-    return cluster, ledger
+    return ledger_cluster(request, smollm_path, tmp_path, SMOLLM_SPLIT, worker_args=worker_args)
 
 
 @pytest.mark.model

@@ -11,9 +11,9 @@ import json
 
 import pytest
 from helpers.cli import consortium
-from helpers.cluster import start_cluster
+from helpers.cluster import SMOLLM_SPLIT, TINY_SPLIT, ledger_cluster
 
-from consortium.core.config import LayerRange, SessionRequest
+from consortium.core.config import SessionRequest
 from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
 from consortium.verification.ledger import Ledger
@@ -30,18 +30,8 @@ def honest_tokens(tiny_gguf) -> list[int]:
 
 
 def _cluster(request, tiny_gguf, tmp_path, misbehave: str | None = None, coordinator_args=()):
-    ledger = tmp_path / "ledger.db"
     worker1 = ["--misbehave", misbehave] if misbehave else []
-    cluster = start_cluster(
-        request,
-        tiny_gguf,
-        tmp_path / "logs",
-        LayerRange(2, 4),
-        [LayerRange(0, 1), LayerRange(1, 2)],
-        coordinator_args=["--ledger", str(ledger), *coordinator_args],
-        worker_args=[[], worker1],
-    )
-    return cluster, ledger
+    return ledger_cluster(request, tiny_gguf, tmp_path, TINY_SPLIT, coordinator_args, [[], worker1])
 
 
 def _run(client_for, cluster, probability: float, seed: int | None = None, **kw):
@@ -150,15 +140,8 @@ def test_subtle_cheats_are_caught_on_the_calibrated_model(
     model's noise floor are caught by the first audit, banned and rolled back; the tokens are
     the single-node ones."""
     monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
-    ledger = tmp_path / "ledger.db"
-    cluster = start_cluster(
-        request,
-        smollm_path,
-        tmp_path / "logs",
-        LayerRange(20, 30),
-        [LayerRange(0, 10), LayerRange(10, 20)],
-        coordinator_args=["--ledger", str(ledger)],
-        worker_args=[[], ["--misbehave", kind]],
+    cluster, _ = ledger_cluster(
+        request, smollm_path, tmp_path, SMOLLM_SPLIT, worker_args=[[], ["--misbehave", kind]]
     )
     greedy, tokens = SamplingParams(), 12
     _, stage, tok = load_single_node(smollm_path)

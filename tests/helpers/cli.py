@@ -33,3 +33,15 @@ def assert_one_line_error(done: subprocess.CompletedProcess, match: str) -> str:
     assert match in lines[0], lines[0]
     assert "Traceback" not in done.stdout + done.stderr
     return lines[0]
+
+
+# the keys every `--json` session report has (those of `consortium generate --json` and the pipeline's)
+REPORT_KEYS = {
+    "tokens",
+    "text",
+    "prompt_tokens",
+    "tokens_per_second",
+    "time_to_first_token_s",
+    "session_id",
+    "stages",
+}

@@ -73,7 +73,7 @@ class InProcessNode:
     order of step N (see Misbehaviour.fault_due) with UNAVAILABLE / DEADLINE_EXCEEDED, as a
     killed / stopped process does to the coordinator's call, and every later call too.
     `die_on_audit_call=n`: dies on its n-th audit call. `audit_gate`: audit calls wait for it
-    (`audit_waiting` is set meanwhile)."""
+    (`audit_waiting` is set meanwhile). `engine`: its dtype and packing (default fp32)."""
 
     def __init__(
         self,
@@ -83,6 +83,7 @@ class InProcessNode:
         misbehave: str | None = None,
         die_on_audit_call: int | None = None,
         audit_gate: threading.Event | None = None,
+        engine: EngineConfig = ENGINE,
     ):
         m = Misbehaviour.parse(misbehave, enabled=True) if misbehave else None
         self.fault = m if m is not None and m.kind in FAULTS else None  # this handle fails, no signal
@@ -91,7 +92,7 @@ class InProcessNode:
         self.runner = make_runner(
             gguf,
             layers,
-            ENGINE,
+            engine,
             KV_CACHE_BYTES,
             IDLE_TIMEOUT_S,
             identity=self.identity,
@@ -102,9 +103,9 @@ class InProcessNode:
             node_id=node_id,
             address=f"in-process:{node_id}",
             backend="cpu",
-            device=ENGINE.device,
-            dtype=ENGINE.dtype,
-            packed=False,
+            device=engine.device,
+            dtype=engine.dtype,
+            packed=engine.packed,
             memory_bytes=2**30,
             speed_gflops=1.0,
             layers=layers,
@@ -193,11 +194,11 @@ class InProcessCluster:
         return LocalStage(self.cfg.node_id, runner)
 
     def _local_ref(self, index: int, layers: LayerRange) -> StageRef:
-        return StageRef(index, self.cfg.node_id, "", layers, ENGINE.device, ENGINE.dtype, True)
+        return StageRef(index, self.cfg.node_id, "", layers, ENGINE.device, ENGINE.dtype, True, ENGINE.packed)
 
     def _ref(self, index: int, node_id: str) -> StageRef:
         n = self.nodes[node_id].info
-        return StageRef(index, n.node_id, n.address, n.layers, n.device, n.dtype, False)
+        return StageRef(index, n.node_id, n.address, n.layers, n.device, n.dtype, False, n.packed)
 
     def route(self, node_ids: list[str]) -> list[StageRef]:
         """The pipeline of these nodes, then the coordinator's own stage (checked to tile)."""
@@ -306,7 +307,7 @@ class InProcessCoordinator:
         self.gguf = GGUFModel(model)
         self.ledger = Ledger(ledger)
         self.cluster = InProcessCluster(self.cfg, self.gguf, self.ledger)
-        auditor = LocalAuditor(self.gguf, "cpu", "fp32")
+        auditor = LocalAuditor(self.gguf, "cpu", budget=self.cfg.audit_memory_bytes)
         auditor.node_id = self.cfg.node_id
         self.verifier = Verifier(
             self.gguf,
@@ -325,7 +326,7 @@ class InProcessCoordinator:
 
     def add_node(self, node_id: str, layers: LayerRange, **kw) -> InProcessNode:
         """A worker holding `layers` joins; `kw` are InProcessNode's (misbehave,
-        die_on_audit_call, audit_gate)."""
+        die_on_audit_call, audit_gate, engine)."""
         return self.cluster.add(InProcessNode(node_id, self.gguf, layers, **kw))
 
     def close(self) -> None:

@@ -259,6 +259,16 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
     ),
     config_option(
         CoordinatorConfig,
+        "audit_memory_bytes",
+        "--audit-memory-mb",
+        type=int,
+        scale=MB,
+        positive=True,
+        help="Memory this coordinator's audit stages may hold, in the audited stages' own dtype "
+        "(default: free memory less 1 GiB); an audit over it is refused as unverifiable, never fraud.",
+    ),
+    config_option(
+        CoordinatorConfig,
         "tolerance_classes",
         "--tolerance-classes",
         help="Numeric classes of nodes admitted: strict (fp32, fp16), loose (bf16, packed: weaker "

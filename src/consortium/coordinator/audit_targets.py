@@ -16,8 +16,9 @@ from consortium.errors import ConsortiumError
 from consortium.model.gguf_file import ModelArgs
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.tensors import TensorError, WireTensor, decode_hidden, decode_logits
-from consortium.verification.audit import LocalAuditor
+from consortium.verification.audit import LocalAuditor, Representation
 from consortium.verification.receipts import ReceiptError
+from consortium.verification.tolerance import class_of
 
 log = logging.getLogger(__name__)
 AUDIT_TIMEOUT_S = 300.0  # one remote audit call (a recompute of up to the whole context)
@@ -35,15 +36,21 @@ def audit_session_id(session_id: str, stage: int) -> str:
 
 
 class LocalTarget:
-    """The coordinator audits a stage itself: its own copy of the layers, a KV cache of the
-    rows it has verified."""
+    """The coordinator audits a stage itself: its own copy of the layers in the representation
+    the audited stage declares (LocalAuditor), a KV cache of the rows it has verified. Raises
+    AuditRefused when the auditor's memory budget cannot hold them."""
 
     remote = False
 
-    def __init__(self, auditor: LocalAuditor, layers: LayerRange, capacity: int):
-        self.stage = auditor.stage(layers.start, layers.end)
-        self.cache = self.stage.new_cache(capacity)
-        self.node_id, self.dtype = auditor.node_id, auditor.dtype
+    def __init__(self, auditor: LocalAuditor, layers: LayerRange, capacity: int, declared: Representation):
+        self.lease = auditor.open(layers.start, layers.end, declared, capacity)
+        self.stage, self.cache, self.rep = self.lease.stage, self.lease.cache, self.lease.rep
+        self.node_id = auditor.node_id
+
+    @property
+    def klass(self) -> str:
+        """The numeric class of this auditor's results (tolerance.py)."""
+        return self.rep.klass
 
     @property
     def length(self) -> int:
@@ -59,7 +66,7 @@ class LocalTarget:
         self.cache.truncate(min(self.cache.length, n))
 
     def close(self) -> None:
-        pass
+        self.lease.close()  # the stage stays loaded for reuse, no longer held against the budget
 
 
 class RemoteTarget:
@@ -82,7 +89,8 @@ class RemoteTarget:
         args: ModelArgs,
         check: ResultCheck,
     ):
-        self.handle, self.node_id, self.dtype = handle, node.node_id, node.dtype
+        self.handle, self.node_id = handle, node.node_id
+        self.klass = class_of(node.dtype, node.packed)  # of the results it returns
         self.session_id, self.stage, self.layers = audit_session_id(session_id, stage), stage, layers
         self.args, self.check, self.capacity = args, check, capacity
         self.is_last = layers.end == args.n_layers

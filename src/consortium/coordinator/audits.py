@@ -45,6 +45,7 @@ class SessionAudits:
     requested: dict[int, list[int]] = field(default_factory=dict)  # stage -> audited unit end positions
     passed: int = 0
     failed: int = 0
+    unverified: int = 0  # units no auditor could take (refused by the coordinator's audit budget)
     fraud: Fraud | None = None
     caught: set[str] = field(default_factory=set)  # nodes already rolled back and replaced
     targets: dict[int, Target] = field(default_factory=dict)  # stage -> its auditor
@@ -68,12 +69,15 @@ class SessionAudits:
             pending = self.pending
             return AuditCounts(self.passed + self.failed + pending, self.passed, self.failed, pending)
 
-    def settle(self, stage: int, ends: list[int], passed: int = 0, failed: int = 0) -> None:
-        """Units `ends` of `stage` are judged (or withdrawn): count them and wake waiters."""
+    def settle(
+        self, stage: int, ends: list[int], passed: int = 0, failed: int = 0, unverified: int = 0
+    ) -> None:
+        """Units `ends` of `stage` are judged (or withdrawn, or unverifiable): count them and wake waiters."""
         with self.lock:
             self.requested[stage] = [e for e in self.requested.get(stage, []) if e not in ends]
             self.passed += passed
             self.failed += failed
+            self.unverified += unverified
             self.idle.notify_all()
 
     def set_target(self, stage: int, target: Target | None) -> None:

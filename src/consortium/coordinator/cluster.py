@@ -62,7 +62,7 @@ class Cluster(Protocol):
 
 
 def stage_ref(index: int, n: Node) -> StageRef:
-    return StageRef(index, n.node_id, n.address, n.layers, n.device, n.dtype, n.local)
+    return StageRef(index, n.node_id, n.address, n.layers, n.device, n.dtype, n.local, n.packed)
 
 
 class NodeCluster:
@@ -212,9 +212,8 @@ class NodeCluster:
         return extra + (f"; without a range: {', '.join(n.node_id for n in flexible)}" if flexible else "")
 
     def _backup_ref(self, index: int, layers: LayerRange) -> StageRef:
-        return StageRef(
-            index, self.cfg.node_id, self.address, layers, self.engine.device, self.engine.dtype, True
-        )
+        e = self.engine
+        return StageRef(index, self.cfg.node_id, self.address, layers, e.device, e.dtype, True, e.packed)
 
     # --- failover and audits ---------------------------------------------------------------
 

@@ -77,7 +77,7 @@ def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
         gguf.digest, gguf.path.name, gguf.args.n_layers, cfg.node_timeout_s, ledger, cfg.allow_keys, classes
     )
     cluster = NodeCluster(cfg, engine, gguf, registry, ledger)
-    auditor = LocalAuditor(gguf, resolve_device(cfg.audit_device), "fp32")
+    auditor = LocalAuditor(gguf, resolve_device(cfg.audit_device), budget=cfg.audit_memory_bytes)
     auditor.node_id = cfg.node_id
     verifier = Verifier(
         gguf, ledger, auditor, cluster, cfg.audit_seed, cfg.audit_recheck_probability, cfg.audit_workers

@@ -18,11 +18,18 @@ from dataclasses import replace
 from consortium.coordinator.audit_targets import AuditorLost, LocalTarget, RemoteTarget, Target
 from consortium.coordinator.audits import AuditPool, Fraud, SessionAudits
 from consortium.coordinator.cluster import Cluster
-from consortium.core.session import Session, StepRecord
+from consortium.core.session import Session, StageRef, StepRecord
 from consortium.model.gguf_file import GGUFModel
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.tensors import WireTensor
-from consortium.verification.audit import AuditResult, LocalAuditor, concat_inputs, judge
+from consortium.verification.audit import (
+    AuditRefused,
+    AuditResult,
+    LocalAuditor,
+    Representation,
+    concat_inputs,
+    judge,
+)
 from consortium.verification.ledger import Ledger
 from consortium.verification.receipts import (
     Receipt,
@@ -32,7 +39,7 @@ from consortium.verification.receipts import (
     output_digest,
 )
 from consortium.verification.sequential import NodeErrorStats
-from consortium.verification.tolerance import tolerance_class
+from consortium.verification.tolerance import tolerance_for, worst_class
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +189,26 @@ class Verifier:
             self._lose(session, stage, node, str(e))
             self.pool.submit(session, stage, first=True)
             return
+        except AuditRefused as e:  # unverifiable here: says nothing about the audited node
+            self._unverifiable(session, stage, str(e))
         except Exception:  # an auditor failure must never pass for fraud, nor stop the pool
             log.exception("audit of stage %d in session %s could not run", stage, session.session_id)
             with audits.lock:
                 ends = list(audits.requested.get(stage, []))
             audits.settle(stage, ends)
+
+    def _unverifiable(self, session: Session, stage: int, reason: str) -> None:
+        """No auditor could take the unit (no remote one, and this coordinator refused it): it is
+        settled as unverified, neither passed nor failed, and the ledger says why. No auditor's cache
+        holds its rows, so the stage's next audit covers them again."""
+        audits = session.audits
+        with audits.lock:
+            ends = list(audits.requested.get(stage, []))
+        log.warning("audit of stage %d in session %s refused: %s", stage, session.session_id, reason)
+        self.ledger.event(
+            session.session_id, "audit_refused", {"stage": stage, "ends": ends, "reason": reason}
+        )
+        audits.settle(stage, ends, unverified=len(ends))
 
     def _lose(self, session: Session, stage: int, node: str, error: str) -> None:
         session.audits.lose(stage, node)
@@ -229,9 +251,7 @@ class Verifier:
             hist = session.history[stage]
             with audits.lock:
                 exclude = {r.node_id for r in hist.steps} | {hist.stage.node_id} | audits.lost_auditors
-            target = self._remote_target(session, stage, exclude) or LocalTarget(
-                self.auditor, hist.stage.layers, session.capacity
-            )
+            target = self._remote_target(session, stage, exclude) or self._local_target(session, stage)
             audits.set_target(stage, target)
             target.open()  # AuditorLost: the job moves to another auditor
             log.info(
@@ -242,6 +262,12 @@ class Verifier:
                 target.node_id,
             )
         return target
+
+    def _local_target(self, session: Session, stage: int) -> LocalTarget:
+        """The coordinator audits in the representation the audited stage declares (AuditRefused
+        when its audit memory budget cannot hold it)."""
+        ref = session.history[stage].stage
+        return LocalTarget(self.auditor, ref.layers, session.capacity, declared(ref))
 
     def _remote_target(self, session: Session, stage: int, exclude: set[str]) -> RemoteTarget | None:
         found = self.cluster.auditor_for(session, stage, exclude)
@@ -345,15 +371,15 @@ class Verifier:
         failed = sum(1 for e in ends if bad is not None and e > bad)
         session.audits.settle(stage, ends, passed=len(ends) - failed, failed=failed)
 
-    def _recompute(self, target: Target, ref, records: list[StepRecord]) -> AuditResult:
+    def _recompute(self, target: Target, ref: StageRef, records: list[StepRecord]) -> AuditResult:
         """Run the committed inputs of `records` through the auditor (continuing its cache) and
-        judge its rows against the committed outputs."""
+        judge its rows against the committed outputs, with the tolerance of the worse numeric
+        class of the audited stage's representation and the auditor's."""
         recomputed = target.extend(concat_inputs([r.input for r in records]))
         args, layers = self.gguf.args, (ref.layers.start, ref.layers.end)
         is_last = ref.layers.end == args.n_layers
-        tol = tolerance_class(
-            ref.dtype, target.dtype, layers=layers, n_layers=args.n_layers, model_digest=self.gguf.digest
-        )
+        klass = worst_class(declared(ref).klass, target.klass)
+        tol = tolerance_for(klass, layers, args.n_layers, self.gguf.digest)
         return judge(
             [r.output for r in records],
             [r.positions for r in records],
@@ -372,8 +398,17 @@ class Verifier:
         results are the evidence) and the stage is audited here from now on; the coordinator's
         verdict stands."""
         audits, hist = session.audits, session.history[stage]
-        local = LocalTarget(self.auditor, hist.stage.layers, session.capacity)
-        mine = self._recompute(local, hist.stage, [r for r in list(hist.steps) if r.start_position < upto])
+        try:
+            local = self._local_target(session, stage)
+        except AuditRefused as e:
+            return self._unconfirmed(session, stage, remote, verdict, e)
+        try:
+            mine = self._recompute(
+                local, hist.stage, [r for r in list(hist.steps) if r.start_position < upto]
+            )
+        except BaseException:
+            local.close()
+            raise
         agreed = mine.passed == verdict.passed
         detail = {
             "stage": stage,
@@ -389,6 +424,7 @@ class Verifier:
                 stage,
                 session.session_id,
             )
+            local.close()
             return verdict, remote
         remote.close()
         audits.lose(stage, remote.node_id)
@@ -410,3 +446,26 @@ class Verifier:
             self.ledger.add_evidence(remote.node_id, session.session_id, "false audit", evidence)
             self.cluster.ban(remote.node_id, reason)
         return mine, local
+
+    def _unconfirmed(
+        self, session: Session, stage: int, remote: RemoteTarget, verdict: AuditResult, refused: AuditRefused
+    ) -> tuple[AuditResult, Target]:
+        """The coordinator cannot re-check a remote auditor (its audit budget refused the stage). A
+        pass stands unchecked; a mismatch must not become fraud unconfirmed, nor a ban of the
+        auditor: the unit is unverifiable (AuditRefused) and this session's audits of the stage
+        move to another auditor, starting over from row 0."""
+        detail = {"stage": stage, "auditor": remote.node_id, "remote_passed": verdict.passed}
+        self.ledger.event(session.session_id, "recheck_refused", {**detail, "reason": str(refused)})
+        if verdict.passed:
+            log.warning("re-check of auditor %s (stage %d) skipped: %s", remote.node_id, stage, refused)
+            return verdict, remote
+        remote.close()
+        session.audits.lose(stage, remote.node_id)
+        raise AuditRefused(
+            f"auditor {remote.node_id}'s mismatch could not be confirmed: {refused}"
+        ) from refused
+
+
+def declared(ref: StageRef) -> Representation:
+    """The representation a stage's node declared (dtype, packed): what an audit recomputes in."""
+    return Representation(ref.dtype, ref.packed)

@@ -108,6 +108,9 @@ class CoordinatorConfig:
     data_dir: Path | None = None  # node.key and tls.pem (default: as a worker's)
     insecure: bool = False  # plain-text gRPC (warned loudly); node messages stay signed
     audit_device: str = "cpu"  # where the coordinator recomputes audited work
+    # what its audit stages may hold (weights and KV caches, in the audited stages' own dtype and
+    # packing); None: the audit device's free memory less 1 GiB. An audit over it is unverifiable.
+    audit_memory_bytes: int | None = None
     # share of a remote auditor's passes the coordinator re-checks itself (against collusion)
     audit_recheck_probability: float = 0.1
     audit_wait_timeout_s: float = 600.0  # a session's result waits this long for its audits
@@ -121,6 +124,8 @@ class CoordinatorConfig:
             raise ConsortiumError("max-sessions must be at least 1")
         if self.audit_workers < 1:
             raise ConsortiumError("audit-workers must be at least 1")
+        if self.audit_memory_bytes is not None and self.audit_memory_bytes <= 0:
+            raise ConsortiumError("audit-memory-mb must be positive")
         own = class_of(self.engine.dtype, self.engine.packed) if self.layers is not None else "strict"
         if own not in admitted_classes(self.tolerance_classes):
             raise ConsortiumError(

@@ -143,11 +143,12 @@ class StageRef:
     device: str
     dtype: str
     local: bool
+    packed: bool = False  # 4-bit weights kept packed: an auditor recomputes in the same form
 
     def to_proto(self) -> pb.StageInfo:
-        return _to_proto(
-            pb.StageInfo, self, layers=pb.LayerRange(start=self.layers.start, end=self.layers.end)
-        )
+        layers = pb.LayerRange(start=self.layers.start, end=self.layers.end)
+        info = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "packed"}  # not on the wire
+        return pb.StageInfo(**{**info, "layers": layers})
 
 
 @dataclass(frozen=True)

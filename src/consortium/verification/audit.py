@@ -7,21 +7,31 @@ that stage; a scheduler may fold several selected units of one stage into one au
 the latest of them without checking less. An audit fails when a row is out of tolerance or
 when the unit's rows are, on average, too far off (tolerance.py); its per-row excess feeds the
 per-node sequential test (sequential.py).
+
+The coordinator's own recomputation (LocalAuditor) runs in the representation the audited stage
+declares, within a memory budget; an audit over it is refused (AuditRefused), never judged.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from consortium.errors import ConsortiumError
 from consortium.model.gguf_file import GGUFModel
-from consortium.model.model import Stage, StageSpec
+from consortium.model.memory import available_bytes, stage_bytes
+from consortium.model.model import KVCache, Stage, StageSpec
+from consortium.model.quants import int4_mm
 from consortium.transport.tensors import WireTensor
-from consortium.verification.tolerance import RowComparison, Tolerance, compare_rows
+from consortium.verification.tolerance import RowComparison, Tolerance, class_of, compare_rows
+
+AUDIT_MARGIN = 1 << 30  # free memory left to everything else when no audit budget is set
+GiB, MiB = 1 << 30, 1 << 20
 
 
 @dataclass(frozen=True)
@@ -102,9 +112,78 @@ def _reason(cmp: RowComparison, tol: Tolerance, row: bool, spread: bool) -> str:
     return "; ".join(out)
 
 
+class AuditRefused(ConsortiumError):
+    """This coordinator cannot hold what an audit needs (over its audit memory budget, or out of
+    memory): the unit is unverifiable here, which says nothing about the audited node."""
+
+
+@dataclass(frozen=True)
+class Representation:
+    """How a stage computes: its dtype, and whether its 4-bit weights stay packed (int4 kernel)."""
+
+    dtype: str = "fp32"
+    packed: bool = False
+
+    @property
+    def klass(self) -> str:
+        return class_of(self.dtype, self.packed)
+
+    def __str__(self) -> str:
+        return self.dtype + (" packed" if self.packed else "")
+
+
+def audit_representation(declared: Representation, device: str) -> Representation:
+    """What the auditor recomputes in on `device`: the audited stage's own representation, so that
+    an audit costs what the stage costs (never a dense fp32 copy of a range declared compact).
+    Packed int4 runs only on CPU with the int4 kernel; elsewhere the same dtype dense is the
+    closest compact form (bf16: 2 bytes a weight, the same numeric class)."""
+    if declared.packed and (device != "cpu" or int4_mm is None or declared.dtype != "bf16"):
+        return Representation(declared.dtype)
+    return declared
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+
+
+StageKey = tuple[int, int, Representation]  # layers [start, end) in a representation
+
+
+@dataclass
+class _Held:
+    """A loaded audit stage and how many open audits use it (an unused one may be dropped)."""
+
+    stage: Stage
+    nbytes: int
+    users: int = 0
+
+
+@dataclass
+class AuditLease:
+    """An audit stage and a KV cache of the auditor's, counted against its budget until closed."""
+
+    stage: Stage
+    cache: KVCache
+    rep: Representation
+    kv_bytes: int
+    _close: Callable[[], None]
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close()
+
+
 class LocalAuditor:
-    """Recomputes any layer range in this process, loading stages on first use (the
-    coordinator can audit every stage it does not run itself)."""
+    """Recomputes any layer range in this process (the coordinator can audit every stage it does
+    not run itself), in the representation the audited stage declares (audit_representation).
+
+    Audit stages are loaded on first use and kept for reuse, within `budget` bytes of weights and
+    KV caches (None: whatever the device has free, less AUDIT_MARGIN). Before loading, the stage's
+    size is estimated from the tensor metadata (model/memory.py); a stage no open audit uses is
+    dropped, least recently used first, to make room, and an audit that still does not fit is
+    refused (AuditRefused, naming both numbers) before anything loads."""
 
     node_id = "coordinator"
 
@@ -112,25 +191,77 @@ class LocalAuditor:
         self,
         gguf: GGUFModel,
         device: str = "cpu",
-        dtype: str = "fp32",
+        *,
+        budget: int | None = None,
         on_load: Callable[[str], None] | None = None,
     ):
-        self.gguf, self.device, self.dtype, self.on_load = gguf, device, dtype, on_load
-        self._stages: dict[tuple[int, int], Stage] = {}
+        self.gguf, self.device, self.budget, self.on_load = gguf, device, budget, on_load
+        self._stages: OrderedDict[StageKey, _Held] = OrderedDict()
+        self._kv_bytes = 0  # KV caches of open audits
         self._lock = threading.Lock()
 
-    def stage(self, start: int, end: int) -> Stage:
-        with self._lock:
-            st = self._stages.get((start, end))
-            if st is None:
-                if self.on_load:
-                    self.on_load(f"auditor loading layers {start}-{end}")
-                st = Stage(self.gguf, StageSpec(start, end, device=self.device, dtype=self.dtype))
-                self._stages[(start, end)] = st
-            return st
+    @property
+    def held_bytes(self) -> int:
+        """Weights of the loaded audit stages and the KV caches of open audits."""
+        return sum(h.nbytes for h in self._stages.values()) + self._kv_bytes
 
-    def recompute(self, start: int, end: int, inputs: list[WireTensor]) -> Tensor:
-        st = self.stage(start, end)
-        x = concat_inputs(inputs)
-        cache = st.new_cache(x.shape[0])
-        return st(x, cache, all_logits=st.is_last)
+    def loaded(self) -> list[StageKey]:
+        """The audit stages held, least recently used first."""
+        with self._lock:
+            return list(self._stages)
+
+    def open(self, start: int, end: int, declared: Representation, capacity: int) -> AuditLease:
+        """A stage of layers [start, end) in the auditor's form of `declared`, with a KV cache of
+        `capacity` rows; raises AuditRefused when it does not fit."""
+        rep = audit_representation(declared, self.device)
+        spec = StageSpec(start, end, self.device, rep.dtype, rep.packed)
+        key = (start, end, rep)
+        kv = KVCache.nbytes_for(self.gguf.args, end - start, capacity, spec.torch_dtype)
+        with self._lock:  # loads one at a time: the budget is checked against what is held
+            held = self._stages.get(key)
+            weights = 0 if held is not None else stage_bytes(self.gguf, spec)
+            self._make_room(key, spec, weights, kv)
+            if held is None:
+                held = self._stages[key] = _Held(self._load(spec, rep), weights)
+            self._stages.move_to_end(key)
+            held.users += 1
+            self._kv_bytes += kv
+        cache = held.stage.new_cache(capacity)
+        return AuditLease(held.stage, cache, rep, kv, lambda: self._release(key, kv))
+
+    def _release(self, key: StageKey, kv: int) -> None:
+        with self._lock:
+            self._kv_bytes -= kv
+            self._stages[key].users -= 1
+
+    def _allowance(self) -> tuple[int, str]:
+        """The bytes audits may hold in all, and that figure in words."""
+        if self.budget is not None:
+            return self.budget, f"the audit memory budget is {_size(self.budget)}"
+        total = self.held_bytes + available_bytes(self.device) - AUDIT_MARGIN
+        return total, (
+            f"audits may use only {_size(total)} (free memory on {self.device} less a "
+            f"{_size(AUDIT_MARGIN)} margin; --audit-memory-mb sets a budget)"
+        )
+
+    def _make_room(self, key: StageKey, spec: StageSpec, weights: int, kv: int) -> None:
+        """Drop stages no audit uses (least recently used first) until `weights` + `kv` more bytes
+        fit; else refuse before anything loads."""
+        allowance, what = self._allowance()
+        idle = [k for k, h in self._stages.items() if h.users == 0 and k != key]
+        while self.held_bytes + weights + kv > allowance and idle:
+            del self._stages[idle.pop(0)]
+        if self.held_bytes + weights + kv > allowance:
+            held = f", {_size(self.held_bytes)} of it held by other audits" if self.held_bytes else ""
+            raise AuditRefused(
+                f"an audit of layers {spec.start}-{spec.end} in {key[2]} needs about "
+                f"{_size(weights + kv)} (weights {_size(weights)}, KV cache {_size(kv)}) but {what}{held}"
+            )
+
+    def _load(self, spec: StageSpec, rep: Representation) -> Stage:
+        if self.on_load:
+            self.on_load(f"auditor loading layers {spec.start}-{spec.end} ({rep})")
+        try:
+            return Stage(self.gguf, spec)
+        except ConsortiumError as e:  # e.g. less memory free than the estimate: unverifiable here
+            raise AuditRefused(f"an audit of layers {spec.start}-{spec.end} in {rep} cannot load: {e}") from e

@@ -144,6 +144,22 @@ def references(model: str, a: argparse.Namespace) -> dict[str, Any]:
 # --- the cluster: N concurrent sessions ------------------------------------------------------
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the files under src/ that differ from it (others' edits in progress)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "src", "proto").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted_src_files": changed}
+
+
 def cluster_cpu_s(cluster: LocalCluster) -> float:
     """CPU-seconds the cluster's processes have used (to tell their load from other processes')."""
     import psutil
@@ -515,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             "their audits, so audits count in the wall time.",
         },
         "machine": machine,
+        "git": git_state(),
         "references": refs,
         "results": results,
         "same_tokens_at_every_level": len(tokens) <= 1,

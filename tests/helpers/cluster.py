@@ -47,7 +47,7 @@ SMOLLM_SPLIT = (LayerRange(20, 30), [LayerRange(0, 10), LayerRange(10, 20)])
 
 
 def ledger_cluster(
-    request, model: Path, tmp_path: Path, split, coordinator_args=(), worker_args=()
+    request, model: Path, tmp_path: Path, split, coordinator_args=(), worker_args=(), **kw: Any
 ) -> tuple[LocalCluster, Path]:
     """A started three-process cluster on `model` split as `split`, its ledger at tmp_path/ledger.db
     and its logs in tmp_path/logs; (cluster, ledger path)."""
@@ -59,6 +59,7 @@ def ledger_cluster(
         *split,
         coordinator_args=["--ledger", str(ledger), *coordinator_args],
         worker_args=list(worker_args),
+        **kw,
     )
     return cluster, ledger
 

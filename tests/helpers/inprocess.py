@@ -191,7 +191,7 @@ class InProcessCluster:
 
     def _local(self, layers: LayerRange) -> LocalStage:
         runner = StageRunner(self.gguf, layers, ENGINE, KV_CACHE_BYTES, IDLE_TIMEOUT_S)
-        return LocalStage(self.cfg.node_id, runner)
+        return LocalStage(self.cfg.node_id, runner, self.cfg.max_batch)
 
     def _local_ref(self, index: int, layers: LayerRange) -> StageRef:
         return StageRef(index, self.cfg.node_id, "", layers, ENGINE.device, ENGINE.dtype, True, ENGINE.packed)

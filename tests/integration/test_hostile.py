@@ -126,6 +126,9 @@ def test_a_stranger_cannot_order_a_worker(cluster, tiny_gguf):
             session_id="x", capacity=4, layers=pb.LayerRange(start=1, end=2)
         ),
         "Execute": pb.WorkOrder(session_id="x", layers=pb.LayerRange(start=1, end=2), input=h),
+        "ExecuteBatch": pb.WorkBatch(
+            orders=[pb.WorkOrder(session_id="x", layers=pb.LayerRange(start=1, end=2), input=h)]
+        ),
         "Rollback": pb.RollbackRequest(session_id="x", position=0),
         "CloseSession": pb.CloseSessionRequest(session_id="x"),
         "GetStatus": pb.WorkerStatusRequest(),
@@ -139,6 +142,7 @@ def test_a_stranger_cannot_order_a_worker(cluster, tiny_gguf):
     info = node_info(cluster, "worker-1")
     unsigned = pb_grpc.WorkerStub(make_channel(info.address, pin=info.tls_cert))
     assert _code(lambda: unsigned.Execute(orders["Execute"], timeout=10))[0] == C.UNAUTHENTICATED
+    assert _code(lambda: unsigned.ExecuteBatch(orders["ExecuteBatch"], timeout=10))[0] == C.UNAUTHENTICATED
     # an order the coordinator signed for worker-0, relayed by worker-0 to worker-1
     coordinator = NodeIdentity.load(cluster.coordinator_dir / "node.key")
     for_w0 = CallSigner(coordinator, node_info(cluster, "worker-0").public_key)

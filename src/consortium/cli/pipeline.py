@@ -202,6 +202,13 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
     config_option(CoordinatorConfig, "max_sessions", "--max-sessions", positive=True),
     config_option(
         CoordinatorConfig,
+        "max_batch",
+        "--max-batch",
+        positive=True,
+        help="Sessions whose work one call to a stage carries (continuous batching; 1 turns it off).",
+    ),
+    config_option(
+        CoordinatorConfig,
         "max_sessions_per_client",
         "--max-sessions-per-client",
         positive=True,

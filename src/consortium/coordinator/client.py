@@ -223,7 +223,8 @@ def format_report(report: SessionReport) -> list[str]:
         where = "coordinator" if s.local else s.address
         lines.append(
             f"  stage {s.index}: {s.node_id:<16} layers {s.layers[0]}-{s.layers[1]:<4} {s.device}/{s.dtype:<5} "
-            f"step {s.mean_step_ms:6.2f} ms (compute {s.mean_compute_ms:6.2f} ms), prefill {s.prefill_ms:6.1f} ms  "
-            f"[{where}]"
+            f"step {s.mean_step_ms:6.2f} ms (compute {s.mean_compute_ms:6.2f} ms), prefill {s.prefill_ms:6.1f} ms"
+            + (f", batch {s.mean_batch:.1f}" if s.mean_batch > 1 else "")
+            + f"  [{where}]"
         )
     return lines

@@ -68,6 +68,7 @@ class StageResult:
     node_id: str
     rtt_ms: float
     compute_ms: float
+    batch_size: int
 
 
 class BadResult(Exception):
@@ -243,7 +244,8 @@ class TokenLoop:
             else:
                 receipts.append(r.receipt)
                 expected_in = r.receipt[0].output_digest
-            session.history[i].append(StepRecord(step, pos, x, r.out, r.node_id, r.rtt_ms, r.compute_ms))
+            rec = StepRecord(step, pos, x, r.out, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size)
+            session.history[i].append(rec)
             x, logits = r.out, r.logits
         return StepResult(logits, receipts, pos + rows)
 
@@ -271,7 +273,7 @@ class TokenLoop:
                 continue
             except BadResult:
                 return None
-            return StageResult(out, logits, receipt, ref.node_id, rtt_ms, res.compute_ms)
+            return StageResult(out, logits, receipt, ref.node_id, rtt_ms, res.compute_ms, res.batch_size or 1)
         raise AssertionError("unreachable")
 
     def _order(self, session: Session, i: int, step: int, pos: int, x: WireTensor) -> pb.WorkOrder:

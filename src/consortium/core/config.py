@@ -80,6 +80,7 @@ class CoordinatorConfig:
     kv_cache_bytes: int = 2 * 2**30  # budget of the coordinator's own stage
     session_idle_timeout_s: float = 600.0
     max_sessions: int = 16  # concurrent sessions
+    max_batch: int = 16  # sessions' orders one call to a stage carries (continuous batching; 1: none)
     max_sessions_per_client: int = 8  # concurrent sessions of one client (key or address)
     sessions_per_minute_per_client: float = 120.0  # session starts of one client (a token bucket)
     max_request_bytes: int = 4 * 2**20  # largest message the coordinator accepts (a Generate request)

@@ -160,6 +160,7 @@ class StageStats:
     steps: int
     bytes_sent: int
     bytes_received: int
+    mean_batch: float = 1.0
 
     def to_proto(self) -> pb.StageStats:
         return _to_proto(pb.StageStats, self, stage=self.stage.to_proto())
@@ -182,12 +183,14 @@ class StageReport:
     steps: int
     bytes_sent: int
     bytes_received: int
+    mean_batch: float  # sessions per decode forward on the node (continuous batching)
 
     @classmethod
     def from_proto(cls, s: pb.StageStats) -> StageReport:
         i = s.stage
         layers = [i.layers.start, i.layers.end]
         stats = (s.mean_step_ms, s.mean_compute_ms, s.prefill_ms, s.steps, s.bytes_sent, s.bytes_received)
+        stats += (s.mean_batch or 1.0,)
         return cls(i.index, i.node_id, i.address, layers, i.device, i.dtype, i.local, *stats)
 
 

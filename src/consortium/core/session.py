@@ -39,6 +39,7 @@ class StepRecord:
     node_id: str
     round_trip_ms: float
     compute_ms: float
+    batch_size: int = 1  # orders in the node's forward that computed it
 
     @property
     def positions(self) -> range:
@@ -69,6 +70,7 @@ class StageHistory:
             steps=len(self.steps),
             bytes_sent=sum(r.input.nbytes for r in self.steps),
             bytes_received=sum(r.output.nbytes for r in self.steps),
+            mean_batch=_mean([r.batch_size for r in decode]) or 1.0,
         )
 
 

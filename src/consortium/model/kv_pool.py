@@ -15,7 +15,7 @@ class UnknownSessionError(CacheError):
 
 
 @dataclass
-class _Entry:
+class CacheEntry:
     cache: KVCache
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one computation per session at a time
@@ -24,7 +24,7 @@ class _Entry:
 class CachePool:
     def __init__(self, stage: Stage, max_bytes: int, idle_timeout_s: float = 600.0):
         self.stage, self.max_bytes, self.idle_timeout_s = stage, max_bytes, idle_timeout_s
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, CacheEntry] = {}
         self._lock = threading.Lock()
 
     @property
@@ -56,11 +56,11 @@ class CachePool:
                     f"KV cache for {capacity} positions needs {need / 2**20:.1f} MiB; "
                     f"{(self.max_bytes - used) / 2**20:.1f} MiB of {self.max_bytes / 2**20:.1f} MiB free"
                 )
-            entry = _Entry(self.stage.new_cache(capacity))
+            entry = CacheEntry(self.stage.new_cache(capacity))
             self._entries[session_id] = entry
             return entry.cache
 
-    def entry(self, session_id: str) -> _Entry:
+    def entry(self, session_id: str) -> CacheEntry:
         with self._lock:
             e = self._entries.get(session_id)
         if e is None:

@@ -8,6 +8,7 @@ stored in llama.cpp's interleaved RoPE layout, so RoPE here rotates adjacent pai
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from consortium.model.memory import check_compact, check_memory, is_packed
 from consortium.model.quants import CHUNK_CODES, LAYOUTS, Int4Segment, int4_matmul, int4_mm, pack
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Spans = list[tuple[int, int]]  # per session in a batch: (first position, rows)
 
 
 @dataclass(frozen=True)
@@ -154,31 +156,40 @@ class Attention(nn.Module):
         self.split = [args.q_dim, args.kv_dim, args.kv_dim]
         self.scale = 1.0 / math.sqrt(args.head_dim)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
-        a, S = self.args, x.shape[0]
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, caches: list[tuple[Tensor, Tensor]], spans: Spans
+    ) -> Tensor:
+        """x: the rows of every session in the batch; projections run over all of them, attention
+        per session over its own cache (spans: each session's (position, rows))."""
+        a, N = self.args, x.shape[0]
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = apply_rope(q.view(S, a.n_heads, a.head_dim), freqs_cis)
-        k = apply_rope(k.view(S, a.n_kv_heads, a.head_dim), freqs_cis)
+        q = apply_rope(q.view(N, a.n_heads, a.head_dim), freqs_cis)
+        k = apply_rope(k.view(N, a.n_kv_heads, a.head_dim), freqs_cis)
+        v = v.view(N, a.n_kv_heads, a.head_dim)
+        outs, row = [], 0
+        for (k_cache, v_cache), (pos, S) in zip(caches, spans, strict=True):
+            rows = slice(row, row + S)
+            outs.append(self._attend(q[rows], k[rows], v[rows], k_cache, v_cache, pos))
+            row += S
+        return self.wo(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+        """One session's S rows at positions pos.. against its cache: [S, q_dim]."""
+        a, S = self.args, q.shape[0]
         T = pos + S
         k_cache[:, pos:T] = k.transpose(0, 1)
-        v_cache[:, pos:T] = v.view(S, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        v_cache[:, pos:T] = v.transpose(0, 1)
         keys, values = k_cache[:, :T], v_cache[:, :T]
         if S == 1:  # decode: group the query heads of each KV head; no mask, no K/V copies
             scores = torch.bmm(q.view(a.n_kv_heads, a.n_rep, a.head_dim), keys.transpose(1, 2))
-            o = torch.bmm(torch.softmax(scores * self.scale, dim=-1, dtype=torch.float32).to(x.dtype), values)
-        else:
-            keys, values = keys.repeat_interleave(a.n_rep, 0), values.repeat_interleave(a.n_rep, 0)
-            mask = None
-            if pos:  # continuing a cache: query i sees keys 0..pos+i
-                mask = (
-                    torch.arange(T, device=x.device)[None, :]
-                    <= torch.arange(pos, T, device=x.device)[:, None]
-                )
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=not pos
-            )
-            o = o.transpose(0, 1)
-        return self.wo(o.reshape(S, a.q_dim))
+            p = torch.softmax(scores * self.scale, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.bmm(p, values).reshape(1, a.q_dim)
+        keys, values = keys.repeat_interleave(a.n_rep, 0), values.repeat_interleave(a.n_rep, 0)
+        mask = None
+        if pos:  # continuing a cache: query i sees keys 0..pos+i
+            mask = torch.arange(T, device=q.device)[None, :] <= torch.arange(pos, T, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=not pos)
+        return o.transpose(0, 1).reshape(S, a.q_dim)
 
 
 class FeedForward(nn.Module):
@@ -196,10 +207,12 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, caches: list[tuple[Tensor, Tensor]], spans: Spans
+    ) -> Tensor:
         # The residual stream stays fp32 whatever the compute dtype (as llama.cpp does): hidden
         # states reach |x| ~ 800, where fp16/bf16 sums would lose most of the honest precision.
-        h = x + self.attn(self.attn_norm(x), freqs_cis, k_cache, v_cache, pos).float()
+        h = x + self.attn(self.attn_norm(x), freqs_cis, caches, spans).float()
         return h + self.ffn(self.ffn_norm(h)).float()
 
 
@@ -343,19 +356,70 @@ class Stage(nn.Module):
         """x: token ids [S] (first stage) or hidden states [S, dim]. Returns the fp32 residual
         stream [S, dim], or fp32 logits ([S, vocab] if all_logits else [1, vocab]) on the last
         stage. Positions are cache.length .. cache.length + S - 1."""
-        pos, S = cache.length, x.shape[0]
-        if S == 0:
-            raise InvalidRequestError("no positions to compute")
-        if pos + S > cache.capacity:
-            raise CacheError(
-                f"positions {pos}..{pos + S - 1} exceed the session's cache capacity {cache.capacity}"
-            )
+        return self.forward_batch([x], [cache], [all_logits])[0]
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, xs: list[Tensor], caches: list[KVCache], all_logits: list[bool] | None = None
+    ) -> list[Tensor]:
+        """Several sessions in one pass (continuous batching): each session's rows as `forward`
+        would compute them, with the linear layers run once over all rows and attention per
+        session over its own cache. A row's result depends only on its session where the
+        kernels are batch-invariant (`batch_invariant`)."""
+        all_logits = all_logits or [False] * len(xs)
+        spans = self._spans(xs, caches)
+        x = torch.cat(xs)
         x = self.embed(x) if self.embed is not None else x.to(device=self.spec.device, dtype=torch.float32)
-        freqs_cis = self.freqs_cis[pos : pos + S]
+        freqs_cis = torch.cat([self.freqs_cis[p : p + S] for p, S in spans])
         for i, layer in enumerate(self.layers):
-            x = layer(x, freqs_cis, cache.k[i], cache.v[i], pos)
-        cache.length = pos + S
+            x = layer(x, freqs_cis, [(c.k[i], c.v[i]) for c in caches], spans)
+        for c, (p, S) in zip(caches, spans, strict=True):
+            c.length = p + S
+        ends = np.cumsum([S for _, S in spans]).tolist()
         if not self.is_last:
-            return x
-        x = self.norm(x if all_logits else x[-1:])
-        return self.output(x).float()
+            return list(x.tensor_split(ends[:-1]))
+        keep = [
+            slice(e - S, e) if full else slice(e - 1, e)
+            for (_, S), e, full in zip(spans, ends, all_logits, strict=True)
+        ]
+        logits = self.output(self.norm(torch.cat([x[k] for k in keep]))).float()
+        return list(logits.tensor_split(np.cumsum([k.stop - k.start for k in keep])[:-1].tolist()))
+
+    def _spans(self, xs: list[Tensor], caches: list[KVCache]) -> Spans:
+        """Each session's (position, rows), checked: rows to compute, within its capacity, and
+        no cache twice in one batch."""
+        if len(xs) != len(caches) or not xs:
+            raise InvalidRequestError(f"{len(xs)} inputs for {len(caches)} caches")
+        if len({id(c) for c in caches}) != len(caches):
+            raise InvalidRequestError("a session appears twice in one batch")
+        spans = []
+        for x, c in zip(xs, caches, strict=True):
+            pos, S = c.length, x.shape[0]
+            if S == 0:
+                raise InvalidRequestError("no positions to compute")
+            if pos + S > c.capacity:
+                raise CacheError(
+                    f"positions {pos}..{pos + S - 1} exceed the session's cache capacity {c.capacity}"
+                )
+            spans.append((pos, S))
+        return spans
+
+    @functools.cached_property
+    def batch_invariant(self) -> bool:
+        """Whether this stage's matmuls give a row the same bits alone as in a batch (checked once,
+        on its own weights). Then batching sessions changes no session's result; otherwise (e.g.
+        MKL's fp32 gemv vs gemm) a runner computes a batch's sessions one by one."""
+        a, block = self.args, self.layers[0]
+        linears = [(block.attn.wqkv, a.dim), (block.attn.wo, a.q_dim), (block.ffn.w13, a.dim)]
+        linears.append((block.ffn.w2, a.ffn_dim))
+        if self.is_last:
+            linears.append((self.output, a.dim))
+        g = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for lin, cols in linears:
+                x = torch.randn(8, cols, generator=g).to(device=self.spec.device, dtype=self.spec.torch_dtype)
+                full = lin(x)
+                for rows in (slice(0, 1), slice(3, 4), slice(0, 3), slice(2, 7)):
+                    if not torch.equal(lin(x[rows]), full[rows]):
+                        return False
+        return True

@@ -4,7 +4,8 @@ Kept apart from the honest code path: a worker builds a `MisbehavingRunner` (a S
 subclass) only with `--misbehave KIND`, and only when CONSORTIUM_ALLOW_MISBEHAVE=1 is set.
 Each cheat is one a lazy or malicious node might try: skip work, use cheaper weights, perturb
 results (noise; `steer=R` pushes every row toward one token by R of its norm; `scale=F`
-multiplies it by F), or lie in its receipts. `die-at=N` and `hang-at=N` fail at an exact step instead, so
+multiplies it by F), or lie in its receipts; an output cheat with `@N` (e.g. `steer=0.5@2`)
+touches only the N-th session opened on the node, as one cheated user in a batch. `die-at=N` and `hang-at=N` fail at an exact step instead, so
 a failover test can predict the token where it happens.
 """
 
@@ -15,7 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from consortium.errors import ConsortiumError
 from consortium.model.gguf_file import GGUFModel
-from consortium.model.model import Block, Linear, Stage, StageSpec, load_block
+from consortium.model.model import Block, Linear, Spans, Stage, StageSpec, load_block
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.tensors import WireTensor
 from consortium.worker.runner import StageRunner
@@ -65,7 +66,9 @@ class _SkippedBlock(Block):
     def __init__(self):
         torch.nn.Module.__init__(self)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
+    def forward(
+        self, x: Tensor, freqs_cis: Tensor, caches: list[tuple[Tensor, Tensor]], spans: Spans
+    ) -> Tensor:
         return x
 
 
@@ -75,6 +78,7 @@ class Misbehaviour:
     sigma: float = 0.0  # noise: standard deviation relative to each row's RMS
     step: int = 0  # die-at / hang-at: the coordinator's step number that triggers the fault
     amount: float = 0.0  # steer: ||push|| / ||row||; scale: the factor
+    session: int = 0  # output cheats with `@N`: only the N-th session opened on the node (0: all)
 
     @classmethod
     def parse(cls, text: str, enabled: bool | None = None) -> Misbehaviour:
@@ -83,6 +87,14 @@ class Misbehaviour:
             enabled = os.environ.get(ENABLE_ENV) == "1"
         if not enabled:
             raise ConsortiumError(f"--misbehave is for tests only; set {ENABLE_ENV}=1 to enable it")
+        text, _, nth = text.partition("@")
+        if nth and (not nth.isdigit() or int(nth) < 1):
+            raise ConsortiumError(f"@N needs a session number N >= 1 (got {nth!r})")
+        m = cls._parse(text)
+        return replace(m, session=int(nth)) if nth else m
+
+    @classmethod
+    def _parse(cls, text: str) -> Misbehaviour:
         kind, _, arg = text.partition("=")
         if kind not in KINDS:
             raise ConsortiumError(f"unknown misbehaviour {kind!r} (one of: {', '.join(KINDS)})")
@@ -202,20 +214,34 @@ class MisbehavingRunner(StageRunner):
         self.misbehaviour = misbehaviour  # set first: StageRunner.__init__ calls _load_stage
         self._sent: list[pb.Receipt] = []  # honest receipts already sent (what `replay` resends)
         self._faulted = False
+        self._opened: list[str] = []  # session ids in the order they were opened (for `@N`)
         super().__init__(*args, **kwargs)
 
     def _load_stage(self, spec: StageSpec, progress: Callable[[int, int], None] | None) -> Stage:
         return self.misbehaviour.corrupt_stage(super()._load_stage(spec, progress))
 
-    def execute(self, order: pb.WorkOrder) -> pb.WorkResult:
+    def _before(self, order: pb.WorkOrder) -> None:
         if not self._faulted and self.misbehaviour.fault_due(order):
             self._faulted = True
             self.misbehaviour.fault()
-        return super().execute(order)
 
-    def _forward(self, order: pb.WorkOrder) -> tuple[WireTensor, Tensor, float]:
-        inp, y, compute_ms = super()._forward(order)
-        return inp, self.misbehaviour.corrupt_output(y, order.step, self.gguf), compute_ms
+    def open(self, req: pb.OpenSessionRequest) -> pb.OpenSessionResponse:
+        if AUDIT_MARK not in req.session_id and req.session_id not in self._opened:
+            self._opened.append(req.session_id)
+        return super().open(req)
+
+    def _output(self, order: pb.WorkOrder, y: Tensor) -> Tensor:
+        if not self._targets(order.session_id):
+            return y
+        return self.misbehaviour.corrupt_output(y, order.step, self.gguf)
+
+    def _targets(self, session_id: str) -> bool:
+        """`@N`: only the N-th session opened here (audits of it too) is cheated on."""
+        n = self.misbehaviour.session
+        if not n:
+            return True
+        base = session_id.split(AUDIT_MARK)[0]
+        return len(self._opened) >= n and self._opened[n - 1] == base
 
     def _sign(self, order: pb.WorkOrder, inp: WireTensor, out: WireTensor) -> pb.Receipt:
         receipt = super()._sign(order, inp, out)

@@ -91,7 +91,7 @@ def chain(stage: Stage, start: int, x: Tensor, decode: bool) -> list[Tensor]:
         for p, q in steps:
             h = stage.embed(x[p:q]) if start == 0 else x[p:q].to(stage.spec.device, torch.float32)
             for i in range(start, n):
-                h = stage.layers[i](h, stage.freqs_cis[p:q], cache.k[i], cache.v[i], p)
+                h = stage.layers[i](h, stage.freqs_cis[p:q], [(cache.k[i], cache.v[i])], [(p, q - p)])
                 if i < n - 1:
                     outs[i - start].append(h.float().cpu())
             outs[-1].append(stage.output(stage.norm(h)).float().cpu())
@@ -108,7 +108,8 @@ def _last_layer_cheats(ref: Stage, start: int, x: Tensor, outs: list[Tensor]) ->
         h = x.float() if start else ref.embed(x)  # the input of layer b-1, for b = start+1 .. n
         for b in range(start + 1, n + 1):
             cache = ref.new_cache(h.shape[0])
-            w = ref.layers[b - 2 if b > 1 else 1](h, ref.freqs_cis[: h.shape[0]], cache.k[0], cache.v[0], 0)
+            kv, span = [(cache.k[0], cache.v[0])], [(0, h.shape[0])]
+            w = ref.layers[b - 2 if b > 1 else 1](h, ref.freqs_cis[: h.shape[0]], kv, span)
             skip.append(head(h) if b == n else h)
             wrong.append(head(w) if b == n else w)
             h = outs[b - 1 - start] if b < n else h

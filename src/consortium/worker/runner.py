@@ -6,26 +6,30 @@ check orders identically and run the exact engine code `consortium generate` run
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import grpc
 import torch
 
 from consortium.core.config import EngineConfig, LayerRange
 from consortium.errors import InvalidRequestError
 from consortium.identity import NodeIdentity
 from consortium.model.gguf_file import GGUFModel
-from consortium.model.kv_pool import CachePool
+from consortium.model.kv_pool import CacheEntry, CachePool
 from consortium.model.model import Stage, StageSpec
 from consortium.transport.proto import consortium_pb2 as pb
-from consortium.transport.rpc import OutOfRangeError, PreconditionError
+from consortium.transport.rpc import OutOfRangeError, PreconditionError, status_for
 from consortium.transport.tensors import WireTensor, decode_hidden, decode_tokens
 from consortium.verification.receipts import make_receipt, to_proto
 
 log = logging.getLogger(__name__)
 MAX_SESSION_ID = 128
+MAX_BATCH = 64  # orders in one batch call (sessions a stage computes at once)
 
 
 class OutOfSyncError(PreconditionError):
@@ -48,6 +52,28 @@ def check_layers(msg: pb.LayerRange, mine: LayerRange) -> None:
     theirs = LayerRange(msg.start, msg.end)
     if theirs != mine:
         raise PreconditionError(f"work for layers {theirs} sent to the node holding layers {mine}")
+
+
+@dataclass
+class _Ready:
+    """An order that passed the checks that need no lock, with what it will get."""
+
+    index: int  # in the batch
+    order: pb.WorkOrder
+    entry: CacheEntry
+    inp: WireTensor  # the input as received (what the receipt commits to)
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    compute_ms: float = 0.0
+    batch_size: int = 1
+    error: Exception | None = None
+
+
+def _logged(e: Exception) -> Exception:
+    """An order's failure; a bug (no status of its own) is logged with its traceback."""
+    if status_for(e) == grpc.StatusCode.INTERNAL:
+        log.error("internal error in a work order", exc_info=e)
+    return e
 
 
 class StageRunner:
@@ -110,21 +136,45 @@ class StageRunner:
 
     def execute(self, order: pb.WorkOrder) -> pb.WorkResult:
         """Validates the order (session, layers, positions, tensor), runs the stage and signs."""
-        inp, y, compute_ms = self._forward(order)
-        out = WireTensor.from_torch(y)
-        result = pb.WorkResult(
-            session_id=order.session_id,
-            step=order.step,
-            start_position=order.start_position,
-            output=out.to_proto(),
-            compute_ms=compute_ms,
-        )
-        if self.identity is not None:
-            result.receipt.CopyFrom(self._sign(order, inp, out))
+        result = self.run_orders([order])[0]
+        if isinstance(result, Exception):
+            raise result
         return result
 
-    def _forward(self, order: pb.WorkOrder) -> tuple[WireTensor, torch.Tensor, float]:
-        """The checked order through the stage: (input as received, output rows on the CPU, ms)."""
+    def execute_batch(self, batch: pb.WorkBatch) -> pb.BatchResult:
+        """Several sessions' orders in one forward (continuous batching). Each order is checked
+        on its own and answered with its own signed result or error: one session's bad order
+        fails that session only."""
+        if not 0 < len(batch.orders) <= MAX_BATCH:
+            raise InvalidRequestError(f"{len(batch.orders)} orders in a batch: 1 to {MAX_BATCH}")
+        items = []
+        for res in self.run_orders(list(batch.orders)):
+            if isinstance(res, Exception):
+                items.append(pb.BatchItem(code=status_for(res).value[0], error=str(res)))
+            else:
+                items.append(pb.BatchItem(result=res))
+        return pb.BatchResult(items=items)
+
+    def run_orders(self, orders: list[pb.WorkOrder]) -> list[pb.WorkResult | Exception]:
+        """Each order's signed result, or the exception that refused it."""
+        out: list[pb.WorkResult | Exception | None] = [None] * len(orders)
+        ready, seen = [], set()
+        for i, order in enumerate(orders):
+            try:
+                if order.session_id in seen:
+                    raise InvalidRequestError(f"session {order.session_id[:40]!r} twice in one batch")
+                seen.add(order.session_id)
+                self._before(order)
+                ready.append(self._check(i, order))
+            except Exception as e:
+                out[i] = _logged(e)
+        self._run(ready)
+        for r in ready:
+            out[r.index] = r.error if r.error is not None else self._result(r)
+        return out  # type: ignore[return-value]  # every slot is filled
+
+    def _check(self, index: int, order: pb.WorkOrder) -> _Ready:
+        """Everything about one order that needs no lock: ids, layers, its session, its tensor."""
         check_session_id(order.session_id)
         if not 0 <= order.step < 2**63:  # receipts sign it as a signed 64-bit field: refuse before any work
             raise InvalidRequestError(f"step {order.step} outside 0..2^63-1")
@@ -132,28 +182,81 @@ class StageRunner:
         if order.all_logits and not self.stage.is_last:
             raise InvalidRequestError(f"all_logits asked of layers {self.layers}, which do not end the model")
         entry = self.pool.entry(order.session_id)  # UnknownSessionError -> NOT_FOUND
-        cache = entry.cache
         if self.stage.is_first:
-            inp, x = decode_tokens(order.input, self.args.vocab_size, max_rows=cache.capacity)
+            inp, x = decode_tokens(order.input, self.args.vocab_size, max_rows=entry.cache.capacity)
         else:
-            inp, x = decode_hidden(order.input, self.args.dim, max_rows=cache.capacity)
-        with entry.lock:
-            if order.start_position != cache.length:
-                raise OutOfSyncError(
-                    f"session {order.session_id} on layers {self.layers} is out of sync: expected position "
-                    f"{cache.length}, work order starts at {order.start_position}",
-                    expected=cache.length,
-                )
-            end = cache.length + x.shape[0]
-            if end > cache.capacity:
-                raise OutOfRangeError(
-                    f"positions {cache.length}..{end - 1} exceed the {cache.capacity} positions session "
-                    f"{order.session_id} reserved"
-                )
-            with self._compute:
-                t0 = time.perf_counter()
-                y = self.stage(x, cache, all_logits=order.all_logits).cpu()
-                return inp, y, (time.perf_counter() - t0) * 1000
+            inp, x = decode_hidden(order.input, self.args.dim, max_rows=entry.cache.capacity)
+        return _Ready(index, order, entry, inp, x)
+
+    def _run(self, ready: list[_Ready]) -> None:
+        """The checked orders through the stage, under their sessions' locks (taken in one order,
+        so that concurrent batches cannot deadlock): positions checked, then one forward where
+        the kernels are batch-invariant, else one forward per session."""
+        with contextlib.ExitStack() as locks:
+            for r in sorted(ready, key=lambda r: r.order.session_id):
+                locks.enter_context(r.entry.lock)
+            go = []
+            for r in ready:
+                try:
+                    self._positions(r)
+                    go.append(r)
+                except Exception as e:
+                    r.error = _logged(e)
+            if not go:
+                return
+            try:
+                with self._compute:
+                    t0 = time.perf_counter()
+                    if len(go) == 1 or self.stage.batch_invariant:
+                        xs, caches = [r.x for r in go], [r.entry.cache for r in go]
+                        ys = self.stage.forward_batch(xs, caches, [r.order.all_logits for r in go])
+                    else:
+                        ys = [self.stage(r.x, r.entry.cache, all_logits=r.order.all_logits) for r in go]
+                    ms = (time.perf_counter() - t0) * 1000
+            except Exception as e:
+                for r in go:
+                    r.error = _logged(e)
+                return
+            for r, y in zip(go, ys, strict=True):
+                r.y, r.compute_ms, r.batch_size = y.cpu(), ms, len(go)
+
+    def _result(self, r: _Ready) -> pb.WorkResult:
+        assert r.y is not None
+        out = WireTensor.from_torch(self._output(r.order, r.y))
+        result = pb.WorkResult(
+            session_id=r.order.session_id,
+            step=r.order.step,
+            start_position=r.order.start_position,
+            output=out.to_proto(),
+            compute_ms=r.compute_ms,
+            batch_size=r.batch_size,
+        )
+        if self.identity is not None:
+            result.receipt.CopyFrom(self._sign(r.order, r.inp, out))
+        return result
+
+    @staticmethod
+    def _positions(r: _Ready) -> None:
+        cache, order = r.entry.cache, r.order
+        if order.start_position != cache.length:
+            raise OutOfSyncError(
+                f"session {order.session_id} is out of sync: expected position {cache.length}, work "
+                f"order starts at {order.start_position}",
+                expected=cache.length,
+            )
+        end = cache.length + r.x.shape[0]
+        if end > cache.capacity:
+            raise OutOfRangeError(
+                f"positions {cache.length}..{end - 1} exceed the {cache.capacity} positions session "
+                f"{order.session_id} reserved"
+            )
+
+    def _before(self, order: pb.WorkOrder) -> None:
+        """Hook before an order is checked (misbehave.py's faults)."""
+
+    def _output(self, order: pb.WorkOrder, y: torch.Tensor) -> torch.Tensor:
+        """Hook on an order's output rows before they are sent and signed (misbehave.py's cheats)."""
+        return y
 
     def _sign(self, order: pb.WorkOrder, inp: WireTensor, out: WireTensor) -> pb.Receipt:
         assert self.identity is not None

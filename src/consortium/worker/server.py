@@ -101,6 +101,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     @maps_errors
     @signed
+    def ExecuteBatch(self, request, context):
+        return self._runner().execute_batch(request)
+
+    @maps_errors
+    @signed
     def Rollback(self, request, context):
         return self._runner().rollback(request)
 

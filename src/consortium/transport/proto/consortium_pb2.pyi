@@ -219,20 +219,44 @@ class Receipt(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., start_position: _Optional[int] = ..., n_positions: _Optional[int] = ..., stage_index: _Optional[int] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., layers_digest: _Optional[str] = ..., input_digest: _Optional[bytes] = ..., output_digest: _Optional[bytes] = ..., node_id: _Optional[str] = ..., time_unix_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class WorkResult(_message.Message):
-    __slots__ = ("session_id", "step", "start_position", "output", "compute_ms", "receipt")
+    __slots__ = ("session_id", "step", "start_position", "output", "compute_ms", "receipt", "batch_size")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     start_position: int
     output: Tensor
     compute_ms: float
     receipt: Receipt
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., start_position: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_ms: _Optional[float] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., start_position: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_ms: _Optional[float] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class WorkBatch(_message.Message):
+    __slots__ = ("orders",)
+    ORDERS_FIELD_NUMBER: _ClassVar[int]
+    orders: _containers.RepeatedCompositeFieldContainer[WorkOrder]
+    def __init__(self, orders: _Optional[_Iterable[_Union[WorkOrder, _Mapping]]] = ...) -> None: ...
+
+class BatchItem(_message.Message):
+    __slots__ = ("result", "code", "error")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    result: WorkResult
+    code: int
+    error: str
+    def __init__(self, result: _Optional[_Union[WorkResult, _Mapping]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[BatchItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("session_id", "position")
@@ -313,7 +337,7 @@ class StageInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerRange, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., local: _Optional[bool] = ...) -> None: ...
 
 class StageStats(_message.Message):
-    __slots__ = ("stage", "prefill_ms", "mean_step_ms", "mean_compute_ms", "steps", "bytes_sent", "bytes_received")
+    __slots__ = ("stage", "prefill_ms", "mean_step_ms", "mean_compute_ms", "steps", "bytes_sent", "bytes_received", "mean_batch")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     MEAN_STEP_MS_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +345,7 @@ class StageStats(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_FIELD_NUMBER: _ClassVar[int]
     stage: StageInfo
     prefill_ms: float
     mean_step_ms: float
@@ -328,7 +353,8 @@ class StageStats(_message.Message):
     steps: int
     bytes_sent: int
     bytes_received: int
-    def __init__(self, stage: _Optional[_Union[StageInfo, _Mapping]] = ..., prefill_ms: _Optional[float] = ..., mean_step_ms: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., steps: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    mean_batch: float
+    def __init__(self, stage: _Optional[_Union[StageInfo, _Mapping]] = ..., prefill_ms: _Optional[float] = ..., mean_step_ms: _Optional[float] = ..., mean_compute_ms: _Optional[float] = ..., steps: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., mean_batch: _Optional[float] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
     __slots__ = ("session_id", "prompt_tokens", "max_tokens", "stages", "resumed_tokens", "resumed_text")

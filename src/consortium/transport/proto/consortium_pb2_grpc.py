@@ -404,6 +404,11 @@ class WorkerStub:
                 request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkOrder.SerializeToString,
                 response_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkResult.FromString,
                 _registered_method=True)
+        self.ExecuteBatch = channel.unary_unary(
+                '/consortium.v1.Worker/ExecuteBatch',
+                request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkBatch.SerializeToString,
+                response_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.BatchResult.FromString,
+                _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/consortium.v1.Worker/Rollback',
                 request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.RollbackRequest.SerializeToString,
@@ -445,6 +450,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rollback(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -479,6 +490,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkOrder.FromString,
                     response_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkResult.SerializeToString,
+            ),
+            'ExecuteBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteBatch,
+                    request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkBatch.FromString,
+                    response_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.BatchResult.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
@@ -601,6 +617,33 @@ class Worker:
             '/consortium.v1.Worker/Execute',
             consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkOrder.SerializeToString,
             consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.Worker/ExecuteBatch',
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.WorkBatch.SerializeToString,
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.BatchResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,8 +105,10 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is None:
             return F.linear(x, self.weight)
-        ys = [int4_matmul(x, s.weight, s.sz, s.layout) for s in self.packed]
-        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        if len(self.packed) == 1:  # the usual case: no list, no cat
+            s = self.packed[0]
+            return int4_matmul(x, s.weight, s.sz, s.layout)
+        return torch.cat([int4_matmul(x, s.weight, s.sz, s.layout) for s in self.packed], dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -117,13 +119,17 @@ class RMSNorm(nn.Module):
         self.weight, self.eps, self.out_dtype = weight, eps, out_dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps).to(self.out_dtype)
+        y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return y if self.out_dtype == torch.float32 else y.to(self.out_dtype)
 
 
 def apply_rope(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate adjacent pairs (GGUF/llama.cpp layout). x: [S, heads, head_dim]."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).to(x.dtype)
+    """Rotate adjacent pairs (GGUF/llama.cpp layout) in fp32. x: [S, heads, head_dim]; freqs_cis:
+    [S, head_dim/2], or [S, 1, head_dim/2] as a Stage passes it (broadcast once per forward)."""
+    f = freqs_cis if freqs_cis.dim() == 3 else freqs_cis[:, None, :]
+    # Each (even, odd) fp32 pair viewed in place as one complex64: no reshapes, no copies in fp32.
+    y = (x if x.dtype == torch.float32 else x.float()).view(torch.complex64).mul(f).view(torch.float32)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def rope_freqs(args: ModelArgs, factors: np.ndarray | None = None) -> Tensor:
@@ -153,7 +159,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
         super().__init__()
         self.args, self.wqkv, self.wo = args, wqkv, wo
-        self.split = [args.q_dim, args.kv_dim, args.kv_dim]
+        self.split = [args.q_dim + args.kv_dim, args.kv_dim]  # [q | k] (roped together), v
         self.scale = 1.0 / math.sqrt(args.head_dim)
 
     def forward(
@@ -162,16 +168,19 @@ class Attention(nn.Module):
         """x: the rows of every session in the batch; projections run over all of them, attention
         per session over its own cache (spans: each session's (position, rows))."""
         a, N = self.args, x.shape[0]
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = apply_rope(q.view(N, a.n_heads, a.head_dim), freqs_cis)
-        k = apply_rope(k.view(N, a.n_kv_heads, a.head_dim), freqs_cis)
+        qk, v = self.wqkv(x).split(self.split, dim=-1)
+        # q and k are adjacent columns: one RoPE call rotates both (elementwise, the same bits).
+        qk = apply_rope(qk.view(N, a.n_heads + a.n_kv_heads, a.head_dim), freqs_cis)
+        q, k = qk.split([a.n_heads, a.n_kv_heads], dim=1)
         v = v.view(N, a.n_kv_heads, a.head_dim)
+        if len(spans) == 1:  # one session (every decode step of a single stream): no slicing
+            return self.wo(self._attend(q, k, v, *caches[0], spans[0][0]))
         outs, row = [], 0
         for (k_cache, v_cache), (pos, S) in zip(caches, spans, strict=True):
             rows = slice(row, row + S)
             outs.append(self._attend(q[rows], k[rows], v[rows], k_cache, v_cache, pos))
             row += S
-        return self.wo(outs[0] if len(outs) == 1 else torch.cat(outs))
+        return self.wo(torch.cat(outs))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
         """One session's S rows at positions pos.. against its cache: [S, q_dim]."""
@@ -182,8 +191,8 @@ class Attention(nn.Module):
         keys, values = k_cache[:, :T], v_cache[:, :T]
         if S == 1:  # decode: group the query heads of each KV head; no mask, no K/V copies
             scores = torch.bmm(q.view(a.n_kv_heads, a.n_rep, a.head_dim), keys.transpose(1, 2))
-            p = torch.softmax(scores * self.scale, dim=-1, dtype=torch.float32).to(q.dtype)
-            return torch.bmm(p, values).reshape(1, a.q_dim)
+            p = torch.softmax(scores * self.scale, dim=-1, dtype=torch.float32)
+            return torch.bmm(p if q.dtype == torch.float32 else p.to(q.dtype), values).view(1, a.q_dim)
         keys, values = keys.repeat_interleave(a.n_rep, 0), values.repeat_interleave(a.n_rep, 0)
         mask = None
         if pos:  # continuing a cache: query i sees keys 0..pos+i
@@ -212,8 +221,10 @@ class Block(nn.Module):
     ) -> Tensor:
         # The residual stream stays fp32 whatever the compute dtype (as llama.cpp does): hidden
         # states reach |x| ~ 800, where fp16/bf16 sums would lose most of the honest precision.
-        h = x + self.attn(self.attn_norm(x), freqs_cis, caches, spans).float()
-        return h + self.ffn(self.ffn_norm(h)).float()
+        # fp32 + fp16/bf16 promotes: the sum is computed in fp32, the same bits as adding .float()
+        # copies, without making them; h is this call's own tensor, so the second add is in place.
+        h = x + self.attn(self.attn_norm(x), freqs_cis, caches, spans)
+        return h.add_(self.ffn(self.ffn_norm(h)))
 
 
 class Embedding(nn.Module):
@@ -356,7 +367,7 @@ class Stage(nn.Module):
         """x: token ids [S] (first stage) or hidden states [S, dim]. Returns the fp32 residual
         stream [S, dim], or fp32 logits ([S, vocab] if all_logits else [1, vocab]) on the last
         stage. Positions are cache.length .. cache.length + S - 1."""
-        return self.forward_batch([x], [cache], [all_logits])[0]
+        return self._forward([x], [cache], [all_logits])[0]
 
     @torch.inference_mode()
     def forward_batch(
@@ -366,15 +377,21 @@ class Stage(nn.Module):
         would compute them, with the linear layers run once over all rows and attention per
         session over its own cache. A row's result depends only on its session where the
         kernels are batch-invariant (`batch_invariant`)."""
-        all_logits = all_logits or [False] * len(xs)
+        return self._forward(xs, caches, all_logits or [False] * len(xs))
+
+    def _forward(self, xs: list[Tensor], caches: list[KVCache], all_logits: list[bool]) -> list[Tensor]:
         spans = self._spans(xs, caches)
-        x = torch.cat(xs)
-        x = self.embed(x) if self.embed is not None else x.to(device=self.spec.device, dtype=torch.float32)
-        freqs_cis = torch.cat([self.freqs_cis[p : p + S] for p, S in spans])
+        one = len(xs) == 1  # one session (a single stream's every step): no concatenating, no splitting
+        x = xs[0] if one else torch.cat(xs)  # never modified in place (Block adds into its own h)
+        x = self.embed(x) if self.embed is not None else x.to(self.spec.device, torch.float32).contiguous()
+        freqs = [self.freqs_cis[p : p + S] for p, S in spans]
+        freqs_cis = (freqs[0] if one else torch.cat(freqs))[:, None, :]  # broadcast over heads, once
         for i, layer in enumerate(self.layers):
             x = layer(x, freqs_cis, [(c.k[i], c.v[i]) for c in caches], spans)
         for c, (p, S) in zip(caches, spans, strict=True):
             c.length = p + S
+        if one and not self.is_last:
+            return [x]
         ends = np.cumsum([S for _, S in spans]).tolist()
         if not self.is_last:
             return list(x.tensor_split(ends[:-1]))
@@ -382,6 +399,8 @@ class Stage(nn.Module):
             slice(e - S, e) if full else slice(e - 1, e)
             for (_, S), e, full in zip(spans, ends, all_logits, strict=True)
         ]
+        if one:
+            return [self.output(self.norm(x[keep[0]])).float()]
         logits = self.output(self.norm(torch.cat([x[k] for k in keep]))).float()
         return list(logits.tensor_split(np.cumsum([k.stop - k.start for k in keep])[:-1].tolist()))
 

@@ -55,9 +55,15 @@ class WireTensor:
         name = _BY_TORCH.get(t.dtype)
         if name is None:
             raise TensorError(f"dtype {t.dtype} cannot travel (allowed: {', '.join(WIRE_DTYPES)})")
-        t = t.detach().to("cpu").contiguous()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.requires_grad:
+            t = t.detach()
+        t = t.contiguous()  # no-op (no copy) when it already is
+        if t.dim() and t.numel():  # the last dimension reinterpreted as bytes: no reshape, one copy
+            return cls(name, tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
         flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        return cls(name, tuple(int(s) for s in t.shape), flat.numpy().tobytes())
+        return cls(name, tuple(t.shape), flat.numpy().tobytes())
 
     @classmethod
     def from_tokens(cls, ids: list[int]) -> WireTensor:
@@ -110,7 +116,7 @@ class WireTensor:
 def all_finite(t: Tensor) -> bool:
     """No NaN or Inf. A finite fp32 sum proves it (any NaN or Inf makes the sum NaN or Inf)
     at a tenth of the cost of an elementwise check, which only runs when the sum overflows."""
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    if math.isfinite(t.sum(dtype=torch.float32).item()):
         return True
     return bool(torch.isfinite(t).all())
 

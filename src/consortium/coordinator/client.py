@@ -115,13 +115,14 @@ class Client:
         return self._consume(self.stub.Resume(msg), on_text, on_start, on_rollback, on_failover)
 
     def _consume(self, stream, on_text, on_start, on_rollback, on_failover) -> SessionReport:
-        summary = None
+        summary, sent = None, []
         try:
             for ev in stream:
                 kind = ev.WhichOneof("event")
                 if kind == "started" and on_start is not None:
                     on_start(ev.started)
                 elif kind == "token" and on_text is not None:
+                    sent.append(ev.token.text)
                     on_text(ev.token.text)
                 elif kind == "rollback" and on_rollback is not None:
                     on_rollback(RollbackRecord.from_proto(ev.rollback))
@@ -135,6 +136,11 @@ class Client:
             stream.cancel()  # no-op after a normal end; stops the session on Ctrl-C
         if summary is None:
             raise ConsortiumError(f"{self.peer} ended the session without a summary")
+        streamed = "".join(sent)
+        if on_text is not None and summary.text.startswith(streamed) and len(summary.text) > len(streamed):
+            on_text(
+                summary.text[len(streamed) :]
+            )  # held back by the stream: an incomplete character at the end
         return SessionReport.from_proto(summary)
 
     def session_status(self, session_id: str) -> dict:

@@ -55,7 +55,7 @@ def test_chunked_prefill_continues_cache(full):
     cache = full.new_cache(32)
     a = full(IDS[:5], cache, all_logits=True)
     b = full(IDS[5:], cache, all_logits=True)
-    torch.testing.assert_close(torch.cat([a, b]), ref, rtol=1e-4, atol=1e-4)
+    assert (torch.cat([a, b]) - ref).abs().max() < 1e-4 * ref.abs().max()  # as decode vs prefill
 
 
 def test_truncate_and_replay_is_exact(full):

@@ -44,7 +44,7 @@ def _open(runner, sid, capacity=32):
 
 def test_chained_runners_equal_one_stage(runners):
     g, rs = runners
-    full = Stage(g, StageSpec(0, 4))
+    full = Stage(g, StageSpec(0, 4, dtype=EngineConfig().dtype))  # the runners' engine
     cache = full.new_cache(32)
     for r in rs:
         _open(r, "s1")

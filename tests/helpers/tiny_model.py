@@ -93,8 +93,10 @@ def _sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
 def _random_k_blocks(rng: np.random.Generator, qtype: Q, rows: int, cols: int) -> np.ndarray:
     size, scale_offsets = K_BLOCKS[qtype]
     blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
-    for off in scale_offsets:  # keep the fp16 super-block scales small and finite
-        d = (rng.uniform(0.0005, 0.002, size=(rows, cols // 256)) * (1 if off != 2 else 0.5)).astype(
+    # Keep the fp16 super-block scales small: random sub-scales and codes reach |w| ~ 4000 d
+    # (Q6_K), and activations must stay far below fp16's 65504 for the fp16 engine.
+    for off in scale_offsets:
+        d = (rng.uniform(0.0001, 0.0004, size=(rows, cols // 256)) * (1 if off != 2 else 0.5)).astype(
             np.float16
         )
         blocks[:, :, off : off + 2] = d.view(np.uint8).reshape(rows, cols // 256, 2)

@@ -60,7 +60,9 @@ class EngineConfig:
     """How a node runs its stage (the options of `consortium generate`)."""
 
     device: str = "cpu"
-    dtype: str = "fp32"
+    # fp16 is the fastest mode of the strict verification class (docs/performance.md: 2.5x fp32's
+    # decode here); bf16 and --packed are faster still but verified in the loose class
+    dtype: str = "fp16"
     packed: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default (thread count does not change results)
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from consortium.core.config import EngineConfig
 from consortium.errors import InvalidRequestError
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import Stage, StageSpec
@@ -53,6 +54,12 @@ class TextStream:
         delta, self.emitted = text[len(self.emitted) :], text
         return delta
 
+    def flush(self) -> str:
+        """What push held back at the end (an incomplete UTF-8 sequence, as replacement characters)."""
+        text = self.tokenizer.decode(self.ids)
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
 
 def generate(
     stage: Stage,
@@ -85,6 +92,8 @@ def generate(
         if on_text is not None:
             on_text(stream.push(token))
         x = torch.tensor([token], dtype=torch.long)
+    if on_text is not None and (tail := stream.flush()):
+        on_text(tail)
     elapsed = time.perf_counter() - t0
     decode_time = elapsed - ttft
     tps = (len(tokens) - 1) / decode_time if len(tokens) > 1 and decode_time > 0 else 0.0
@@ -104,11 +113,14 @@ def load_progress(label: str) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+DEFAULT_ENGINE = EngineConfig()
+
+
 def load_single_node(
     model: str,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    packed: bool = False,
+    device: str = DEFAULT_ENGINE.device,
+    dtype: str = DEFAULT_ENGINE.dtype,
+    packed: bool = DEFAULT_ENGINE.packed,
     progress: Callable[[int, int], None] | None = None,
 ):
     """The model, a stage of every layer and the tokenizer; a progress bar unless `progress` is given."""

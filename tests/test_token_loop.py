@@ -173,3 +173,49 @@ def test_receipts_verify_after_a_stage_failed_over_to_the_coordinator(coordinato
     r = c.generate([f"w{i}" for i in range(len(ranges))], PROMPT, TOKENS, GREEDY)
     assert _failovers(r) == [(failing, FAIL_AT, f"w{failing}", "coordinator")]
     assert c.ledger.verify_session(r.session.session_id).tokens == TOKENS
+
+
+def _ban_after(c, node_id: str, tokens: int):
+    """An on_event callback: bans node_id (as if caught in another session) after `tokens` tokens."""
+    seen = 0
+
+    def on_event(ev) -> None:
+        nonlocal seen
+        if ev.WhichOneof("event") == "token":
+            seen += 1
+            if seen == tokens:
+                c.cluster.ban(node_id, "caught in another session")
+
+    return on_event
+
+
+@SAMPLINGS
+def test_a_node_banned_in_another_session_is_left_at_once_and_its_work_rechecked(
+    coordinator, tiny_gguf, sampling
+):
+    """Honest here: the move's replay matches what it committed, nothing is rolled back."""
+    c = coordinator()
+    c.add_node("w0", W0)
+    c.add_node("w1", W1)
+    r = c.generate(["w0", "w1"], PROMPT, TOKENS, sampling, on_event=_ban_after(c, "w1", 5))
+    assert r.tokens == _baseline(tiny_gguf, sampling)
+    assert _failovers(r) == [(1, 5, "w1", "coordinator")]
+    assert r.failovers[0].replay_check.passed and "banned" in r.failovers[0].error
+    assert r.rollbacks == [] and [s.node_id for s in r.session.stages] == ["w0", "coordinator", "coordinator"]
+
+
+def test_a_cheat_banned_elsewhere_is_rolled_back_here_by_the_replay(coordinator, tiny_gguf):
+    """Unaudited here, w1 steered every row; banned in another session, its stage moves to the
+    coordinator, whose replay differs from what w1 committed: evidence, and a rollback to the
+    first bad position, after which the tokens are the honest ones."""
+    c = coordinator()
+    c.add_node("w0", W0)
+    c.add_node("w1", W1, misbehave="steer=0.5")
+    r = c.generate(["w0", "w1"], PROMPT, TOKENS, GREEDY, on_event=_ban_after(c, "w1", 5))
+    assert r.tokens == _baseline(tiny_gguf, GREEDY)
+    f = r.failovers[0]
+    assert (f.stage, f.failed_node, f.backup_node) == (1, "w1", "coordinator") and not f.replay_check.passed
+    assert [(b.stage, b.node, b.position) for b in r.rollbacks] == [
+        (1, "w1", f.replay_check.first_bad_position)
+    ]
+    assert c.ledger.evidence("w1")  # the coordinator's own replay is evidence

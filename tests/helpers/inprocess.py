@@ -215,6 +215,9 @@ class InProcessCluster:
 
     # --- the Cluster protocol ----------------------------------------------------------------
 
+    def is_banned(self, node_id: str) -> bool:
+        return node_id in self.banned
+
     def public_key(self, node_id: str) -> bytes:
         return self.nodes[node_id].identity.public_key
 

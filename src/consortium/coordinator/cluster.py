@@ -54,6 +54,8 @@ class Cluster(Protocol):
 
     def ban(self, node_id: str, reason: str) -> None: ...
 
+    def is_banned(self, node_id: str) -> bool: ...
+
     def replace_stage(self, session: Session, index: int, bad_node: str) -> tuple[StageRef, StageHandle]: ...
 
     def auditor_for(
@@ -120,6 +122,9 @@ class NodeCluster:
     def ban(self, node_id: str, reason: str) -> None:
         self.ledger.ban(node_id, reason)
         self.registry.ban(node_id)
+
+    def is_banned(self, node_id: str) -> bool:
+        return self.registry.is_banned(node_id)
 
     def handle(self, node_id: str) -> StageHandle:
         with self._lock:

@@ -162,6 +162,7 @@ class TokenLoop:
             if session.cancel.is_set():
                 session.finish(CANCELLED, "cancelled by the client")
                 return
+            self._leave_banned(session, handles)
             result = self._run_stages(session, handles, step, x)
             step += 1
             yield from self._unsent_failovers(session)
@@ -178,6 +179,16 @@ class TokenLoop:
         yield from self._unsent_failovers(session)
         self._finish(session, eos, time.perf_counter() - t0)
         yield pb.GenerateEvent(done=self.summary(session))
+
+    def _leave_banned(self, session: Session, handles: list[StageHandle]) -> None:
+        """A stage whose node was caught cheating in another session moves off it at once; the
+        move replays the stage's committed inputs, which re-checks everything that node did
+        for this session (a difference rolls back)."""
+        for i, ref in enumerate(session.stages):
+            if not ref.local and self.cluster.is_banned(ref.node_id):
+                why = f"node {ref.node_id} was banned (caught cheating in another session)"
+                err = RemoteError(why, grpc.StatusCode.PERMISSION_DENIED)
+                self.recovery.failover(session, handles, i, session.position, err)
 
     def _finished(self, session: Session, eos: bool) -> bool:
         """Done once EOS or max tokens is reached and (unless the caller opted out) the pending

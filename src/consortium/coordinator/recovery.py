@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from consortium.coordinator.audits import Fraud
 from consortium.coordinator.cluster import Cluster
 from consortium.coordinator.stages import StageHandle
 from consortium.coordinator.verifier import Verifier
@@ -83,7 +84,29 @@ class Recovery:
             rep.replay_ms,
             rep.load_ms,
         )
+        if rep.check is not None and not rep.check.passed:
+            self._withdraw(session, s, failed, rep)
         return rep.ref, handles[s]
+
+    def _withdraw(self, session: Session, s: int, node_id: str, rep: Replacement) -> None:
+        """The replay differs from what the failed node committed: its work from the first differing
+        position is withdrawn (the loop rolls back). It is evidence (a ban) only when the
+        coordinator replayed; a worker's replay is its word against the node's, so then the
+        session is only rolled back, which is right whichever of the two lied."""
+        check = rep.check
+        assert check is not None
+        p = check.first_bad_position if check.first_bad_position is not None else 0
+        reason = f"replay on {rep.ref.node_id} differs from its committed outputs (rel-L2 {check.worst_rel_l2:.3g})"
+        fraud = Fraud(s, p, node_id, reason)
+        if rep.ref.local:
+            self.verifier.punish(session, fraud, {"error": reason, "replay_check": asdict(check)})
+            return
+        log.warning(
+            "session %s: %s of %s; rolling back to position %d", session.session_id, reason, node_id, p
+        )
+        with session.audits.lock:
+            if session.audits.fraud is None or p < session.audits.fraud.position:
+                session.audits.fraud = fraud
 
     def rollback(self, session: Session, handles: list[StageHandle]) -> tuple[RollbackRecord, WireTensor]:
         """Withdraw everything from the first bad position on, give the stage to an honest node

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from consortium.coordinator.batching import Batcher
-from consortium.core.config import EngineConfig, LayerRange
-from consortium.errors import InvalidRequestError
+from consortium.core.config import CoordinatorConfig, EngineConfig, LayerRange
+from consortium.errors import ConsortiumError, InvalidRequestError
 from consortium.identity import NodeIdentity
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import Stage, StageSpec
@@ -215,3 +215,9 @@ def test_a_failed_call_fails_every_order_in_it():
         t.join(10)
     assert all(isinstance(results[s], ConnectionError) for s in ("x", "y"))
     assert status_for(results["x"]) == grpc.StatusCode.INTERNAL  # not mistaken for a node's answer
+
+
+@pytest.mark.parametrize("n", [0, MAX_BATCH + 1])
+def test_max_batch_outside_what_a_node_takes_is_refused(tmp_path, n):
+    with pytest.raises(ConsortiumError, match="max-batch must be 1 to 64"):
+        CoordinatorConfig(model=tmp_path / "m.gguf", max_batch=n)

@@ -12,6 +12,7 @@ from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
 from consortium.verification.tolerance import admitted_classes, class_of
 
 LOCALHOST = "127.0.0.1"
+MAX_BATCH = 64  # work orders in one ExecuteBatch call (sessions a stage computes at once)
 DEFAULT_PORT = 50051
 INSECURE_WARNING = (
     "WARNING: --insecure: plain-text gRPC, no TLS. Anyone on the network path can read and alter "
@@ -125,6 +126,8 @@ class CoordinatorConfig:
         _check_port(self.port)
         if self.max_sessions < 1:
             raise ConsortiumError("max-sessions must be at least 1")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ConsortiumError(f"max-batch must be 1 to {MAX_BATCH} (the orders a node takes in one call)")
         if self.audit_workers < 1:
             raise ConsortiumError("audit-workers must be at least 1")
         if self.audit_memory_bytes is not None and self.audit_memory_bytes <= 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from consortium.core.config import EngineConfig, LayerRange
+from consortium.core.config import MAX_BATCH, EngineConfig, LayerRange
 from consortium.errors import InvalidRequestError
 from consortium.identity import NodeIdentity
 from consortium.model.gguf_file import GGUFModel
@@ -29,7 +29,6 @@ from consortium.verification.receipts import make_receipt, to_proto
 
 log = logging.getLogger(__name__)
 MAX_SESSION_ID = 128
-MAX_BATCH = 64  # orders in one batch call (sessions a stage computes at once)
 
 
 class OutOfSyncError(PreconditionError):

@@ -86,7 +86,9 @@ def kernels(threads: int) -> dict[str, float]:
     return out
 
 
-def run_cluster(model: Path, tokens: int, probability: float, single_tps: float | None) -> dict[str, Any]:
+def run_cluster(
+    model: Path, tokens: int, probability: float, single_tps: float | None, threads: int = 0
+) -> dict[str, Any]:
     """The seed topology as 3 local processes; startup, tok/s, peak RSS per process, audits."""
     from consortium.coordinator.client import Client
     from consortium.coordinator.launcher import LocalCluster
@@ -94,7 +96,7 @@ def run_cluster(model: Path, tokens: int, probability: float, single_tps: float 
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as logs:
         ranges = [LayerRange(0, 11), LayerRange(11, 22)]
-        engine = EngineConfig("cpu", "bf16", True)
+        engine = EngineConfig("cpu", "bf16", True, threads)  # 0: the machine's cores split among them
         cluster = LocalCluster(model, LayerRange(22, 32), ranges, Path(logs), engine=engine)
         t = time.perf_counter()
         try:
@@ -108,6 +110,10 @@ def run_cluster(model: Path, tokens: int, probability: float, single_tps: float 
             cluster.stop()
     a = report.audits
     res = {"startup_s": round(startup, 1), "decode_tps": report.tokens_per_second, "peak_rss_gb": peaks}
+    res |= {
+        "threads_per_process": cluster.engine.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
     res |= {"audits": {"total": a.total, "passed": a.passed, "failed": a.failed, "pending": a.pending}}
     res["rss_total_gb"] = round(sum(v for v in peaks.values() if v), 2)
     if single_tps:
@@ -159,6 +165,9 @@ def main() -> None:
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--cluster", action="store_true", help="also run the 3-process seed topology")
     p.add_argument("--audit-probability", type=float, default=0.2)
+    p.add_argument(
+        "--cluster-threads", type=int, default=0, help="threads per cluster process (0: cores / 3)"
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -186,7 +195,7 @@ def main() -> None:
         r.pop("tokens", None)
     if a.cluster:
         res["seed_topology"] = run_cluster(
-            model, a.tokens, a.audit_probability, res["consortium"].get("decode_tps")
+            model, a.tokens, a.audit_probability, res["consortium"].get("decode_tps"), a.cluster_threads
         )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))

@@ -4,7 +4,10 @@
   against CPU fp32, and seeded sampling at temperature 0.7 from CUDA logits (sample() on CPU);
 - speed: load time, prefill/decode tok/s and peak GPU memory of the 8B Q4_K_M shape per dtype,
   and decode against the memory-bandwidth limit for the weights' bytes (measured copy bandwidth);
-- a CUDA worker in a CPU pipeline with every unit audited (failed audits must be 0).
+- a CUDA worker in a CPU pipeline with every unit audited (failed audits must be 0);
+- batching: whether the CUDA fp16 stage is batch-invariant (cuBLAS may pick another kernel for
+  more rows), aggregate decode tok/s of 1, 8 and 32 sessions in one forward, and whether each
+  batched session's greedy tokens equal its run alone.
 """
 
 from __future__ import annotations
@@ -114,6 +117,29 @@ def cuda_worker_in_cpu_pipeline(cache: Path, n: int) -> dict[str, Any]:
     return {"tokens": report.tokens, "audits": {"total": a.total, "passed": a.passed, "failed": a.failed}}
 
 
+def batching(cache: Path, n: int, device: str = "cuda") -> dict[str, Any]:
+    path = _model(cache, "llama3.2-1b")
+    _, stage, tok = load_single_node(str(path), device, "fp16", progress=lambda *_: None)
+    prompts = [tok.encode_prompt(f"{PROMPT} ({i})", chat=True) for i in range(32)]
+    out: dict[str, Any] = {"batch_invariant": stage.batch_invariant}
+    alone = [generate(stage, tok, p, n, SamplingParams()).tokens for p in prompts[:8]]
+    for size in (1, 8, 32):
+        caches = [stage.new_cache(len(p) + n) for p in prompts[:size]]
+        logits = stage.forward_batch([torch.tensor(p) for p in prompts[:size]], caches)
+        tokens = [[int(x[-1].argmax())] for x in logits]
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            logits = stage.forward_batch([torch.tensor(ts[-1:]) for ts in tokens], caches)
+            for ts, x in zip(tokens, logits, strict=True):
+                ts.append(int(x[-1].argmax()))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out[f"sessions_{size}_tps"] = round(size * (n - 1) / (time.perf_counter() - t), 1)
+        if size == 8:  # ignoring EOS, as alone's tokens stop at it
+            out["batched_equal_alone"] = [ts[: len(a)] == a for ts, a in zip(tokens, alone, strict=True)]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -122,7 +148,8 @@ def main() -> None:
     a = p.parse_args()
     a.cache_dir.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    for name, fn in (("numerics", numerics), ("speed_8b", speed), ("pipeline", cuda_worker_in_cpu_pipeline)):
+    checks = (("numerics", numerics), ("speed_8b", speed), ("pipeline", cuda_worker_in_cpu_pipeline))
+    for name, fn in (*checks, ("batching", batching)):
         t = time.perf_counter()
         try:
             res[name] = fn(a.cache_dir, a.tokens)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, as it is, on a machine with CUDA (CI has none): tokens vs CPU fp32, load time,
 # tok/s, peak GPU memory, bandwidth fraction, and a CUDA worker in a CPU pipeline with audits at
-# 1.0. Synthesises its models (no download). Writes $OUT/gpu_check.json (default ./results).
+# 1.0, and continuous batching (batch invariance, 1/8/32 sessions). Synthesises its models (no
+# download). Writes $OUT/gpu_check.json (default ./results).
 # Uses .venv/bin/python when there is one, else python3 with src/ on the path.
 set -euo pipefail
 cd "$(dirname "$0")/.."

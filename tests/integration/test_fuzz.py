@@ -169,8 +169,23 @@ def test_fuzzed_work_on_an_open_session_gets_a_status_never_internal(fuzz_cluste
         seen.add(_call(stub.Rollback, pb.RollbackRequest(session_id="fuzz", position=back_to), False))
         assert not seen & BAD, (seen, order)
 
+    @settings(FUZZ, max_examples=30)
+    @given(st.lists(orders, min_size=1, max_size=3))
+    def fuzz_batch(batch):
+        """The same orders in one ExecuteBatch: the call and every order in it get a status."""
+        try:
+            reply = stub.ExecuteBatch(pb.WorkBatch(orders=batch), timeout=30)
+        except grpc.RpcError as e:
+            seen.add(e.code())
+            return
+        assert len(reply.items) == len(batch)
+        codes = {next(c for c in grpc.StatusCode if c.value[0] == it.code) for it in reply.items}
+        assert not codes & BAD, (codes, batch)
+        seen.update(codes)
+
     try:
         fuzz()
+        fuzz_batch()
     finally:
         channel.close()
     assert grpc.StatusCode.INVALID_ARGUMENT in seen

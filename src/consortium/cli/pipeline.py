@@ -281,6 +281,14 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
         help="Numeric classes of nodes admitted: strict (fp32, fp16), loose (bf16, packed: weaker "
         "verification, see SECURITY.md), or all.",
     ),
+    config_option(
+        CoordinatorConfig,
+        "calibration",
+        "--calibration",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="This model's tolerances: a report of `consortium calibrate --model ...` (default: the "
+        "committed SmolLM2 report; other models then get its class-wide bounds).",
+    ),
     serve_options,
     file_option(
         "--http-port-file", "Write the HTTP API's bound port here (launcher.py's protocol).", hidden=True

@@ -44,7 +44,7 @@ from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import PreconditionError, bind, make_server, maps_errors
 from consortium.verification.audit import LocalAuditor
 from consortium.verification.ledger import Ledger
-from consortium.verification.tolerance import admitted_classes, calibration_report
+from consortium.verification.tolerance import admitted_classes, calibration_report, load_calibration
 from consortium.worker.runner import StageRunner, set_threads
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,13 @@ def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
     gguf = GGUFModel(cfg.model)
     if cfg.layers is not None:
         cfg.layers.check(gguf.args.n_layers)
-    if calibration_report()["model_digest"] != gguf.digest:  # thresholds per range exist for one model
+    if cfg.calibration is not None:
+        load_calibration(cfg.calibration, gguf.digest)
+        log.info("tolerances: %s (calibrated on this model)", cfg.calibration)
+    elif calibration_report()["model_digest"] != gguf.digest:  # the committed table is one model's
         log.warning(
             "no tolerances calibrated for %s: audits use the class-wide bounds, which catch gross "
-            "cheats only (docs/tolerances.md; `consortium calibrate` measures a model)",
+            "cheats only (docs/tolerances.md; `consortium calibrate` measures a model, --calibration loads it)",
             gguf.path.name,
         )
     ledger = Ledger(cfg.ledger or Path(tempfile.mkdtemp(prefix="consortium-")) / "ledger.db")

@@ -38,7 +38,7 @@ from consortium.verification.receipts import (
     input_digest,
     output_digest,
 )
-from consortium.verification.sequential import NodeErrorStats
+from consortium.verification.sequential import NodeErrorStats, cusum_thresholds
 from consortium.verification.tolerance import tolerance_for, worst_class
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class Verifier:
         self._layers_digests: dict[tuple[int, int], str] = {}
         self._digest_lock = threading.Lock()
         self.pool = AuditPool(workers, self._run, self._close_if_done)
-        self.node_stats = NodeErrorStats()  # a per-node sequential test over every audited row
+        # a per-node sequential test over every audited row, with the model's calibrated h
+        self.node_stats = NodeErrorStats(cusum_thresholds(gguf.digest))
 
     def stop(self) -> None:
         self.pool.stop()

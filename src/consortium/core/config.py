@@ -121,6 +121,9 @@ class CoordinatorConfig:
     audit_workers: int = 4  # sessions audited at once (each session's audits run one at a time)
     # numeric classes admitted (verification/tolerance.py): strict (fp32, fp16), loose (bf16, packed)
     tolerance_classes: str = "strict"
+    # this model's `consortium calibrate` report; None: the committed one (SmolLM2's per-range
+    # table; other models get its class-wide bounds)
+    calibration: Path | None = None
 
     def __post_init__(self) -> None:
         _check_port(self.port)

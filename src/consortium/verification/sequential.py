@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from consortium.verification.audit import AuditResult
-from consortium.verification.tolerance import CLASSES, calibration_report
+from consortium.verification.tolerance import CLASSES, report_for
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ class Verdict:
     reason: str = ""
 
 
-def cusum_thresholds() -> dict[str, float]:
-    """h per class, from the committed calibration report."""
-    return {k: float(calibration_report()["proposed"][k]["cusum_h"]) for k in CLASSES}
+def cusum_thresholds(model_digest: str | None = None) -> dict[str, float]:
+    """h per class, from the model's calibration report (tolerance.report_for)."""
+    return {k: float(report_for(model_digest)["proposed"][k]["cusum_h"]) for k in CLASSES}
 
 
 class NodeErrorStats:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -137,6 +138,46 @@ def calibration_report() -> dict:
     return json.loads(text)
 
 
+# Reports given with `coordinator start --calibration`, by model digest: loaded once at start,
+# before any audit, and read-only after.
+_loaded: dict[str, dict] = {}
+
+
+def load_calibration(path: Path, model_digest: str) -> dict:
+    """A `consortium calibrate` report of this model (--calibration): checked, then used for its
+    thresholds (per range, class-wide and CUSUM) in place of the committed report's, which are
+    another model's. A malformed file or another model's is a clear error."""
+    try:
+        report = json.loads(Path(path).read_text())
+        digest = str(report["model_digest"])
+        for k in CLASSES:
+            p = report["proposed"][k]
+            [float(p[f]) for f in ("rel_l2", "max_rel", "cusum_h")]
+        table = report.get("ranges")
+        if table is not None:
+            starts, n = [int(s) for s in table["sampled_starts"]], int(table["n_layers"])
+            for k in CLASSES:
+                for f in ("rel_l2", "max_rel", "mean_rel_l2"):
+                    rows = table[k][f]
+                    if len(rows) != len(starts) or any(
+                        len(r) != n - s for r, s in zip(rows, starts, strict=True)
+                    ):
+                        raise ValueError(f"ranges.{k}.{f} does not cover every range of {n} layers")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConsortiumError(f"calibration file {path}: not a `consortium calibrate` report ({e})") from e
+    if digest != model_digest:
+        raise ConsortiumError(
+            f"calibration file {path} was measured on the model {digest[:16]}…, not this one ({model_digest[:16]}…)"
+        )
+    _loaded[digest] = report
+    return report
+
+
+def report_for(model_digest: str | None) -> dict:
+    """The calibration report for a model: its own if one was loaded, else the committed one."""
+    return _loaded.get(model_digest or "") or calibration_report()
+
+
 def tolerance_for(
     klass: str,
     layers: tuple[int, int] | None = None,
@@ -152,7 +193,7 @@ def tolerance_for(
     layers, whose rounding adds error (validated on starts that were not sampled:
     docs/tolerances.md). Another model (n_layers and digest), or no range given, gets the
     class-wide bound (the largest over every range measured)."""
-    report = report or calibration_report()
+    report = report or report_for(model_digest)
     p, table = report["proposed"][klass], report.get("ranges")
     fallback = Tolerance(
         klass, float(p["rel_l2"]), float(p["max_rel"]), float(p.get("mean_rel_l2", math.inf))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from consortium.model.generate import TextStream, generate, load_single_node
+from consortium.model.generate import generate, load_single_node
 from consortium.model.sampling import SamplingParams
 from helpers.tiny_model import TinySpec, write_tiny_gguf
 
@@ -18,11 +18,15 @@ def long_tiny_gguf(path: Path) -> Path:
 
 
 def single_node_text(model: Path, prompt: str, max_tokens: int, chat: bool = True) -> tuple[str, list[int]]:
-    """What `consortium generate` gives (greedy), as the API streams it: text deltas joined."""
+    """What `consortium generate` streams (greedy): its text deltas joined, the flushed end of an
+    incomplete character included (the tiny model often ends mid-character); equal to its text."""
     _, stage, tok = load_single_node(str(model))
-    tokens = generate(stage, tok, tok.encode_prompt(prompt, chat=chat), max_tokens, SamplingParams()).tokens
-    stream = TextStream(tok)
-    return "".join(stream.push(t) for t in tokens), tokens
+    deltas: list[str] = []
+    result = generate(
+        stage, tok, tok.encode_prompt(prompt, chat=chat), max_tokens, SamplingParams(), deltas.append
+    )
+    assert "".join(deltas) == result.text
+    return result.text, result.tokens
 
 
 class Metrics:

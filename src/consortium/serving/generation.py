@@ -76,6 +76,13 @@ class EventBridge:
         return item
 
 
+def _held_back(text: str, streamed: str) -> str:
+    """What of the session's text its token events held back: the coordinator's text stream
+    waits while the decoded text ends in an incomplete UTF-8 sequence, so a generation ending
+    mid-character leaves its last bytes (U+FFFD in `text`, as `generate` prints them) unsent."""
+    return text[len(streamed) :] if text.startswith(streamed) else ""
+
+
 class Generation:
     """Text deltas of one session; timings go to `on_token(gap_s, first)` as tokens go out."""
 
@@ -94,6 +101,8 @@ class Generation:
         self.prompt_tokens = len(session.prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None  # stop | length; None: cancelled or failed
+        self.token_texts: list[str] = []  # each standing token's delta (rollbacks drop theirs)
+        self.held_back = ""  # text the token events never carried: an incomplete character at the end
         self.ended = False
         self.disconnected = False  # the client went away
         self.bridge = EventBridge(events, f"http-{session.session_id[:8]}")
@@ -118,6 +127,13 @@ class Generation:
             if self.finish_reason is None:  # ended without its summary: cancelled or stopped elsewhere
                 s = self.session
                 raise ApiError(503, f"session {s.session_id} ended {s.state}: {s.error}", None, s.state)
+            # after every token's text, so that the deltas add up to the session's text
+            out = self.stop.push(self.held_back) if self.held_back else ""
+            if out:
+                yield out
+            if self.stop.stopped:
+                self.finish_reason = "stop"
+                return
             tail = self.stop.flush()
             if tail:
                 yield tail
@@ -132,10 +148,14 @@ class Generation:
         kind = ev.WhichOneof("event") if ev is not None else None
         if kind == "token":
             self.releaser.token(ev.token.text)
+            self.token_texts.append(ev.token.text)
         elif kind == "rollback":
-            self.releaser.rollback(RollbackRecord.from_proto(ev.rollback))
+            rb = RollbackRecord.from_proto(ev.rollback)
+            self.releaser.rollback(rb)
+            del self.token_texts[rb.kept_tokens :]
         elif kind == "done":
             self.finish_reason = "stop" if ev.done.stop_reason == "eos" else "length"
+            self.held_back = _held_back(ev.done.text, "".join(self.token_texts))
 
     def _out(self, text: str) -> str:
         now = time.perf_counter()

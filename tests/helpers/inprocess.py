@@ -345,12 +345,20 @@ class InProcessCoordinator:
         audit_probability: float = 0.0,
         audit_seed: int | None = None,
         wait_audits: bool = True,
+        audit_coverage: str = "full",
     ) -> Session:
         """As Coordinator.new_session, over `pipeline` (node ids) and the coordinator's own stage;
         session ids are deterministic (a seed then chooses the same audited units every run)."""
         ids = self.tokenizer.encode_prompt(prompt, chat=True)
         request = SessionRequest(
-            prompt, max_tokens, sampling, True, audit_probability, audit_seed, wait_audits=wait_audits
+            prompt,
+            max_tokens,
+            sampling,
+            True,
+            audit_probability,
+            audit_seed,
+            audit_coverage,
+            wait_audits=wait_audits,
         )
         sid = f"session-{next(self._ids)}"
         session = Session(
@@ -359,7 +367,7 @@ class InProcessCoordinator:
             ids,
             min(max_tokens, self.gguf.args.context_length - len(ids)),
             self.cluster.route(pipeline),
-            audits=self.verifier.new_session_audits(sid, audit_probability, audit_seed),
+            audits=self.verifier.new_session_audits(sid, audit_probability, audit_seed, audit_coverage),
         )
         params = {"max_tokens": session.max_tokens, "audit_probability": audit_probability}
         self.ledger.create_session(sid, ids, params, stages_record(session))

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from consortium.core.config import (
+    AUDIT_COVERAGES,
     INSECURE_WARNING,
     ClientConfig,
     CoordinatorConfig,
@@ -123,6 +124,15 @@ audit_options = options(
         "--audit-probability",
         type=float,
         help=f"Share of work units audited (default {default(CoordinatorConfig, 'audit_probability'):g}).",
+    ),
+    config_option(
+        SessionRequest,
+        "audit_coverage",
+        "--audit-coverage",
+        type=click.Choice(AUDIT_COVERAGES),
+        help="full: every row of the audited stages is recomputed by the session's end (each answer "
+        "checked); sampled: a drawn share of them is, at the session's end (cheaper, see SECURITY.md). "
+        f"Default {default(CoordinatorConfig, 'audit_coverage')}.",
     ),
 )
 wait_audits_option = click.option(

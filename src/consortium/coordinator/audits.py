@@ -41,8 +41,11 @@ class SessionAudits:
     session_id: str
     rng: random.Random  # which units are audited (the token loop draws)
     probability: float
+    coverage: str = "full"  # core.config.AUDIT_COVERAGES
     recheck_rng: random.Random = field(default_factory=secrets.SystemRandom)  # the audit pool draws
     requested: dict[int, list[int]] = field(default_factory=dict)  # stage -> audited unit end positions
+    requested_to: dict[int, int] = field(default_factory=dict)  # stage -> latest end ever requested
+    drawn: dict[int, bool] = field(default_factory=dict)  # sampled coverage: stage -> checked at all
     passed: int = 0
     failed: int = 0
     unverified: int = 0  # units no auditor could take (refused by the coordinator's audit budget)

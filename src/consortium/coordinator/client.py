@@ -98,6 +98,8 @@ class Client:
             msg.audit_probability = req.audit_probability
         if req.audit_seed is not None:
             msg.audit_seed = req.audit_seed
+        if req.audit_coverage is not None:
+            msg.audit_coverage = req.audit_coverage
         return self._consume(self.stub.Generate(msg), on_text, on_start, on_rollback, on_failover)
 
     def resume(

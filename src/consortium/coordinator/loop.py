@@ -197,6 +197,7 @@ class TokenLoop:
         audits = session.audits
         if audits.fraud is not None or not (eos or len(session.tokens) >= session.max_tokens):
             return False
+        self.verifier.audit_end(session)
         if not session.request.wait_audits or not self.verifier.wait(audits, self.cfg.audit_wait_timeout_s):
             return True
         return audits.fraud is None

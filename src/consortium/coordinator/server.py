@@ -266,10 +266,13 @@ class Coordinator:
             not req.no_chat,
             req.audit_probability if req.HasField("audit_probability") else None,
             req.audit_seed if req.HasField("audit_seed") else None,
+            req.audit_coverage if req.HasField("audit_coverage") else None,
             wait_audits=not req.no_wait_audits,
         ).check()
         if request.audit_probability is None:
             request = replace(request, audit_probability=self.cfg.audit_probability)
+        if request.audit_coverage is None:
+            request = replace(request, audit_coverage=self.cfg.audit_coverage)
         size = len(request.prompt.encode())
         if size > self.max_prompt_bytes:
             raise InvalidRequestError(
@@ -286,7 +289,9 @@ class Coordinator:
         stages = self.cluster.route()
         self.sessions.check_capacity()
         sid = uuid.uuid4().hex
-        audits = self.verifier.new_session_audits(sid, request.audit_probability, request.audit_seed)
+        audits = self.verifier.new_session_audits(
+            sid, request.audit_probability, request.audit_seed, request.audit_coverage
+        )
         max_tokens = min(request.max_tokens, ctx - len(ids))
         session = Session(sid, request, ids, max_tokens, stages, audits=audits, client=client)
         self.ledger.create_session(sid, ids, self._params(session), stages_record(session))
@@ -311,6 +316,7 @@ class Coordinator:
             "seed": sampling.seed,
             "chat": r.chat,
             "audit_probability": r.audit_probability,
+            "audit_coverage": r.audit_coverage,
             "model_digest": self.digest,
         }
 
@@ -335,12 +341,14 @@ class Coordinator:
         stages = self.cluster.route()
         sampling = SamplingParams(params["temperature"], params["top_k"], params["top_p"], params["seed"])
         probability = params.get("audit_probability", self.cfg.audit_probability)
+        coverage = params.get("audit_coverage") or self.cfg.audit_coverage  # older ledgers lack it
         request = SessionRequest(
             "",
             params["max_tokens"],
             sampling,
             params["chat"],
             probability,
+            audit_coverage=coverage,
             wait_audits=not req.no_wait_audits,
         )
         session = Session(
@@ -351,7 +359,7 @@ class Coordinator:
             stages,
             tokens=list(tokens),
             resumed=len(tokens),
-            audits=self.verifier.new_session_audits(sid, probability, self.cfg.audit_seed),
+            audits=self.verifier.new_session_audits(sid, probability, self.cfg.audit_seed, coverage),
             client=client,
         )
         session.first_step = self.ledger.resume_session(sid, stages_record(session))

@@ -76,14 +76,16 @@ class Verifier:
 
     # --- the token loop's side ---------------------------------------------------------------
 
-    def new_session_audits(self, session_id: str, probability: float, seed: int | None) -> SessionAudits:
+    def new_session_audits(
+        self, session_id: str, probability: float, seed: int | None, coverage: str = "full"
+    ) -> SessionAudits:
         """Units are chosen unpredictably to workers (CSPRNG), or reproducibly under a seed."""
         seed = self.audit_seed if seed is None else seed
 
         def rng(purpose: str) -> random.Random:
             return secrets.SystemRandom() if seed is None else random.Random(f"{seed}:{session_id}{purpose}")
 
-        return SessionAudits(session_id, rng(""), probability, recheck_rng=rng(":recheck"))
+        return SessionAudits(session_id, rng(""), probability, coverage, recheck_rng=rng(":recheck"))
 
     def check(
         self, order: pb.WorkOrder, res: pb.WorkResult, key: bytes, expected_in: bytes, out: WireTensor
@@ -97,12 +99,39 @@ class Verifier:
         return output_digest(session.session_id, stage, start, out)
 
     def maybe_audit(self, session: Session, stage: int, end_position: int) -> None:
-        """Select this unit (stage, positions up to end_position) with the session's probability."""
+        """Full coverage: select this unit (stage, positions up to end_position) as a checkpoint
+        with the session's probability. Sampled coverage draws nothing during generation."""
         audits = session.audits
-        if audits.probability <= 0 or audits.rng.random() >= audits.probability:
+        if audits.coverage != "full" or audits.probability <= 0:
             return
+        if audits.rng.random() < audits.probability:
+            self._request(session, stage, end_position)
+
+    def audit_end(self, session: Session) -> None:
+        """The session's end (again after a rollback) is a checkpoint of every audited stage, so
+        no row escapes its stage's audits in the tail after the last drawn unit. Sampled
+        coverage draws here, once per stage and session, whether the stage is checked at all:
+        nobody (a remote auditor included) learns during generation which stages will be."""
+        audits = session.audits
+        if audits.probability <= 0:
+            return
+        for i, ref in enumerate(session.stages):
+            if ref.local:
+                continue
+            if audits.coverage == "sampled":
+                if i not in audits.drawn:
+                    audits.drawn[i] = audits.rng.random() < audits.probability
+                if not audits.drawn[i]:
+                    continue
+            self._request(session, i, session.position)
+
+    def _request(self, session: Session, stage: int, end_position: int) -> None:
+        audits = session.audits
         with audits.lock:
+            if audits.requested_to.get(stage, -1) >= end_position:
+                return  # an audit up to here is already asked for (or done)
             audits.requested.setdefault(stage, []).append(end_position)
+            audits.requested_to[stage] = end_position
         self.pool.submit(session, stage)
 
     def punish(self, session: Session, fraud: Fraud, evidence: dict) -> None:
@@ -148,6 +177,8 @@ class Verifier:
         with audits.lock:
             for stage, ends in audits.requested.items():
                 audits.requested[stage] = [e for e in ends if e <= position]
+            for stage, end in audits.requested_to.items():
+                audits.requested_to[stage] = min(end, position)
             audits.rewind_to = position if audits.rewind_to is None else min(audits.rewind_to, position)
             audits.idle.notify_all()
 

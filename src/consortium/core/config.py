@@ -13,6 +13,12 @@ from consortium.verification.tolerance import admitted_classes, class_of
 
 LOCALHOST = "127.0.0.1"
 MAX_BATCH = 64  # work orders in one ExecuteBatch call (sessions a stage computes at once)
+# what the audit probability p covers (DESIGN.md §4, docs/architecture.md "Audit coverage"):
+# full: p is how often a checkpoint falls; every audited stage's rows are all recomputed, up to
+#   the session's end (each answer fully checked; costs one recompute of the audited stages).
+# sampled: each audited stage of a session is drawn with probability p when the session ends,
+#   and a drawn one is recomputed in full in one prefill (a share p checked; costs about p of it).
+AUDIT_COVERAGES = ("full", "sampled")
 DEFAULT_PORT = 50051
 INSECURE_WARNING = (
     "WARNING: --insecure: plain-text gRPC, no TLS. Anyone on the network path can read and alter "
@@ -104,6 +110,7 @@ class CoordinatorConfig:
     # verification (DESIGN.md §4)
     audit_probability: float = 0.2  # share of work units audited, when a session does not say
     audit_seed: int | None = None  # None: a CSPRNG chooses the audited units
+    audit_coverage: str = "full"  # AUDIT_COVERAGES, when a session does not say
     ledger: Path | None = None  # SQLite ledger; None = a fresh one in a temporary directory
     allow_keys: frozenset[bytes] | None = None  # admit only these Ed25519 public keys
     # trust (DESIGN.md §7): TLS with pinned certificates unless insecure; clients listed here
@@ -147,6 +154,7 @@ class CoordinatorConfig:
             )
         check_probability(self.audit_probability)
         check_probability(self.audit_recheck_probability)
+        check_coverage(self.audit_coverage)
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,7 @@ class SessionRequest:
     chat: bool = True
     audit_probability: float | None = None  # None: the coordinator's default
     audit_seed: int | None = None
+    audit_coverage: str | None = None  # None: the coordinator's default
     wait_audits: bool = True  # the final result waits for the session's pending audits
 
     def check(self) -> SessionRequest:
@@ -201,6 +210,8 @@ class SessionRequest:
             raise InvalidRequestError(f"max-tokens must be positive, got {self.max_tokens}")
         if self.audit_probability is not None:
             check_probability(self.audit_probability)
+        if self.audit_coverage is not None:
+            check_coverage(self.audit_coverage, InvalidRequestError)
         return self
 
 
@@ -218,6 +229,12 @@ def check_probability(p: float) -> float:
     if not 0.0 <= p <= 1.0:
         raise ConsortiumError(f"audit probability {p} outside [0, 1]")
     return p
+
+
+def check_coverage(coverage: str, error: type[ConsortiumError] = ConsortiumError) -> str:
+    if coverage not in AUDIT_COVERAGES:
+        raise error(f"unknown audit coverage {coverage!r} (use {' or '.join(AUDIT_COVERAGES)})")
+    return coverage
 
 
 def read_allowed_keys(path: str | Path) -> frozenset[bytes]:

@@ -301,7 +301,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_tokens", "sampling", "no_chat", "audit_probability", "audit_seed", "no_wait_audits")
+    __slots__ = ("prompt", "max_tokens", "sampling", "no_chat", "audit_probability", "audit_seed", "no_wait_audits", "audit_coverage")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class GenerateRequest(_message.Message):
     AUDIT_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     AUDIT_SEED_FIELD_NUMBER: _ClassVar[int]
     NO_WAIT_AUDITS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_COVERAGE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_tokens: int
     sampling: Sampling
@@ -316,7 +317,8 @@ class GenerateRequest(_message.Message):
     audit_probability: float
     audit_seed: int
     no_wait_audits: bool
-    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., no_chat: _Optional[bool] = ..., audit_probability: _Optional[float] = ..., audit_seed: _Optional[int] = ..., no_wait_audits: _Optional[bool] = ...) -> None: ...
+    audit_coverage: str
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., no_chat: _Optional[bool] = ..., audit_probability: _Optional[float] = ..., audit_seed: _Optional[int] = ..., no_wait_audits: _Optional[bool] = ..., audit_coverage: _Optional[str] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("index", "node_id", "address", "layers", "device", "dtype", "local")

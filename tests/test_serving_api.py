@@ -142,21 +142,43 @@ def test_a_disconnect_cancels_the_session_and_frees_its_cache(server, http):
     wait_for(lambda: len(server.runner.pool) == 0, 10, "the session's KV cache to be freed")
 
 
-def test_metrics_count_requests_tokens_and_latencies(http):
-    """Reads what the tests above did to the module's server (it runs after them, in file order;
-    alone, with -k, it has nothing to count)."""
-    m = Metrics(http.get("/metrics").text)
-    value = m.value
-    assert value("consortium_requests_total", endpoint="chat", outcome="length") >= 2
-    assert value("consortium_requests_total", endpoint="chat", outcome="rejected") >= 2
-    assert value("consortium_requests_total", endpoint="chat", outcome="cancelled") == 1
-    assert value("consortium_generation_tokens_total") >= 12 + 12 + 8
-    assert value("consortium_time_to_first_token_seconds_count") >= 4
-    assert value("consortium_inter_token_latency_seconds_count") >= 11
-    assert value("consortium_nodes", role="serving", backend="cpu") == 1
-    assert value("consortium_layer_min_holders") == 1 and value("consortium_bans_total") == 0
-    assert value("consortium_step_seconds_count", stage="0", node="coordinator", phase="prefill") >= 4
-    assert value("consortium_step_seconds_sum", stage="0", node="coordinator", phase="decode") > 0
+def test_metrics_count_requests_tokens_and_latencies(server, http, client):
+    """Counts what this test asks for itself (after less before), so it holds alone and in any
+    order; it used to read what the tests above it did."""
+    before = Metrics(http.get("/metrics").text)
+    msgs = [{"role": "user", "content": PROMPT}]
+    client.chat.completions.create(model="long", messages=msgs, max_tokens=12)
+    list(client.chat.completions.create(model="long", messages=msgs, max_tokens=12, stream=True))
+    client.completions.create(model="long", prompt=PROMPT, max_tokens=8)
+    for bad in ({"n": 2}, {"model": "gpt-4o"}):
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(**{"model": "long", "messages": msgs, **bad})
+    body = {"model": "long", "messages": msgs, "max_tokens": 1900, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:  # left after its first text
+        chunks = (json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: "))
+        next(c for c in chunks if c["choices"][0]["delta"].get("content"))
+
+    def added(name: str, **labels: str) -> float:
+        return m.value(name, **labels) - before.value(name, **labels)
+
+    def cancelled() -> bool:
+        nonlocal m
+        m = Metrics(http.get("/metrics").text)
+        return added("consortium_requests_total", endpoint="chat", outcome="cancelled") == 1
+
+    m = before
+    wait_for(cancelled, 30, "the disconnected request to count as cancelled")
+    wait_for(lambda: len(server.runner.pool) == 0, 10, "the cancelled session's KV cache to be freed")
+    assert added("consortium_requests_total", endpoint="chat", outcome="length") == 2
+    assert added("consortium_requests_total", endpoint="chat", outcome="rejected") == 2
+    assert added("consortium_requests_total", endpoint="completion", outcome="length") == 1
+    assert added("consortium_generation_tokens_total") >= 12 + 12 + 8
+    assert added("consortium_time_to_first_token_seconds_count") >= 4
+    assert added("consortium_inter_token_latency_seconds_count") >= 11
+    assert m.value("consortium_nodes", role="serving", backend="cpu") == 1
+    assert m.value("consortium_layer_min_holders") == 1 and m.value("consortium_bans_total") == 0
+    assert added("consortium_step_seconds_count", stage="0", node="coordinator", phase="prefill") >= 4
+    assert added("consortium_step_seconds_sum", stage="0", node="coordinator", phase="decode") > 0
     for name in (
         "consortium_e2e_request_latency_seconds_count",
         "consortium_rollbacks_total",

@@ -11,64 +11,91 @@ from click.testing import CliRunner
 
 from consortium.cli.main import cli
 from consortium.coordinator.audits import Fraud, SessionAudits
-from consortium.core.records import RollbackRecord
+from consortium.core.config import LayerRange, SessionRequest
+from consortium.core.records import RollbackRecord, StageRef
+from consortium.core.session import Session
 from consortium.errors import ConsortiumError
 from consortium.serving.config import ServeConfig, read_api_keys
 from consortium.serving.metrics import histogram, receipt_reason
-from consortium.serving.release import Releaser, Retracted, StopMatcher
+from consortium.serving.release import Releaser, Retracted, StopMatcher, secured_tokens
 from consortium.serving.schemas import ApiError, ChatRequest, CompletionRequest, parse
 
+PROMPT = [1, 2, 3]  # token k of the sessions below stands once rows [0, 3 + k) passed
 
-def audits() -> SessionAudits:
-    return SessionAudits("s", random.Random(0), 1.0)
+
+def session(coverage: str = "full", probability: float = 1.0) -> Session:
+    """A session on a remote stage 0 (audited) and the coordinator's own stage 1 (never)."""
+    stages = [
+        StageRef(0, "worker-1", "w:1", LayerRange(0, 1), "cpu", "fp16", False),
+        StageRef(1, "coordinator", "c:1", LayerRange(1, 2), "cpu", "fp16", True),
+    ]
+    s = Session("s", SessionRequest("p"), PROMPT, 16, stages)
+    s.audits = SessionAudits("s", random.Random(0), probability, coverage)
+    return s
+
+
+def passed(s: Session, to: int) -> None:
+    s.audits.verified_to[0] = to
 
 
 def rollback(kept: int) -> RollbackRecord:
-    return RollbackRecord(1, 10 + kept, "worker-1", "failed audit: rel-L2 0.3", kept, "coordinator")
+    return RollbackRecord(0, 10 + kept, "worker-1", "failed audit: rel-L2 0.3", kept, "coordinator")
 
 
-def test_verified_release_holds_tokens_until_their_audits_settle():
-    a, r = audits(), Releaser(verified=True)
-    a.requested[1] = [12]  # an audit of stage 1 is pending
+def release(r: Releaser, s: Session, final: bool = False) -> list[str]:
+    return r.release(secured_tokens(s, r.rollbacks_seen), final)
+
+
+def test_verified_release_holds_each_token_until_its_rows_passed_their_audits():
+    s, r = session(), Releaser(verified=True)
+    for t in "abc":
+        r.token(t)
+    assert release(r, s) == [] and r.held == ["a", "b", "c"]  # nothing audited yet
+    passed(s, 4)  # rows 0..3: tokens a (row 2) and b (row 3)
+    assert release(r, s) == ["a", "b"] and r.released == 2 and r.held == ["c"]
+    assert release(r, s) == []  # no audit pending, yet c's row is unchecked: a later audit may fail it
+    assert release(r, s, final=True) == ["c"]  # the session's summary came: everything settled
+
+
+def test_verified_release_without_audits_or_for_a_sampled_out_stage_sends_at_once():
+    s, r = session(probability=0.0), Releaser(verified=True)
     r.token("a")
-    r.token("b")
-    assert r.release(a) == [] and r.held == ["a", "b"]
-    a.settle(1, [12], passed=1)
-    assert r.release(a) == ["a", "b"] and r.released == 2 and r.held == []
-    r.token("c")
-    a.requested[1] = [13]
-    assert r.release(a) == []
-    assert r.release(a, final=True) == ["c"]  # the session's summary came: everything settled
+    assert release(r, s) == ["a"]
+    s, r = session("sampled"), Releaser(verified=True)
+    r.token("a")
+    assert release(r, s) == []  # sampled: held until the end draws
+    s.audits.drawn[0] = False
+    assert release(r, s) == ["a"]
 
 
 def test_verified_release_drops_what_a_rollback_withdraws_and_never_retracts():
-    a, r = audits(), Releaser(verified=True)
+    s, r = session(), Releaser(verified=True)
+    a = s.audits
     r.token("a")
-    assert r.release(a) == ["a"]
+    passed(s, 4)
+    assert release(r, s) == ["a"]
     for t in "bcd":
         r.token(t)
-    a.requested[1] = [14]
-    a.fraud = Fraud(1, 12, "worker-1", "failed audit")
-    a.settle(1, [14], failed=1)
-    assert r.release(a) == []  # fraud set, rollback not yet done
+    a.fraud = Fraud(0, 5, "worker-1", "failed audit")
+    assert release(r, s) == []  # fraud set, rollback not yet done (b's row passed, but wait)
     a.fraud, a.caught = None, {"worker-1"}  # the loop took the fraud: its event is still queued
-    assert r.release(a) == []  # caught grew: a rollback is on its way to this stream
+    assert release(r, s) == []  # caught grew: a rollback is on its way to this stream
+    s.stages[0] = StageRef(0, "coordinator", "c:1", LayerRange(0, 1), "cpu", "fp16", True)
     r.rollback(rollback(kept=2))  # tokens a, b stand; c, d are withdrawn
-    assert r.held == ["b"] and r.release(a) == ["b"]
+    assert r.held == ["b"] and release(r, s) == ["b"]  # the stage is the coordinator's now
     r.token("C")
-    assert r.release(a) == ["C"] and r.released == 3
+    assert release(r, s) == ["C"] and r.released == 3
 
 
 def test_optimistic_release_sends_at_once_and_a_withdrawing_rollback_is_an_error():
-    a, r = audits(), Releaser(verified=False)
-    a.requested[1] = [12]
+    s, r = session(), Releaser(verified=False)
     for t in "abc":
         r.token(t)
-    assert r.release(a) == ["a", "b", "c"]
+    assert release(r, s) == ["a", "b", "c"]
     r.rollback(rollback(kept=3))  # withdraws nothing sent: the stream goes on
     with pytest.raises(Retracted) as e:
         r.rollback(rollback(kept=1))
-    assert "rollback: stage 1 node worker-1 was caught (failed audit: rel-L2 0.3)" in str(e.value)
+    assert "rollback: stage 0 node worker-1 was caught (failed audit: rel-L2 0.3)" in str(e.value)
     assert "withdrawing 2 of the 3 tokens sent" in str(e.value)
 
 

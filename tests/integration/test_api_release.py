@@ -73,3 +73,28 @@ def test_verified_release_never_retracts_and_optimistic_names_the_rollback(reque
 
     full = out["full"]
     assert full["choices"][0]["message"]["content"] == honest and full["consortium"]["rollbacks"]
+
+
+def test_verified_release_holds_tokens_past_the_last_audit_when_units_are_sampled(
+    request, tmp_path, monkeypatch
+):
+    """At p = 0.25 a stage's newest rows wait for its next audit (or the session's end): no
+    audit is pending meanwhile, yet one may still fail on them, so they are not released."""
+    model = long_tiny_gguf(tmp_path / "long.gguf")
+    honest, _ = single_node_text(model, PROMPT, TOKENS)
+    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
+    cluster = start_cluster(
+        request,
+        model,
+        tmp_path / "logs",
+        LayerRange(2, 4),
+        [LayerRange(0, 1), LayerRange(1, 2)],
+        coordinator_args=["--http-port", "0", "--audit-probability", "0.25", "--audit-seed", "3"],
+        worker_args=[[], ["--misbehave", "noise=0.5"]],
+    )
+    out: dict[str, list[str]] = {}
+    _request(cluster.http_url, "verified", True, out)
+    events = [json.loads(e) for e in out["verified"][:-1]]
+    assert out["verified"][-1] == "[DONE]" and not any("error" in e for e in events)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == honest
+    assert events[-1]["consortium"]["rollbacks"][0]["node"] == "worker-1"

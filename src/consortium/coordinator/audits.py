@@ -9,16 +9,17 @@ never holds up another's. Every change to a session's audit state happens under 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from consortium.coordinator.audit_targets import Target, audit_session_id
-from consortium.core.records import AuditCounts
+from consortium.core.records import AuditCounts, StageRef
 from consortium.core.session import Session
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class SessionAudits:
     requested: dict[int, list[int]] = field(default_factory=dict)  # stage -> audited unit end positions
     requested_to: dict[int, int] = field(default_factory=dict)  # stage -> latest end ever requested
     drawn: dict[int, bool] = field(default_factory=dict)  # sampled coverage: stage -> checked at all
+    verified_to: dict[int, int] = field(default_factory=dict)  # stage -> end of its rows audits passed
     passed: int = 0
     failed: int = 0
     unverified: int = 0  # units no auditor could take (refused by the coordinator's audit budget)
@@ -82,6 +84,24 @@ class SessionAudits:
             self.failed += failed
             self.unverified += unverified
             self.idle.notify_all()
+
+    def secured_to(self, stages: Sequence[StageRef]) -> float:
+        """The end of the session's rows that no audit can still roll back (inf: all of them):
+        every stage a remote node serves, up to where its audits have passed (sampled coverage:
+        a stage drawn out needs none, one not drawn yet all). None while a fraud awaits its
+        rollback. A stage the coordinator serves needs none: its rows from a remote node were
+        re-checked by the replay that moved it, or passed the audit that caught that node."""
+        with self.lock:
+            if self.fraud is not None:
+                return 0
+            if self.probability <= 0:
+                return math.inf
+            ends: list[float] = [math.inf]
+            for i, ref in enumerate(stages):
+                if ref.local or (self.coverage == "sampled" and self.drawn.get(i) is False):
+                    continue
+                ends.append(self.verified_to.get(i, 0))
+            return min(ends)
 
     def set_target(self, stage: int, target: Target | None) -> None:
         with self.lock:

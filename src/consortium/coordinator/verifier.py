@@ -179,6 +179,8 @@ class Verifier:
                 audits.requested[stage] = [e for e in ends if e <= position]
             for stage, end in audits.requested_to.items():
                 audits.requested_to[stage] = min(end, position)
+            for stage, end in audits.verified_to.items():
+                audits.verified_to[stage] = min(end, position)
             audits.rewind_to = position if audits.rewind_to is None else min(audits.rewind_to, position)
             audits.idle.notify_all()
 
@@ -400,6 +402,9 @@ class Verifier:
                 Fraud(stage, bad, node, f"failed audit: {res.reason or f'rel-L2 {res.worst_rel_l2:.3g}'}"),
                 {"audit": res.__dict__, "layers": str(ref.layers), "auditor": target.node_id},
             )
+        if res.passed:
+            with session.audits.lock:
+                session.audits.verified_to[stage] = upto
         failed = sum(1 for e in ends if bad is not None and e > bad)
         session.audits.settle(stage, ends, passed=len(ends) - failed, failed=failed)
 

@@ -18,7 +18,7 @@ from consortium.core.placement import PlacementError
 from consortium.core.records import RollbackRecord
 from consortium.core.session import Session
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError, UnsupportedModelError
-from consortium.serving.release import Releaser, StopMatcher
+from consortium.serving.release import Releaser, StopMatcher, secured_tokens
 from consortium.serving.schemas import ApiError
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.verification.tolerance import tolerance_class
@@ -117,7 +117,8 @@ class Generation:
                 ev = await self.bridge.next(POLL_S if self.releaser.held else None)
                 self._handle(ev)
                 final = self.finish_reason is not None  # the summary came: every audit is settled
-                for text in self.releaser.release(self.session.audits, final):
+                secured = secured_tokens(self.session, self.releaser.rollbacks_seen) if self.verified else 0
+                for text in self.releaser.release(secured, final):
                     out = self._out(text)
                     if out:
                         yield out

@@ -1,9 +1,11 @@
 """When generated text may go out to an HTTP client, and where a stop string ends it.
 
-Verified release holds each token until no audit can roll it back any more: the session has
-no pending audit, no fraud waiting for its rollback, and every rollback started has reached
-this stream (a rollback clears the fraud before its event is queued behind the tokens it
-withdraws; `audits.caught` grows at that same moment, so counting it closes the gap).
+Verified release holds each token until no audit can roll it back any more: every row it
+depends on passed its stage's audits (SessionAudits.secured_to: between two audits of a stage
+its newest rows are unchecked, and a later audit may still fail on them), no fraud waits for
+its rollback, and every rollback started has reached this stream (a rollback clears the fraud
+before its event is queued behind the tokens it withdraws; `audits.caught` grows at that same
+moment, so counting it closes the gap).
 Optimistic release sends each token at once; a rollback that withdraws sent text ends the
 stream with an error (`Retracted`).
 """
@@ -27,10 +29,15 @@ class Retracted(Exception):
         )
 
 
-def settled(audits, rollbacks_seen: int) -> bool:
-    """No audit of the session can still roll back a token this stream holds (SessionAudits)."""
+def secured_tokens(session, rollbacks_seen: int) -> float:
+    """How many of the session's tokens no audit can still roll back (a core Session): token k
+    was sampled from row prompt + k - 1, so it stands once rows [0, prompt + k) do. None while a
+    rollback is on its way to this stream."""
+    audits = session.audits
     with audits.lock:
-        return audits.pending == 0 and audits.fraud is None and len(audits.caught) == rollbacks_seen
+        if len(audits.caught) != rollbacks_seen:
+            return 0
+    return audits.secured_to(session.stages) - len(session.prompt_ids) + 1
 
 
 @dataclass
@@ -50,12 +57,14 @@ class Releaser:
             raise Retracted(ev, self.released)
         del self.held[ev.kept_tokens - self.released :]
 
-    def release(self, audits, final: bool = False) -> list[str]:
-        """The text deltas that may go out now (all of them at the session's end)."""
-        if not self.held or (self.verified and not final and not settled(audits, self.rollbacks_seen)):
-            return []
-        out, self.held = self.held, []
-        self.released += len(out)
+    def release(self, secured: float, final: bool = False) -> list[str]:
+        """The text deltas that may go out now: verified, those of the first `secured` tokens
+        (secured_tokens); all of them at the session's end, or optimistic."""
+        n = len(self.held)
+        if self.verified and not final:
+            n = int(max(0, min(n, secured - self.released)))
+        out, self.held = self.held[:n], self.held[n:]
+        self.released += n
         return out
 
 

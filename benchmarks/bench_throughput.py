@@ -404,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("results/bench_throughput.json"))
     ap.add_argument("--sessions", type=_ints, default=_ints("1,2,4,8,16"), help="concurrency levels")
     ap.add_argument("--audit-rates", type=_floats, default=_floats("0.2,0"), help="audit probabilities")
+    ap.add_argument(
+        "--audit-coverage",
+        choices=["full", "sampled"],
+        default=None,
+        help="what the audit rate covers (default: the coordinator's, full)",
+    )
     ap.add_argument("--tokens", type=int, default=32, help="max tokens of every session")
     ap.add_argument(
         "--rounds", type=int, default=1, help="repeats of every (rate, N); the median is reported"
@@ -470,14 +476,25 @@ def main(argv: list[str] | None = None) -> int:
             f"cluster ready in {startup_s:.1f} s (engine {cluster.engine}); logs in {log_dir}",
             file=sys.stderr,
         )
-        warm = SessionRequest(a.prompt, WARMUP_TOKENS, sampling, audit_probability=max(a.audit_rates))
+        warm = SessionRequest(
+            a.prompt,
+            WARMUP_TOKENS,
+            sampling,
+            audit_probability=max(a.audit_rates),
+            audit_coverage=a.audit_coverage,
+        )
         run_sessions(cluster, warm, min(2, most))  # warm-up: first-session costs, the auditor
         runs: dict[tuple[float, int], list[dict[str, Any]]] = {}
         for rnd in range(a.rounds):
             for n in a.sessions:
                 for rate in a.audit_rates:  # adjacent, so the audit cost sees the same machine
                     req = SessionRequest(
-                        a.prompt, a.tokens, sampling, audit_probability=rate, audit_seed=a.audit_seed
+                        a.prompt,
+                        a.tokens,
+                        sampling,
+                        audit_probability=rate,
+                        audit_seed=a.audit_seed,
+                        audit_coverage=a.audit_coverage,
                     )
                     r = run_sessions(cluster, req, n)
                     runs.setdefault((rate, n), []).append(r)
@@ -511,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             "audit_seed": a.audit_seed,
             "sessions": a.sessions,
             "audit_rates": a.audit_rates,
+            "audit_coverage": a.audit_coverage or "full",
             "rounds": a.rounds,
             "engine": {
                 "device": cluster.engine.device,

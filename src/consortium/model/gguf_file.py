@@ -339,15 +339,24 @@ class GGUFModel:
         """The tensor's bytes exactly as stored (quantized blocks)."""
         return np.asarray(self.tensor(name).data)
 
-    def release(self, name: str) -> None:
-        """Drop a tensor's file pages from this process's resident set once it is loaded (the OS page
-        cache keeps them, and a later read faults them back in): the mapping must not count twice."""
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """Drop a tensor's file pages (or those of some of its rows) from this process's resident set
+        once they are loaded (the OS page cache keeps them, and a later read faults them back in):
+        the mapping must not count twice. Rows release only the pages wholly inside them, so that
+        rows still being read next to them keep theirs."""
         mm = getattr(self.reader.mapped, "_mmap", None)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        t = self.tensor(name)
-        start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-        mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+        t, page = self.tensor(name), mmap.PAGESIZE
+        if rows is None:
+            start, end = t.data_offset // page * page, t.data_offset + t.n_bytes
+        else:
+            row_bytes = t.n_bytes // int(t.shape[1]) if len(t.shape) > 1 else t.n_bytes
+            lo, hi, _ = rows.indices(int(t.shape[1]) if len(t.shape) > 1 else 1)
+            start = -(-(t.data_offset + lo * row_bytes) // page) * page
+            end = (t.data_offset + hi * row_bytes) // page * page
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def layer_names(self, layer: int) -> list[str]:
         return [f"blk.{layer}.{n}.weight" for n in LAYER_TENSORS]

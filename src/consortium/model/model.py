@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.gguf_file import GGUFModel, ModelArgs
 from consortium.model.memory import check_compact, check_memory, is_packed
-from consortium.model.quants import CHUNK_CODES, LAYOUTS, Int4Segment, int4_matmul, int4_mm, pack
+from consortium.model.quants import (
+    CHUNK_CODES,
+    LAYOUTS,
+    Int4Segment,
+    int4_matmul,
+    int4_mm,
+    pack_into,
+    packed_codes,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Spans = list[tuple[int, int]]  # per session in a batch: (first position, rows)
@@ -243,19 +251,32 @@ class Embedding(nn.Module):
 
 
 def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
-    """GGUF matrices (fused by rows) as int4 segments: consecutive ones of one layout share a matmul."""
-    segments: list[Int4Segment] = []
+    """GGUF matrices (fused by rows) as int4 segments: consecutive ones of one layout share a matmul.
+    Each segment is allocated once and every matrix packed straight into its rows (concatenating
+    packed parts held both copies at once), and a matrix's file pages are dropped chunk by chunk
+    as they are packed (the 8B's Q6_K head is 0.43 GB of them)."""
+    groups: list[list[str]] = []
     for name in names:
-        kind = gguf.tensor(name).tensor_type.name
-        seg = Int4Segment(*pack(gguf.raw(name), kind), LAYOUTS[kind])
-        gguf.release(name)
-        last = segments[-1] if segments else None
-        if last and last.layout == seg.layout:
-            seg = Int4Segment(
-                torch.cat([last.weight, seg.weight]), torch.cat([last.sz, seg.sz], 1), seg.layout
-            )
-            segments.pop()
-        segments.append(seg)
+        layout = LAYOUTS[gguf.tensor(name).tensor_type.name]
+        if groups and LAYOUTS[gguf.tensor(groups[-1][0]).tensor_type.name] == layout:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    segments: list[Int4Segment] = []
+    for group in groups:
+        raws = [gguf.raw(name) for name in group]
+        kinds = [gguf.tensor(name).tensor_type.name for name in group]
+        k2 = packed_codes(kinds[0], raws[0].shape[1])  # one layout and input width: one K'
+        n = sum(r.shape[0] for r in raws)
+        weight = torch.empty(n, k2 // 2, dtype=torch.uint8)
+        sz = torch.empty(k2 // 32, n, 2, dtype=torch.bfloat16)
+        at = 0
+        for name, raw, kind in zip(group, raws, kinds, strict=True):
+            rows = slice(at, at + raw.shape[0])
+            pack_into(raw, kind, weight[rows], sz[:, rows], lambda r, name=name: gguf.release(name, r))
+            gguf.release(name)
+            at = rows.stop
+        segments.append(Int4Segment(weight, sz, LAYOUTS[kinds[0]]))
     return Linear(packed=segments)
 
 

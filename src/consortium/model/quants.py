@@ -23,6 +23,7 @@ dense bf16 by 1.6-2.5x on 8B shapes; at M=16 (prefill) it is 1.1-5x slower (benc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -205,7 +206,8 @@ def _pack_nibbles(qs: np.ndarray, width: int) -> np.ndarray:
 
 
 def _pack_rows(raw: np.ndarray, kind: str, packed: Tensor, sz: Tensor) -> None:
-    """Decode rows and write their packed codes and scale/zero into the given output rows."""
+    """Decode rows and write their packed codes and scale/zero into the given output rows (sz:
+    [rows, K'/32, 2], a strided view of the kernel's [K'/32, N, 2])."""
     fast = raw.shape[0] % 64 == 0 and _fast_layout_ok()
     if fast and LAYOUTS[kind] == "plain":
         qs, width, scale, zero = _plain(np.asarray(raw), kind)
@@ -222,17 +224,39 @@ def _pack_rows(raw: np.ndarray, kind: str, packed: Tensor, sz: Tensor) -> None:
     sz.copy_(torch.from_numpy(np.stack([parts.scale, parts.zero], axis=-1)))
 
 
-def pack(raw: np.ndarray, kind: str) -> tuple[Tensor, Tensor]:
-    """(packed weight [N, K'/2] uint8, scales and zeros bf16 [K'/32, N, 2]) of a GGUF matrix.
-    Row chunks (whole blocks of 64 rows) bound the temporaries, fill preallocated outputs and run
-    on torch's threads (numpy releases the GIL in its loops)."""
-    n, row_bytes = raw.shape
+def packed_codes(kind: str, row_bytes: int) -> int:
+    """K', the codes per row of a matrix's int4 form, from its stored row size."""
     block, size = GGML_QUANT_SIZES[Q[kind]]
-    k2 = row_bytes // size * block * (1 if LAYOUTS[kind] == "plain" else 2)
-    packed = torch.empty(n, k2 // 2, dtype=torch.uint8)
-    sz = torch.empty(n, k2 // 32, 2, dtype=torch.bfloat16)
+    return row_bytes // size * block * (1 if LAYOUTS[kind] == "plain" else 2)
+
+
+def pack_into(
+    raw: np.ndarray, kind: str, packed: Tensor, sz: Tensor, done: Callable[[slice], None] | None = None
+) -> None:
+    """Pack a GGUF matrix into given outputs: packed uint8 [N, K'/2] and sz bf16 [K'/32, N, 2] (a
+    column range of a larger sz is fine: fused matrices fill one segment with no concatenation).
+    Row chunks (whole blocks of 64 rows) bound the temporaries and run on torch's threads (numpy
+    releases the GIL in its loops); done(rows) is called as each chunk's raw rows are finished
+    with, so a caller can drop them from memory before the matrix ends."""
+    n, row_bytes = raw.shape
+    k2 = packed_codes(kind, row_bytes)
     step = max(64, CHUNK_CODES // k2 // 64 * 64)
-    rows = [slice(r, r + step) for r in range(0, n, step)]
+    rows_first = sz.transpose(0, 1)  # [N, K'/32, 2]: how a chunk's scales come out
+
+    def chunk(r: slice) -> None:
+        _pack_rows(raw[r], kind, packed[r], rows_first[r])
+        if done is not None:
+            done(r)
+
+    rows = [slice(r, min(r + step, n)) for r in range(0, n, step)]
     with ThreadPoolExecutor(max(1, min(len(rows), torch.get_num_threads()))) as pool:
-        list(pool.map(lambda r: _pack_rows(raw[r], kind, packed[r], sz[r]), rows))
-    return packed, sz.transpose(0, 1).contiguous()
+        list(pool.map(chunk, rows))
+
+
+def pack(raw: np.ndarray, kind: str) -> tuple[Tensor, Tensor]:
+    """(packed weight [N, K'/2] uint8, scales and zeros bf16 [K'/32, N, 2]) of a GGUF matrix."""
+    n, k2 = raw.shape[0], packed_codes(kind, raw.shape[1])
+    packed = torch.empty(n, k2 // 2, dtype=torch.uint8)
+    sz = torch.empty(k2 // 32, n, 2, dtype=torch.bfloat16)  # the kernel's layout: no transposed copy
+    pack_into(raw, kind, packed, sz)
+    return packed, sz

@@ -118,10 +118,10 @@ class _Reader(GGUFReader):
         if len(raw_itype) != 1 or len(alen) != 1:
             raise ValueError(f"metadata {name!r} runs past the end of the file")
         n, start, sub = int(alen[0]), offs + 12, int(raw_itype[0])
+        if n == 0:  # the base class types an empty array [ARRAY] whatever its element type
+            return None
         head = head + [raw_itype, alen]
         types = [GGUFValueType.ARRAY, GGUFValueType(sub)]
-        if n == 0:
-            return None
         if sub == GGUFValueType.STRING:
             if n > (len(self._view) - start) // 8:  # each string takes at least its 8-byte length
                 raise ValueError(f"metadata {name!r} runs past the end of the file")

@@ -282,15 +282,17 @@ def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
 
 def _dense(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Tensor:
     """The row-concatenation of GGUF matrices in the compute dtype, filled in row chunks on the
-    device (never a whole fp32 copy in host memory)."""
+    device (never a whole fp32 copy in host memory, nor a whole matrix's file pages)."""
     rows = [int(gguf.tensor(n).shape[1]) for n in names]
     cols = int(gguf.tensor(names[0]).shape[0])
     w = torch.empty(sum(rows), cols, dtype=spec.torch_dtype, device=spec.device)
     at, step = 0, max(1, CHUNK_CODES // cols)
     for name, n in zip(names, rows, strict=True):
         for r in range(0, n, step):
-            part = gguf.dequantize(name, rows=slice(r, min(r + step, n)))
+            chunk = slice(r, min(r + step, n))
+            part = gguf.dequantize(name, rows=chunk)
             w[at + r : at + r + part.shape[0]] = torch.from_numpy(part)
+            gguf.release(name, chunk)
         at += n
         gguf.release(name)
     return w

@@ -106,6 +106,7 @@ def run_cluster(
                 req = SessionRequest(single.PROMPT, tokens, audit_probability=probability)
                 report = client.run(req)
             peaks = {p.name: _peak_rss_gb(p.pid) for p in cluster.processes}
+            shares = {p.name: _pss_gb(p.pid) for p in cluster.processes}
         finally:
             cluster.stop()
     a = report.audits
@@ -116,6 +117,10 @@ def run_cluster(
     }
     res |= {"audits": {"total": a.total, "passed": a.passed, "failed": a.failed, "pending": a.pending}}
     res["rss_total_gb"] = round(sum(v for v in peaks.values() if v), 2)
+    # Beside the peak-RSS headline: each process's proportional share at the end of the run, which
+    # splits pages the processes share (torch's libraries, the model file's page cache) among them.
+    res["pss_end_gb"] = shares
+    res["pss_end_total_gb"] = round(sum(v for v in shares.values() if v), 2)
     if single_tps:
         res["vs_single_node"] = round(report.tokens_per_second / single_tps, 3)
     return res
@@ -125,6 +130,16 @@ def _peak_rss_gb(pid: int | None) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        return None
+    return None
+
+
+def _pss_gb(pid: int | None) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return round(int(line.split()[1]) / 2**20, 2)
     except OSError:
         return None

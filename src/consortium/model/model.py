@@ -33,6 +33,8 @@ from consortium.model.quants import (
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Spans = list[tuple[int, int]]  # per session in a batch: (first position, rows)
+WIDE_ROWS = 6  # one session's rows from which fp16 on a CPU takes fp32 GEMM (SmolLM2 break-even: 5)
+WIDE_CHUNK = 1 << 22  # weights widened to fp32 at once on that path (16 MB)
 
 
 @dataclass(frozen=True)
@@ -110,13 +112,32 @@ class Linear(nn.Module):
         super().__init__()
         self.weight, self.packed = weight, packed
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, wide: bool = False) -> Tensor:
         if self.packed is None:
+            if wide and self.weight.dtype == torch.float16 and self.weight.device.type == "cpu":
+                return _fp16_wide(x, self.weight)
             return F.linear(x, self.weight)
         if len(self.packed) == 1:  # the usual case: no list, no cat
             s = self.packed[0]
             return int4_matmul(x, s.weight, s.sz, s.layout)
         return torch.cat([int4_matmul(x, s.weight, s.sz, s.layout) for s in self.packed], dim=-1)
+
+
+def _fp16_wide(x: Tensor, weight: Tensor) -> Tensor:
+    """fp16 x W^T for many rows on a CPU: PyTorch runs fp16 as one matrix-vector product per row
+    (about 4x fp32 GEMM's time per row at 16+ rows, on CPUs without AVX512-FP16), so the rows go
+    through fp32 GEMM over the fp16 weights widened a chunk of output rows at a time (a bounded
+    transient, never a whole fp32 copy). Same inputs and weights, fp32 sums, fp16 outputs: the
+    strict class, within an fp16 rounding of the narrow path."""
+    xf, step = x.float(), max(1, WIDE_CHUNK // weight.shape[1])
+    parts = [F.linear(xf, weight[r : r + step].float()) for r in range(0, weight.shape[0], step)]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)
+
+
+def is_wide(spans: Spans) -> bool:
+    """One session's many rows (a prefill, an audit, a replay): Linear may take its wide path.
+    Decode rows of a batch never do, so a batched row keeps the bits it has alone."""
+    return len(spans) == 1 and spans[0][1] >= WIDE_ROWS
 
 
 class RMSNorm(nn.Module):
@@ -175,14 +196,14 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x: the rows of every session in the batch; projections run over all of them, attention
         per session over its own cache (spans: each session's (position, rows))."""
-        a, N = self.args, x.shape[0]
-        qk, v = self.wqkv(x).split(self.split, dim=-1)
+        a, N, wide = self.args, x.shape[0], is_wide(spans)
+        qk, v = self.wqkv(x, wide).split(self.split, dim=-1)
         # q and k are adjacent columns: one RoPE call rotates both (elementwise, the same bits).
         qk = apply_rope(qk.view(N, a.n_heads + a.n_kv_heads, a.head_dim), freqs_cis)
         q, k = qk.split([a.n_heads, a.n_kv_heads], dim=1)
         v = v.view(N, a.n_kv_heads, a.head_dim)
         if len(spans) == 1:  # one session (every decode step of a single stream): no slicing
-            return self.wo(self._attend(q, k, v, *caches[0], spans[0][0]))
+            return self.wo(self._attend(q, k, v, *caches[0], spans[0][0]), wide)
         outs, row = [], 0
         for (k_cache, v_cache), (pos, S) in zip(caches, spans, strict=True):
             rows = slice(row, row + S)
@@ -214,9 +235,9 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13, self.w2 = w13, w2
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: Tensor, wide: bool = False) -> Tensor:
+        gate, up = self.w13(x, wide).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up, wide)
 
 
 class Block(nn.Module):
@@ -232,7 +253,7 @@ class Block(nn.Module):
         # fp32 + fp16/bf16 promotes: the sum is computed in fp32, the same bits as adding .float()
         # copies, without making them; h is this call's own tensor, so the second add is in place.
         h = x + self.attn(self.attn_norm(x), freqs_cis, caches, spans)
-        return h.add_(self.ffn(self.ffn_norm(h)))
+        return h.add_(self.ffn(self.ffn_norm(h), is_wide(spans)))
 
 
 class Embedding(nn.Module):
@@ -404,6 +425,21 @@ class Stage(nn.Module):
 
     def _forward(self, xs: list[Tensor], caches: list[KVCache], all_logits: list[bool]) -> list[Tensor]:
         spans = self._spans(xs, caches)
+        if len(xs) > 1 and any(S >= WIDE_ROWS for _, S in spans):
+            # a prefill batched with decode rows: computed on its own, as it would be alone
+            # (is_wide), the decode rows together
+            big = [i for i, (_, S) in enumerate(spans) if S >= WIDE_ROWS]
+            out: list[Tensor | None] = [None] * len(xs)
+            for i in big:
+                out[i] = self._forward([xs[i]], [caches[i]], [all_logits[i]])[0]
+            rest = [i for i in range(len(xs)) if i not in big]
+            if rest:
+                done = self._forward(
+                    [xs[i] for i in rest], [caches[i] for i in rest], [all_logits[i] for i in rest]
+                )
+                for i, t in zip(rest, done, strict=True):
+                    out[i] = t
+            return out  # type: ignore[return-value]
         one = len(xs) == 1  # one session (a single stream's every step): no concatenating, no splitting
         x = xs[0] if one else torch.cat(xs)  # never modified in place (Block adds into its own h)
         x = self.embed(x) if self.embed is not None else x.to(self.spec.device, torch.float32).contiguous()
@@ -423,7 +459,7 @@ class Stage(nn.Module):
             for (_, S), e, full in zip(spans, ends, all_logits, strict=True)
         ]
         if one:
-            return [self.output(self.norm(x[keep[0]])).float()]
+            return [self.output(self.norm(x[keep[0]]), is_wide(spans) and all_logits[0]).float()]
         logits = self.output(self.norm(torch.cat([x[k] for k in keep]))).float()
         return list(logits.tensor_split(np.cumsum([k.stop - k.start for k in keep])[:-1].tolist()))
 

@@ -87,7 +87,12 @@ def kernels(threads: int) -> dict[str, float]:
 
 
 def run_cluster(
-    model: Path, tokens: int, probability: float, single_tps: float | None, threads: int = 0
+    model: Path,
+    tokens: int,
+    probability: float,
+    single_tps: float | None,
+    threads: int = 0,
+    coverage: str = "full",
 ) -> dict[str, Any]:
     """The seed topology as 3 local processes; startup, tok/s, peak RSS per process, audits."""
     from consortium.coordinator.client import Client
@@ -103,14 +108,20 @@ def run_cluster(
             cluster.start(timeout_s=900)
             startup = time.perf_counter() - t
             with Client(cluster.client_config()) as client:
-                req = SessionRequest(single.PROMPT, tokens, audit_probability=probability)
-                report = client.run(req)
+                req = SessionRequest(
+                    single.PROMPT, tokens, audit_probability=probability, audit_coverage=coverage
+                )
+                t_run = time.perf_counter()
+                report = client.run(req)  # returns once its audits have settled
+                run_s = time.perf_counter() - t_run
             peaks = {p.name: _peak_rss_gb(p.pid) for p in cluster.processes}
             shares = {p.name: _pss_gb(p.pid) for p in cluster.processes}
         finally:
             cluster.stop()
     a = report.audits
     res = {"startup_s": round(startup, 1), "decode_tps": report.tokens_per_second, "peak_rss_gb": peaks}
+    # the whole request: prefill, decode and the wait for its audits (sampled coverage audits at the end)
+    res |= {"audit_coverage": coverage, "end_to_end_tps": round(len(report.tokens) / run_s, 3)}
     res |= {
         "threads_per_process": cluster.engine.threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -180,6 +191,7 @@ def main() -> None:
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--cluster", action="store_true", help="also run the 3-process seed topology")
     p.add_argument("--audit-probability", type=float, default=0.2)
+    p.add_argument("--audit-coverage", choices=["full", "sampled"], default="full")
     p.add_argument(
         "--cluster-threads", type=int, default=0, help="threads per cluster process (0: cores / 3)"
     )
@@ -210,7 +222,12 @@ def main() -> None:
         r.pop("tokens", None)
     if a.cluster:
         res["seed_topology"] = run_cluster(
-            model, a.tokens, a.audit_probability, res["consortium"].get("decode_tps"), a.cluster_threads
+            model,
+            a.tokens,
+            a.audit_probability,
+            res["consortium"].get("decode_tps"),
+            a.cluster_threads,
+            a.audit_coverage,
         )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))

@@ -202,7 +202,10 @@ def main() -> None:
     p.add_argument("--audit-coverage", choices=["full", "sampled"], default="full")
     p.add_argument("--cluster-sessions", type=int, default=1, help="sessions run one after another")
     p.add_argument(
-        "--cluster-threads", type=int, default=0, help="threads per cluster process (0: cores / 3)"
+        "--cluster-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads per cluster process (0: cores / 3); one session keeps one process busy at a time",
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()

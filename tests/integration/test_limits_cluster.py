@@ -24,6 +24,8 @@ def test_huge_and_overlong_prompts_are_refused_fast_and_the_coordinator_keeps_se
         client.run(
             SessionRequest("word " * 20_000, max_tokens=2)
         )  # 100 kB: far more bytes than 128 tokens hold
+    with pytest.raises(ConsortiumError, match=r"unknown audit coverage 'most'.*INVALID_ARGUMENT"):
+        client.run(SessionRequest("hi", max_tokens=2, audit_coverage="most"))
     assert time.monotonic() - t0 < 10
     status = client.cluster_status()
     assert all(n["alive"] for n in status["nodes"]) and status["route"]

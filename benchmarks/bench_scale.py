@@ -228,6 +228,11 @@ def main() -> None:
         res["kernels_ms"] = kernels(a.threads)
     if not a.no_llama_cpp and importlib.util.find_spec("llama_cpp") is not None:
         res["llama.cpp"] = engine_run("llama.cpp", "default", model, prompt, a)
+    from consortium.model.pack_cache import PackCache, default_root
+
+    # a warm cache (an earlier run's packed weights on disk) maps instead of repacking: say which
+    folder = PackCache(default_root()).folder(model)
+    res["pack_cache_entries_before"] = len(list(folder.glob("*.pt"))) if folder.is_dir() else 0
     res["consortium"] = engine_run("consortium", "bf16+packed", model, prompt, a)
     res["ratios"] = compare(res["consortium"], res.get("llama.cpp", {"error": "not run"}))
     for r in (res["consortium"], res.get("llama.cpp", {})):

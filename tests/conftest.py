@@ -18,6 +18,8 @@ def _data_dir(tmp_path_factory, monkeypatch) -> None:
     --data-dir go to a fresh folder, never ~/.local/share/consortium: a pin left there by an
     earlier run's coordinator on the same port would (rightly) be refused."""
     monkeypatch.setenv("CONSORTIUM_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+    # packed-weight caches and digest memos of the test's throwaway models stay out of ~/.cache
+    monkeypatch.setenv("CONSORTIUM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="session")

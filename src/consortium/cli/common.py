@@ -97,6 +97,13 @@ engine_options = options(  # fill(EngineConfig, options)
         show_default=True,
         help="Keep 4-bit weights packed and use the CPU int4 kernel (needs --dtype bf16).",
     ),
+    config_option(
+        EngineConfig,
+        "pack_cache",
+        "--pack-cache/--no-pack-cache",
+        show_default=True,
+        help="Keep packed weights on disk ($CONSORTIUM_CACHE_DIR/packed): the next load maps them.",
+    ),
     config_option(EngineConfig, "dtype", "--dtype", type=click.Choice(["fp32", "fp16", "bf16"])),
     config_option(EngineConfig, "device", "--device", help="auto, cpu, cuda[:N] or mps."),
 )

@@ -180,6 +180,7 @@ class LocalCluster:
     def _engine_args(self) -> list[str]:
         e = self.engine
         args = ["--device", e.device, "--dtype", e.dtype, "--packed" if e.packed else "--no-packed"]
+        args += [] if e.pack_cache else ["--no-pack-cache"]
         return args + (["--threads", str(e.threads)] if e.threads else [])
 
     def _coordinator(self) -> LocalProcess:

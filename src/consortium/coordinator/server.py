@@ -35,6 +35,7 @@ from consortium.errors import InvalidRequestError
 from consortium.model.generate import check_request
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import resolve_device
+from consortium.model.pack_cache import open_model
 from consortium.model.sampling import SamplingParams
 from consortium.model.tokenizer import GGUFTokenizer
 from consortium.transport.auth import service_name, signed
@@ -54,7 +55,7 @@ def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
     """Loads the model's metadata and tokenizer, opens the ledger, and wires the parts."""
     set_threads(cfg.engine.threads)
     engine = replace(cfg.engine, device=resolve_device(cfg.engine.device))
-    gguf = GGUFModel(cfg.model)
+    gguf = open_model(cfg.model, engine)
     if cfg.layers is not None:
         cfg.layers.check(gguf.args.n_layers)
     if cfg.calibration is not None:

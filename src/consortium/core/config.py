@@ -72,6 +72,9 @@ class EngineConfig:
     dtype: str = "fp16"
     packed: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default (thread count does not change results)
+    # packed int4 forms kept on disk (model/pack_cache.py): the next load maps them instead of
+    # repacking (an 8B: ~20 s of CPU); identical weights either way
+    pack_cache: bool = True
 
 
 @dataclass(frozen=True)

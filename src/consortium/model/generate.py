@@ -13,6 +13,7 @@ from consortium.core.config import EngineConfig
 from consortium.errors import InvalidRequestError
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import Stage, StageSpec
+from consortium.model.pack_cache import PackCache, default_root
 from consortium.model.sampling import SamplingParams, sample
 from consortium.model.tokenizer import GGUFTokenizer
 
@@ -122,9 +123,12 @@ def load_single_node(
     dtype: str = DEFAULT_ENGINE.dtype,
     packed: bool = DEFAULT_ENGINE.packed,
     progress: Callable[[int, int], None] | None = None,
+    pack_cache: bool = DEFAULT_ENGINE.pack_cache,
 ):
     """The model, a stage of every layer and the tokenizer; a progress bar unless `progress` is given."""
     gguf = GGUFModel(model)
+    if pack_cache:
+        gguf.pack_cache = PackCache(default_root())
     spec = StageSpec(0, gguf.args.n_layers, device=device, dtype=dtype, packed=packed)
     if progress is not None:
         return gguf, Stage(gguf, spec, progress), GGUFTokenizer(gguf)

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
@@ -21,6 +21,9 @@ from gguf.quants import dequantize
 
 from consortium.errors import ModelFileError, UnsupportedModelError
 from consortium.model.files import cached_sha256
+
+if TYPE_CHECKING:
+    from consortium.model.pack_cache import PackCache
 
 SUPPORTED_ARCHS = ("llama",)
 Q = GGMLQuantizationType
@@ -195,6 +198,7 @@ class GGUFModel:
                 "disagrees with its data)"
             ) from e
         self.tensors: dict[str, ReaderTensor] = {t.name: t for t in self.reader.tensors}
+        self.pack_cache: PackCache | None = None  # where packed int4 forms persist (pack_cache.py)
         self.args = self._read_args()
         self._check_quant_types()
         self._check_tensors()

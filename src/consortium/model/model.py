@@ -276,6 +276,9 @@ def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
     Each segment is allocated once and every matrix packed straight into its rows (concatenating
     packed parts held both copies at once), and a matrix's file pages are dropped chunk by chunk
     as they are packed (the 8B's Q6_K head is 0.43 GB of them)."""
+    cache, rows = gguf.pack_cache, sum(int(gguf.tensor(n).shape[1]) for n in names)
+    if cache is not None and (cached := cache.load(gguf.path, names, rows)) is not None:
+        return Linear(packed=cached)
     groups: list[list[str]] = []
     for name in names:
         layout = LAYOUTS[gguf.tensor(name).tensor_type.name]
@@ -298,6 +301,8 @@ def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
             gguf.release(name)
             at = rows.stop
         segments.append(Int4Segment(weight, sz, LAYOUTS[kinds[0]]))
+    if cache is not None:
+        cache.save(gguf.path, names, segments)
     return Linear(packed=segments)
 
 

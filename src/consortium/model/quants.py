@@ -186,7 +186,7 @@ def _transpose(p: np.ndarray) -> np.ndarray:
 
 
 @cache
-def _fast_layout_ok() -> bool:
+def fast_layout_ok() -> bool:
     """Whether _pack_fast builds exactly what this PyTorch's packer builds (checked once)."""
     codes = np.random.default_rng(0).integers(0, 16, (128, 64), dtype=np.uint8)
     ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes).int(), 1)
@@ -208,7 +208,7 @@ def _pack_nibbles(qs: np.ndarray, width: int) -> np.ndarray:
 def _pack_rows(raw: np.ndarray, kind: str, packed: Tensor, sz: Tensor) -> None:
     """Decode rows and write their packed codes and scale/zero into the given output rows (sz:
     [rows, K'/32, 2], a strided view of the kernel's [K'/32, N, 2])."""
-    fast = raw.shape[0] % 64 == 0 and _fast_layout_ok()
+    fast = raw.shape[0] % 64 == 0 and fast_layout_ok()
     if fast and LAYOUTS[kind] == "plain":
         qs, width, scale, zero = _plain(np.asarray(raw), kind)
         packed.copy_(torch.from_numpy(_pack_nibbles(qs, width)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 
@@ -14,9 +15,9 @@ from consortium.core.config import INSECURE_WARNING, LayerRange, WorkerConfig
 from consortium.errors import ConsortiumError
 from consortium.identity import NodeIdentity
 from consortium.identity.tls import TlsIdentity, bind_cert
-from consortium.model.gguf_file import GGUFModel
 from consortium.model.memory import available_bytes
 from consortium.model.model import resolve_device
+from consortium.model.pack_cache import open_model
 from consortium.transport.auth import (
     CoordinatorLink,
     Gate,
@@ -151,8 +152,8 @@ class WorkerNode:
         cfg = self.cfg
         set_threads(cfg.engine.threads)
         self.device = resolve_device(cfg.engine.device)
-        self.engine = type(cfg.engine)(self.device, cfg.engine.dtype, cfg.engine.packed, cfg.engine.threads)
-        self.gguf = GGUFModel(cfg.model)
+        self.engine = replace(cfg.engine, device=self.device)
+        self.gguf = open_model(cfg.model, self.engine)
         if cfg.layers is not None:
             cfg.layers.check(self.gguf.args.n_layers)
         self.model_digest = self.gguf.digest

@@ -34,7 +34,8 @@ def _request(url: str, release: str, stream: bool, out: dict) -> None:
         out[release] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
 
 
-def test_verified_release_never_retracts_and_optimistic_names_the_rollback(request, tmp_path, monkeypatch):
+def _cheat_cluster(request, tmp_path, monkeypatch, audits: list[str]):
+    """The API cluster with worker-1 cheating, and the honest single-node text."""
     model = long_tiny_gguf(tmp_path / "long.gguf")
     honest, _ = single_node_text(model, PROMPT, TOKENS)
     monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
@@ -44,9 +45,14 @@ def test_verified_release_never_retracts_and_optimistic_names_the_rollback(reque
         tmp_path / "logs",
         LayerRange(2, 4),
         [LayerRange(0, 1), LayerRange(1, 2)],
-        coordinator_args=["--http-port", "0", "--audit-probability", "1"],
+        coordinator_args=["--http-port", "0", *audits],
         worker_args=[[], ["--misbehave", "noise=0.5"]],
     )
+    return cluster, honest
+
+
+def test_verified_release_never_retracts_and_optimistic_names_the_rollback(request, tmp_path, monkeypatch):
+    cluster, honest = _cheat_cluster(request, tmp_path, monkeypatch, ["--audit-probability", "1"])
     out: dict[str, list[str]] = {}
     runs = [("verified", True), ("optimistic", True), ("optimistic", False)]
     threads = [threading.Thread(target=_request, args=(cluster.http_url, r, s, out)) for r, s in runs]
@@ -80,18 +86,8 @@ def test_verified_release_holds_tokens_past_the_last_audit_when_units_are_sample
 ):
     """At p = 0.25 a stage's newest rows wait for its next audit (or the session's end): no
     audit is pending meanwhile, yet one may still fail on them, so they are not released."""
-    model = long_tiny_gguf(tmp_path / "long.gguf")
-    honest, _ = single_node_text(model, PROMPT, TOKENS)
-    monkeypatch.setenv("CONSORTIUM_ALLOW_MISBEHAVE", "1")
-    cluster = start_cluster(
-        request,
-        model,
-        tmp_path / "logs",
-        LayerRange(2, 4),
-        [LayerRange(0, 1), LayerRange(1, 2)],
-        coordinator_args=["--http-port", "0", "--audit-probability", "0.25", "--audit-seed", "3"],
-        worker_args=[[], ["--misbehave", "noise=0.5"]],
-    )
+    audits = ["--audit-probability", "0.25", "--audit-seed", "3"]
+    cluster, honest = _cheat_cluster(request, tmp_path, monkeypatch, audits)
     out: dict[str, list[str]] = {}
     _request(cluster.http_url, "verified", True, out)
     events = [json.loads(e) for e in out["verified"][:-1]]

@@ -53,6 +53,10 @@ class Int4Segment:
     sz: Tensor
     layout: str
 
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0]
+
 
 @dataclass
 class Int4Parts:
@@ -63,7 +67,7 @@ class Int4Parts:
     zero: np.ndarray
 
 
-def _f16(b: np.ndarray, at: int) -> np.ndarray:
+def f16_field(b: np.ndarray, at: int) -> np.ndarray:
     """The fp16 field at byte `at` of every block, as float32 [..., 1]."""
     return b[..., at : at + 2].copy().view(np.float16).astype(np.float32)
 
@@ -81,7 +85,7 @@ def crumbs(qh: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate(parts, axis=-2).reshape(*qh.shape[:-1], -1)
 
 
-def _high_bits(qh: np.ndarray, kind: str) -> np.ndarray:
+def high_bits(qh: np.ndarray, kind: str) -> np.ndarray:
     """The fifth bit of every value: Q5_0/Q5_1 value j is bit j of 4 bytes; Q5_K's 256 values are
     bit i of byte j at i*32 + j."""
     bits = np.unpackbits(qh[..., None], axis=-1, bitorder="little")  # [..., bytes, 8]
@@ -90,7 +94,7 @@ def _high_bits(qh: np.ndarray, kind: str) -> np.ndarray:
     return bits.reshape(*qh.shape[:-1], -1)
 
 
-def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The 8 six-bit scales and mins packed in 12 bytes (Q4_K, Q5_K)."""
     d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
     sc = np.concatenate([d & 63, (md & 15) | ((d >> 2) & 48)], axis=-1)
@@ -115,11 +119,11 @@ def _plain(raw: np.ndarray, kind: str) -> tuple[np.ndarray, int, np.ndarray, np.
     n = raw.shape[0]
     b = raw.reshape(n, -1, GGML_QUANT_SIZES[Q[kind]][1])
     if kind == "Q4_K":
-        d, dmin = _f16(b, 0), _f16(b, 2)
-        sc, mn = _k_scales(b[..., 4:16])
+        d, dmin = f16_field(b, 0), f16_field(b, 2)
+        sc, mn = k_scales(b[..., 4:16])
         return b[..., 16:], 32, *_flat(d * sc, 8 * d * sc - dmin * mn)
-    d, head = _f16(b, 0), 2 if kind == "Q4_0" else 4
-    return b[..., head:], 16, *_flat(d, 0 * d if kind == "Q4_0" else 8 * d + _f16(b, 2))
+    d, head = f16_field(b, 0), 2 if kind == "Q4_0" else 4
+    return b[..., head:], 16, *_flat(d, 0 * d if kind == "Q4_0" else 8 * d + f16_field(b, 2))
 
 
 def decode(raw: np.ndarray, kind: str) -> Int4Parts:
@@ -130,23 +134,23 @@ def decode(raw: np.ndarray, kind: str) -> Int4Parts:
         qs, width, scale, zero = _plain(raw, kind)
         return Int4Parts(nibbles(qs, width).reshape(n, -1), scale, zero)
     if kind == "Q5_K":
-        d, dmin = _f16(b, 0), _f16(b, 2)
-        sc, mn = _k_scales(b[..., 4:16])
+        d, dmin = f16_field(b, 0), f16_field(b, 2)
+        sc, mn = k_scales(b[..., 4:16])
         scale, zero = d * sc, 8 * d * sc - dmin * mn
-        lo, hi = nibbles(b[..., 48:176], 32), _high_bits(b[..., 16:48], kind)
+        lo, hi = nibbles(b[..., 48:176], 32), high_bits(b[..., 16:48], kind)
         return _split(*_flat(lo, scale, zero, hi, 16 * scale))
     if kind in ("Q5_0", "Q5_1"):
-        d, head = _f16(b, 0), 2 if kind == "Q5_0" else 4
-        zero = -8 * d if kind == "Q5_0" else 8 * d + _f16(b, 2)
-        hi = _high_bits(b[..., head : head + 4], kind)
+        d, head = f16_field(b, 0), 2 if kind == "Q5_0" else 4
+        zero = -8 * d if kind == "Q5_0" else 8 * d + f16_field(b, 2)
+        hi = high_bits(b[..., head : head + 4], kind)
         return _split(*_flat(nibbles(b[..., head + 4 :], 16), d, zero, hi, 16 * d))
     if kind == "Q8_0":
-        d, q = _f16(b, 0), b[..., 2:].view(np.int8)
+        d, q = f16_field(b, 0), b[..., 2:].view(np.int8)
         hi = (q >> np.int8(4)).view(np.uint8)  # -8..7 as 248..7: + 8 wraps into 0..15
         return _split(*_flat(q.view(np.uint8) & U8[15], d, 8 * d, hi, 16 * d))
     if kind == "Q6_K":
         lo, hi = nibbles(b[..., :128], 64), crumbs(b[..., 128:192], 32)
-        s = _f16(b, 208) * b[..., 192:208].view(np.int8).astype(np.float32)  # [n, blocks, 16]
+        s = f16_field(b, 208) * b[..., 192:208].view(np.int8).astype(np.float32)  # [n, blocks, 16]
         lo, hi = lo.reshape(n, -1, 1, 16), hi.reshape(n, -1, 1, 16)
         codes = np.concatenate([lo, U8[2] * hi + U8[5]], axis=2)  # per 16-block: low nibbles, then 2 hi + 5
         return Int4Parts(*_flat(codes, s, 0 * s))

@@ -144,7 +144,7 @@ def _f16_bytes(x: np.ndarray) -> np.ndarray:
 
 
 def _k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
-    """Eight 6-bit scales and mins into Q4_K's 12 bytes (inverse of quants._k_scales)."""
+    """Eight 6-bit scales and mins into Q4_K's 12 bytes (inverse of quants.k_scales)."""
     lo = (sc[..., :4] & U8[63]) | ((sc[..., 4:] >> U8[4]) << U8[6])
     mid = (mn[..., :4] & U8[63]) | ((mn[..., 4:] >> U8[4]) << U8[6])
     return np.concatenate([lo, mid, (sc[..., 4:] & U8[15]) | ((mn[..., 4:] & U8[15]) << U8[4])], axis=-1)

@@ -1,0 +1,230 @@
+"""The strict class's compact CPU kernel: GGUF weights kept quantized, fp32 activations and sums.
+
+`--dtype fp32 --packed` runs every quantized matrix through cpu_kernel.cpp, built here on first use
+(torch's C++ extension builder, ~25 s, once per machine and PyTorch; cached in
+$TORCH_EXTENSIONS_DIR). Each weight the kernel multiplies is exactly the fp32 value llama.cpp
+dequantizes, and every sum is fp32, so results differ from dense fp32 only in summation order
+(rel. ~1e-7): the strict verification class, at 0.75 bytes per 4-bit weight instead of fp32's 4 or
+fp16's 2. Every output is summed in one order however many rows a call has, so batching sessions
+never changes a session's bits, and a batch's rows share each weight block's decoding.
+
+Two forms (blocks of 32 along a row, all exact images of the GGUF blocks):
+
+| form | codes | per block | formats |
+|---|---|---|---|
+| Q4 | uint8, two 4-bit codes per byte | scale, zero (W = c s + z) | Q4_0, Q4_1, Q4_K |
+| Q8 | int8 | scale per 16, zero | Q8_0, Q6_K, Q5_0, Q5_1, Q5_K |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import Tensor
+
+from consortium.errors import ConsortiumError
+from consortium.model.quants import CHUNK_CODES, U8, crumbs, f16_field, high_bits, k_scales, nibbles
+
+Q = GGMLQuantizationType
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q4_K": "q4", "Q8_0": "q8", "Q6_K": "q8"}
+FORMS |= {"Q5_0": "q8", "Q5_1": "q8", "Q5_K": "q8"}
+WIDE_CHUNK = 1 << 22  # weights dequantized at once for many rows' GEMM (16 MB of fp32)
+
+log = logging.getLogger(__name__)
+
+
+def _flags() -> list[str]:
+    """Tuned for this CPU (the extension's name carries the CPU, so a shared home never runs one
+    machine's build on another). -ffp-contract=fast: a*b+c is one FMA, the same in every tile."""
+    flags = ["-O3", "-ffp-contract=fast"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += ["-march=native", "-mprefer-vector-width=512"]
+    else:
+        flags += ["-mcpu=native"]
+    return flags
+
+
+def _cpu_id() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        ident = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))][:2]
+    except OSError:
+        ident = [platform.processor(), platform.machine()]
+    key = "|".join([*ident, torch.__version__, SOURCE.read_text(), *_flags()])
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@cache
+def kernel() -> ModuleType:
+    """The built extension (built on first use; a clear error where no C++ compiler works)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
+    from torch.utils import cpp_extension
+
+    scripts = str(Path(sys.executable).parent)  # the pip-installed ninja, where PATH lacks it
+    if shutil.which("ninja") is None and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+
+    try:
+        return cpp_extension.load(f"consortium_cpu_kernel_{_cpu_id()}", [str(SOURCE)], extra_cflags=_flags())
+    except Exception as e:  # compiler missing or failing: name the cause, keep the rest usable
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ConsortiumError(
+            f"the fp32 packed CPU kernel could not be built ({detail}); it needs a C++ compiler "
+            "(g++ or clang++); run without --packed, or with --dtype bf16 --packed"
+        ) from e
+
+
+@dataclass
+class QuantSegment:
+    """Rows of a matrix in one form: codes [N, K/2] uint8 (q4) or [N, K] int8 (q8); scale fp32
+    [N, K/32] (q4) or [N, K/16] (q8); zero fp32 [N, K/32] or None."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.codes, self.scale, self.zero) if t is not None)
+
+    def matmul(self, x: Tensor, wide: bool = False) -> Tensor:
+        """x W^T in fp32. Wide (many rows of one session): GEMM over fp32 rows of W dequantized
+        a chunk at a time, the same weights, another summation order."""
+        if not wide:
+            return kernel().linear(x, self.codes, self.scale, self.zero)
+        n, step = self.codes.shape[0], max(1, WIDE_CHUNK // (self.scale.shape[1] * 32))
+        parts = [
+            F.linear(x, kernel().dequant(self.codes, self.scale, self.zero, r, min(r + step, n)))
+            for r in range(0, n, step)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def form_key(kind: str) -> str:
+    """Matrices of one key share a segment's storage: the form, and whether it has zeros."""
+    return "q4" if FORMS[kind] == "q4" else "q8z" if kind in ("Q5_1", "Q5_K") else "q8"
+
+
+def segment_bytes(kind: str, rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] matrix of GGUF type `kind` in its form."""
+    if FORMS[kind] == "q4":
+        return rows * (cols // 2 + cols // 32 * 8)
+    zero = kind in ("Q5_1", "Q5_K")
+    return rows * (cols + cols // 16 * 4 + (cols // 32 * 4 if zero else 0))
+
+
+def _blocks(raw: np.ndarray, kind: str) -> np.ndarray:
+    return raw.reshape(raw.shape[0], -1, GGML_QUANT_SIZES[Q[kind]][1])
+
+
+def _q4_rows(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes in natural order [n, K], scale and zero [n, K/32] of a 4-bit format."""
+    b, n = _blocks(raw, kind), raw.shape[0]
+    if kind == "Q4_K":
+        d, dmin = f16_field(b, 0), f16_field(b, 2)
+        sc, mn = k_scales(b[..., 4:16])
+        return nibbles(b[..., 16:], 32).reshape(n, -1), (d * sc).reshape(n, -1), (-dmin * mn).reshape(n, -1)
+    d, head = f16_field(b, 0), 2 if kind == "Q4_0" else 4
+    zero = -8 * d if kind == "Q4_0" else f16_field(b, 2)
+    return nibbles(b[..., head:], 16).reshape(n, -1), d.reshape(n, -1), zero.reshape(n, -1)
+
+
+def _q8_rows(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Signed codes [n, K], scale per 16 [n, K/16] and zero per 32 (or None) of a 5-8 bit format."""
+    b, n = _blocks(raw, kind), raw.shape[0]
+    if kind == "Q8_0":
+        d = f16_field(b, 0)
+        return b[..., 2:].view(np.int8).reshape(n, -1), np.repeat(d, 2, -1).reshape(n, -1), None
+    if kind == "Q6_K":
+        lo, hi = nibbles(b[..., :128], 64), crumbs(b[..., 128:192], 32)
+        q = (lo + U8[16] * hi).view(np.int8) - np.int8(32)  # 0..63 - 32: the format's own value
+        s = f16_field(b, 208) * b[..., 192:208].view(np.int8).astype(np.float32)
+        return q.reshape(n, -1), s.reshape(n, -1), None
+    if kind == "Q5_K":
+        d, dmin = f16_field(b, 0), f16_field(b, 2)
+        sc, mn = k_scales(b[..., 4:16])
+        q = nibbles(b[..., 48:176], 32) + U8[16] * high_bits(b[..., 16:48], kind)
+        return (
+            q.view(np.int8).reshape(n, -1),
+            np.repeat(d * sc, 2, -1).reshape(n, -1),
+            (-dmin * mn).reshape(n, -1),
+        )
+    d, head = f16_field(b, 0), 2 if kind == "Q5_0" else 4
+    q = nibbles(b[..., head + 4 :], 16) + U8[16] * high_bits(b[..., head : head + 4], kind)
+    if kind == "Q5_0":  # d (q - 16)
+        return (q.view(np.int8) - np.int8(16)).reshape(n, -1), np.repeat(d, 2, -1).reshape(n, -1), None
+    return q.view(np.int8).reshape(n, -1), np.repeat(d, 2, -1).reshape(n, -1), f16_field(b, 2).reshape(n, -1)
+
+
+def empty_segment(kind: str, rows: int, cols: int) -> QuantSegment:
+    """Uninitialised storage for [rows, cols] weights of GGUF type `kind`."""
+    q4 = FORMS[kind] == "q4"
+    codes = torch.empty(rows, cols // 2 if q4 else cols, dtype=torch.uint8 if q4 else torch.int8)
+    scale = torch.empty(rows, cols // (32 if q4 else 16))
+    zero = torch.empty(rows, cols // 32) if q4 or kind in ("Q5_1", "Q5_K") else None
+    return QuantSegment(codes, scale, zero)
+
+
+def _fill(raw: np.ndarray, kind: str, out: QuantSegment) -> None:
+    if FORMS[kind] == "q4":
+        codes, scale, zero = _q4_rows(raw, kind)
+        c = codes.reshape(codes.shape[0], -1, 2, 16)  # per block: codes 0..15 low, 16..31 high
+        out.codes.copy_(torch.from_numpy((c[:, :, 0] | (c[:, :, 1] << U8[4])).reshape(codes.shape[0], -1)))
+    else:
+        codes, scale, zero = _q8_rows(raw, kind)
+        out.codes.copy_(torch.from_numpy(np.ascontiguousarray(codes)))
+    out.scale.copy_(torch.from_numpy(scale))
+    if out.zero is not None:
+        out.zero.copy_(torch.from_numpy(zero))
+
+
+def pack_rows_into(
+    raw: np.ndarray, kind: str, out: QuantSegment, done: Callable[[slice], None] | None = None
+) -> None:
+    """Fill `out` (rows of a segment) from a GGUF matrix's raw rows [N, row bytes], in row chunks
+    on torch's threads (numpy releases the GIL); done(rows) as each chunk's raw rows are used."""
+    n, cols = raw.shape[0], out.scale.shape[1] * (32 if FORMS[kind] == "q4" else 16)
+    step = max(1, CHUNK_CODES // cols)
+
+    def chunk(r: slice) -> None:
+        part = QuantSegment(out.codes[r], out.scale[r], None if out.zero is None else out.zero[r])
+        _fill(np.asarray(raw[r]), kind, part)
+        if done is not None:
+            done(r)
+
+    rows = [slice(r, min(r + step, n)) for r in range(0, n, step)]
+    with ThreadPoolExecutor(max(1, min(len(rows), torch.get_num_threads()))) as pool:
+        list(pool.map(chunk, rows))
+
+
+def main() -> None:
+    """`python -m consortium.model.cpu_kernel`: build the kernel now (make setup does)."""
+    import time
+
+    t = time.perf_counter()
+    kernel()
+    print(f"fp32 packed CPU kernel ready ({time.perf_counter() - t:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

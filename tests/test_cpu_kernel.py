@@ -1,0 +1,65 @@
+"""The strict compact CPU kernel (model/cpu_kernel.py): every GGUF format's form reproduces
+llama.cpp's fp32 weights exactly, products are fp32-accurate, and a row's bits do not depend on
+its batch, its place in it or the thread count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+from test_scale import _raw
+
+from consortium.model import cpu_kernel as ck
+
+ROWS, COLS = 72, 512  # 72: tiles of 4 outputs and a remainder per thread
+
+
+def _segment(kind: str, rows: int = ROWS, cols: int = COLS) -> tuple[ck.QuantSegment, np.ndarray]:
+    raw = _raw(kind, rows, cols)
+    seg = ck.empty_segment(kind, rows, cols)
+    ck.pack_rows_into(raw, kind, seg)
+    return seg, dequantize(raw, Q[kind]).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("kind", sorted(ck.FORMS))
+def test_form_is_exact_and_products_fp32_accurate(kind):
+    seg, w = _segment(kind)
+    dense = ck.kernel().dequant(seg.codes, seg.scale, seg.zero, 0, ROWS)
+    torch.testing.assert_close(dense, torch.from_numpy(w), rtol=2e-7, atol=0)
+    x = torch.randn(5, COLS, generator=torch.Generator().manual_seed(0))
+    ref = x.double() @ torch.from_numpy(w).double().T
+    for wide in (False, True):
+        y = seg.matmul(x, wide)
+        assert y.dtype == torch.float32 and y.shape == (5, ROWS)
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-6
+    assert seg.nbytes == ck.segment_bytes(kind, ROWS, COLS)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+def test_rows_have_the_same_bits_in_any_batch_and_thread_count(kind):
+    seg, _ = _segment(kind)
+    x = torch.randn(11, COLS, generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([seg.matmul(x[i : i + 1]) for i in range(11)])
+    threads = torch.get_num_threads()
+    try:
+        for t in {1, 2, threads}:
+            torch.set_num_threads(t)
+            for a, b in ((0, 11), (3, 4), (2, 9), (5, 11), (0, 2)):
+                assert torch.equal(seg.matmul(x[a:b]), alone[a:b]), (t, a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_inputs_are_clear_errors():
+    seg, _ = _segment("Q4_1")
+    with pytest.raises(RuntimeError, match="float32"):
+        seg.matmul(torch.zeros(1, COLS, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="float32"):
+        seg.matmul(torch.zeros(1, COLS + 32))
+    with pytest.raises(RuntimeError, match="scale"):
+        ck.kernel().linear(torch.zeros(1, COLS), seg.codes, seg.scale[:, :-1].contiguous(), seg.zero)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        ck.kernel().dequant(seg.codes, seg.scale, seg.zero, 0, ROWS + 1)
+    assert seg.matmul(torch.zeros(0, COLS)).shape == (0, ROWS)

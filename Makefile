@@ -13,6 +13,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m consortium.model.cpu_kernel
 	touch $(STAMP)
 
 setup: $(STAMP)

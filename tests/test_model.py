@@ -99,8 +99,8 @@ def test_invalid_layer_ranges(gguf):
 def test_bad_engine_options(gguf):
     with pytest.raises(ConsortiumError, match="unknown device"):
         resolve_device("tpu")
-    with pytest.raises(ConsortiumError, match="packed int4"):
-        Stage(gguf, StageSpec(0, 4, dtype="fp32", packed=True))
+    with pytest.raises(ConsortiumError, match="packed weights need"):
+        Stage(gguf, StageSpec(0, 4, dtype="fp16", packed=True))
     with pytest.raises(ConsortiumError, match="unknown dtype"):
         Stage(gguf, StageSpec(0, 4, dtype="int3"))
     if not torch.cuda.is_available():

@@ -11,6 +11,7 @@ import torch
 
 from consortium.core.config import EngineConfig
 from consortium.model import model as M
+from consortium.model import pack_cache
 from consortium.model import synth as S
 from consortium.model.model import Stage, StageSpec
 from consortium.model.pack_cache import PackCache, default_root, open_model
@@ -19,6 +20,11 @@ from consortium.model.quants import int4_mm
 pytestmark = pytest.mark.skipif(int4_mm is None, reason="this PyTorch has no CPU int4 kernel")
 SPEC = StageSpec(0, 2, dtype="bf16", packed=True)
 PACKED = EngineConfig(dtype="bf16", packed=True)
+
+
+@pytest.fixture(autouse=True)
+def _small_models_cached(monkeypatch):
+    monkeypatch.setattr(pack_cache, "MIN_MODEL_BYTES", 0)
 
 
 @pytest.fixture
@@ -53,7 +59,7 @@ def _load(path, engine: EngineConfig = PACKED) -> Stage:
 
 def test_a_second_load_maps_the_cache_and_computes_the_same_bits(gguf_path, monkeypatch):
     first = _load(gguf_path)
-    assert any(default_root().glob("*/blk.0.attn_q.weight+3.pt"))
+    assert any(default_root().glob("*/blk.0.attn_q.weight+3.int4.pt"))
     packs = _packs(monkeypatch)
     second = _load(gguf_path)
     assert packs == []  # nothing repacked
@@ -64,7 +70,7 @@ def test_a_second_load_maps_the_cache_and_computes_the_same_bits(gguf_path, monk
 
 def test_a_torn_entry_is_repacked_not_trusted(gguf_path, monkeypatch, caplog):
     ref = _run(_load(gguf_path))
-    [entry] = default_root().glob("*/blk.1.ffn_down.weight+1.pt")
+    [entry] = default_root().glob("*/blk.1.ffn_down.weight+1.int4.pt")
     entry.write_bytes(entry.read_bytes()[:100])
     packs = _packs(monkeypatch)
     assert torch.equal(_run(_load(gguf_path)), ref)

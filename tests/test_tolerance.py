@@ -36,7 +36,8 @@ TOL = Tolerance("strict", rel_l2=0.01, max_rel=1.0, mean_rel_l2=0.002)
 
 def test_classes_and_admission():
     assert class_of("fp32") == class_of("fp16") == class_of("fp16", device="cuda") == "strict"
-    assert class_of("bf16") == class_of("fp32", packed=True) == "loose"
+    assert class_of("bf16") == class_of("bf16", packed=True) == "loose"
+    assert class_of("fp32", packed=True) == "strict"  # the strict kernel: exact weights, fp32 sums
     assert worst_class("strict", "loose") == worst_class("loose") == "loose"
     assert admitted_classes("strict") == {"strict"}
     assert admitted_classes("strict,loose") == admitted_classes("all") == admitted_classes("loose")
@@ -205,6 +206,22 @@ def test_honest_fp16_and_bf16_pass_on_splits_that_a_global_threshold_failed(smol
         bf16, ref, tolerance_class("fp32", "bf16", layers=(a, b), n_layers=n, model_digest=digest)
     )
     assert res.passed and res.tolerance == "loose", res.reason
+
+
+@pytest.mark.model
+def test_packed_fp32_is_within_float_rounding_of_dense_fp32(smol, monkeypatch):
+    """The strict kernel (packed fp32) multiplies the exact fp32 weights: its rows, decode path
+    included, differ from dense fp32 by summation order alone and pass the strict class."""
+    gguf, inputs = smol
+    monkeypatch.setattr(model, "WIDE_ROWS", 1 << 30)  # every row through the kernel, as decode steps
+    n, digest = gguf.args.n_layers, gguf.digest
+    for a, b in [(0, 3), (25, n)]:  # the second with the Q8_0 head
+        ref = _out(gguf, inputs, a, b, "fp32")
+        st = Stage(gguf, StageSpec(a, b, dtype="fp32", packed=True))
+        got = st(inputs[a], st.new_cache(len(inputs[0])), all_logits=True).float()
+        assert float((got - ref).norm() / ref.norm()) < 1e-5
+        res = _judge_rows(got, ref, tolerance_for("strict", (a, b), n, digest))
+        assert res.passed and res.tolerance == "strict", res.reason
 
 
 @pytest.mark.model

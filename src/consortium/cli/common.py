@@ -95,7 +95,8 @@ engine_options = options(  # fill(EngineConfig, options)
         "packed",
         "--packed/--no-packed",
         show_default=True,
-        help="Keep 4-bit weights packed and use the CPU int4 kernel (needs --dtype bf16).",
+        help="Keep quantized weights packed on the CPU: fp32 runs the strict compact kernel, bf16 "
+        "PyTorch's int4 kernel (loose class). Default: packed for cpu fp32, dense otherwise.",
     ),
     config_option(
         EngineConfig,

@@ -67,14 +67,21 @@ class EngineConfig:
     """How a node runs its stage (the options of `consortium generate`)."""
 
     device: str = "cpu"
-    # fp16 is the fastest mode of the strict verification class (docs/performance.md: 2.5x fp32's
-    # decode here); bf16 and --packed are faster still but verified in the loose class
-    dtype: str = "fp16"
-    packed: bool = False
+    # fp32 with packed weights is the fastest mode of the strict verification class on a CPU
+    # (docs/performance.md): the quantized blocks stay in memory (0.75 bytes a 4-bit weight) and
+    # the strict kernel multiplies their exact fp32 values (model/cpu_kernel.py)
+    dtype: str = "fp32"
+    # None: packed where the strict kernel runs (cpu, fp32), dense elsewhere; bf16 + packed is
+    # PyTorch's int4 kernel, the loose class
+    packed: bool | None = None
     threads: int = 0  # torch intra-op threads; 0 = torch's default (thread count does not change results)
     # packed int4 forms kept on disk (model/pack_cache.py): the next load maps them instead of
     # repacking (an 8B: ~20 s of CPU); identical weights either way
     pack_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.packed is None:
+            object.__setattr__(self, "packed", self.device == "cpu" and self.dtype == "fp32")
 
 
 @dataclass(frozen=True)

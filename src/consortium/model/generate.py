@@ -11,9 +11,8 @@ import torch
 
 from consortium.core.config import EngineConfig
 from consortium.errors import InvalidRequestError
-from consortium.model.gguf_file import GGUFModel
 from consortium.model.model import Stage, StageSpec
-from consortium.model.pack_cache import PackCache, default_root
+from consortium.model.pack_cache import open_model
 from consortium.model.sampling import SamplingParams, sample
 from consortium.model.tokenizer import GGUFTokenizer
 
@@ -121,15 +120,15 @@ def load_single_node(
     model: str,
     device: str = DEFAULT_ENGINE.device,
     dtype: str = DEFAULT_ENGINE.dtype,
-    packed: bool = DEFAULT_ENGINE.packed,
+    packed: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
     pack_cache: bool = DEFAULT_ENGINE.pack_cache,
 ):
-    """The model, a stage of every layer and the tokenizer; a progress bar unless `progress` is given."""
-    gguf = GGUFModel(model)
-    if pack_cache:
-        gguf.pack_cache = PackCache(default_root())
-    spec = StageSpec(0, gguf.args.n_layers, device=device, dtype=dtype, packed=packed)
+    """The model, a stage of every layer and the tokenizer; a progress bar unless `progress` is
+    given. packed None: as EngineConfig decides for the device and dtype."""
+    engine = EngineConfig(device=device, dtype=dtype, packed=packed, pack_cache=pack_cache)
+    gguf = open_model(model, engine)
+    spec = StageSpec(0, gguf.args.n_layers, device=device, dtype=dtype, packed=engine.packed)
     if progress is not None:
         return gguf, Stage(gguf, spec, progress), GGUFTokenizer(gguf)
     with load_progress(f"loading {gguf.path.name}") as bar:

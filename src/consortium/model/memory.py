@@ -8,6 +8,7 @@ import psutil
 import torch
 
 from consortium.errors import ConsortiumError, UnsupportedModelError
+from consortium.model.cpu_kernel import segment_bytes
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.quants import FLOAT_TYPES, LAYOUTS, PACKABLE
 
@@ -36,10 +37,14 @@ def is_packed(gguf: GGUFModel, names: list[str], spec: StageSpec) -> bool:
 
 
 def linear_bytes(gguf: GGUFModel, names: list[str], spec: StageSpec) -> int:
-    """Bytes of one loaded Linear: int4 codes plus bf16 scale and zero per 32, or dense."""
+    """Bytes of one loaded Linear: the strict kernel's forms (fp32), int4 codes plus bf16 scale and
+    zero per 32 (bf16), or dense."""
     if not is_packed(gguf, names, spec):
         itemsize = torch.empty((), dtype=spec.torch_dtype).element_size()
         return sum(int(gguf.tensor(n).n_elements) for n in names) * itemsize
+    if spec.dtype == "fp32":
+        ts = [gguf.tensor(n) for n in names]
+        return sum(segment_bytes(t.tensor_type.name, int(t.shape[1]), int(t.shape[0])) for t in ts)
     total = 0
     for n in names:
         t = gguf.tensor(n)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
+from consortium.model.cpu_kernel import QuantSegment, empty_segment, form_key, kernel, pack_rows_into
 from consortium.model.gguf_file import GGUFModel, ModelArgs
 from consortium.model.memory import check_compact, check_memory, is_packed
 from consortium.model.quants import (
@@ -45,7 +46,9 @@ class StageSpec:
     end: int
     device: str = "cpu"
     dtype: str = "fp32"
-    packed: bool = False  # keep 4-bit weights packed (CPU int4 kernel, bf16 only)
+    # keep quantized weights packed on the CPU: fp32 runs them through the strict kernel
+    # (cpu_kernel.py), bf16 through PyTorch's int4 kernel (quants.py, the loose class)
+    packed: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -106,9 +109,10 @@ class KVCache:
 
 
 class Linear(nn.Module):
-    """y = x W^T with W dense, or in int4 segments (quants.py) whose outputs are concatenated."""
+    """y = x W^T with W dense, or in packed segments whose outputs are concatenated: int4 for
+    PyTorch's bf16 kernel (quants.py), quantized blocks for the strict fp32 kernel (cpu_kernel.py)."""
 
-    def __init__(self, weight: Tensor | None = None, packed: list[Int4Segment] | None = None):
+    def __init__(self, weight: Tensor | None = None, packed: list[Int4Segment | QuantSegment] | None = None):
         super().__init__()
         self.weight, self.packed = weight, packed
 
@@ -118,9 +122,14 @@ class Linear(nn.Module):
                 return _fp16_wide(x, self.weight)
             return F.linear(x, self.weight)
         if len(self.packed) == 1:  # the usual case: no list, no cat
-            s = self.packed[0]
-            return int4_matmul(x, s.weight, s.sz, s.layout)
-        return torch.cat([int4_matmul(x, s.weight, s.sz, s.layout) for s in self.packed], dim=-1)
+            return _segment_matmul(self.packed[0], x, wide)
+        return torch.cat([_segment_matmul(s, x, wide) for s in self.packed], dim=-1)
+
+
+def _segment_matmul(s: Int4Segment | QuantSegment, x: Tensor, wide: bool) -> Tensor:
+    if isinstance(s, QuantSegment):
+        return s.matmul(x, wide)
+    return int4_matmul(x, s.weight, s.sz, s.layout)
 
 
 def _fp16_wide(x: Tensor, weight: Tensor) -> Tensor:
@@ -306,6 +315,37 @@ def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
     return Linear(packed=segments)
 
 
+def _quantized(gguf: GGUFModel, names: list[str]) -> Linear:
+    """GGUF matrices (fused by rows) in the strict kernel's forms (cpu_kernel.py); consecutive
+    matrices of one form share a segment, filled in place chunk by chunk as _packed does."""
+    cache, rows = gguf.pack_cache, sum(int(gguf.tensor(n).shape[1]) for n in names)
+    if cache is not None and (cached := cache.load(gguf.path, names, rows, "fp32")) is not None:
+        return Linear(packed=cached)
+    groups: list[list[str]] = []
+    for name in names:
+        key = form_key(gguf.tensor(name).tensor_type.name)
+        if groups and form_key(gguf.tensor(groups[-1][0]).tensor_type.name) == key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    segments: list[QuantSegment] = []
+    for group in groups:
+        cols = int(gguf.tensor(group[0]).shape[0])
+        n = sum(int(gguf.tensor(name).shape[1]) for name in group)
+        seg, at = empty_segment(gguf.tensor(group[0]).tensor_type.name, n, cols), 0
+        for name in group:
+            raw, kind = gguf.raw(name), gguf.tensor(name).tensor_type.name
+            r = slice(at, at + raw.shape[0])
+            part = QuantSegment(seg.codes[r], seg.scale[r], None if seg.zero is None else seg.zero[r])
+            pack_rows_into(raw, kind, part, lambda rr, name=name: gguf.release(name, rr))
+            gguf.release(name)
+            at = r.stop
+        segments.append(seg)
+    if cache is not None:
+        cache.save(gguf.path, names, segments)
+    return Linear(packed=segments)
+
+
 def _dense(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Tensor:
     """The row-concatenation of GGUF matrices in the compute dtype, filled in row chunks on the
     device (never a whole fp32 copy in host memory, nor a whole matrix's file pages)."""
@@ -328,7 +368,7 @@ def _linear(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Linear:
     """One Linear over the row-concatenation of GGUF matrices (fused QKV / gate-up); packed int4
     where asked, except for float matrices (kept dense: bf16 is their compact form)."""
     if is_packed(gguf, names, spec):
-        return _packed(gguf, names)
+        return _quantized(gguf, names) if spec.dtype == "fp32" else _packed(gguf, names)
     return Linear(weight=_dense(gguf, names, spec))
 
 
@@ -364,10 +404,12 @@ def check_spec(gguf: GGUFModel, spec: StageSpec) -> None:
         )
     if spec.dtype not in DTYPES:
         raise ConsortiumError(f"unknown dtype {spec.dtype!r} (use {', '.join(DTYPES)})")
-    if spec.packed and (spec.device != "cpu" or spec.dtype != "bf16"):
-        raise ConsortiumError("packed int4 weights need --device cpu --dtype bf16")
-    if spec.packed and int4_mm is None:
-        raise ConsortiumError(f"packed int4 weights need a newer PyTorch than {torch.__version__}")
+    if spec.packed and (spec.device != "cpu" or spec.dtype not in ("fp32", "bf16")):
+        raise ConsortiumError("packed weights need --device cpu and --dtype fp32 (strict) or bf16")
+    if spec.packed and spec.dtype == "bf16" and int4_mm is None:
+        raise ConsortiumError(f"packed bf16 weights need a newer PyTorch than {torch.__version__}")
+    if spec.packed and spec.dtype == "fp32":
+        kernel()  # built (or a clear error) before any weight is read
     check_compact(gguf, spec)
     check_memory(gguf, spec)
 

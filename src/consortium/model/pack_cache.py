@@ -1,6 +1,7 @@
-"""Packed int4 weights kept on disk between loads (the way llama.cpp maps its file).
+"""Packed weights kept on disk between loads (the way llama.cpp maps its file).
 
-Repacking a GGUF's blocks for the CPU int4 kernel is CPU work: about 20 s for an 8B on two
+Repacking a GGUF's blocks for a CPU kernel (bf16: PyTorch's int4 kernel, quants.py; fp32: the
+strict kernel, cpu_kernel.py) is CPU work: about 20 s for an 8B on two
 cores, while llama.cpp maps its file in a few seconds once it is in the page cache. The first
 load of a matrix writes its packed segments under the cache folder; later loads map them
 (torch.load with mmap: no copy, pages read as the kernel touches them). The folder's key is the
@@ -26,12 +27,21 @@ from pathlib import Path
 import torch
 
 from consortium.core.config import EngineConfig
+from consortium.model.cpu_kernel import QuantSegment
 from consortium.model.gguf_file import GGUFModel
 from consortium.model.quants import Int4Segment, fast_layout_ok
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the stored form changes
+FORMAT = 2  # bump when the stored form changes
+Segment = Int4Segment | QuantSegment
+# each packed form: its segment type and the dtypes its tensors must have
+FORMS = {
+    "int4": (Int4Segment, {"weight": torch.uint8, "sz": torch.bfloat16}),
+    "fp32": (QuantSegment, {"scale": torch.float32}),
+}
+# a smaller model packs in about a second: entries would only fill the disk (each test's too)
+MIN_MODEL_BYTES = 256 << 20
 FREE_MARGIN = 1 << 30  # never fill the disk: leave this much free after writing an entry
 
 
@@ -39,7 +49,7 @@ def open_model(path: str | Path, engine: EngineConfig) -> GGUFModel:
     """The GGUF a node serves, its packed forms cached on disk unless the engine says not to (a
     coordinator's audit stages pack in the audited node's form, whatever its own)."""
     gguf = GGUFModel(path)
-    if engine.pack_cache:
+    if engine.pack_cache and gguf.path.stat().st_size >= MIN_MODEL_BYTES:
         gguf.pack_cache = PackCache(default_root())
     return gguf
 
@@ -65,19 +75,21 @@ class PackCache:
         ident += [torch.__version__, fast_layout_ok()]
         return self.root / hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]
 
-    def entry(self, model: Path, names: list[str]) -> Path:
-        return self.folder(model) / f"{names[0]}+{len(names)}.pt"
+    def entry(self, model: Path, names: list[str], form: str) -> Path:
+        return self.folder(model) / f"{names[0]}+{len(names)}.{form}.pt"
 
-    def load(self, model: Path, names: list[str], rows: int) -> list[Int4Segment] | None:
-        """The packed segments of the fused matrices `names` ([rows] output rows), or None."""
-        path = self.entry(model, names)
+    def load(self, model: Path, names: list[str], rows: int, form: str = "int4") -> list[Segment] | None:
+        """The packed segments (`form`: int4 or fp32) of the fused matrices `names` ([rows]
+        output rows), or None."""
+        path = self.entry(model, names, form)
         if not path.is_file():
             return None
+        cls, dtypes = FORMS[form]
         try:
             data = torch.load(path, mmap=True, weights_only=True)
-            segments = [Int4Segment(s["weight"], s["sz"], s["layout"]) for s in data["segments"]]
-            ok = data["names"] == names and sum(s.weight.shape[0] for s in segments) == rows
-            ok = ok and all(s.weight.dtype == torch.uint8 and s.sz.dtype == torch.bfloat16 for s in segments)
+            segments = [cls(**fields) for fields in data["segments"]]
+            ok = data["names"] == names and sum(s.rows for s in segments) == rows
+            ok = ok and all(getattr(s, k).dtype == want for s in segments for k, want in dtypes.items())
             if ok:
                 return segments
             log.warning("packed cache entry %s does not match its matrices: repacking", path)
@@ -98,7 +110,7 @@ class PackCache:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "source.json").write_text(json.dumps({"path": source}))
 
-    def save(self, model: Path, names: list[str], segments: list[Int4Segment]) -> None:
+    def save(self, model: Path, names: list[str], segments: list[Segment]) -> None:
         """Queue an entry; best effort: a full disk or a read-only home only means repacking next
         time (an entry torn by a kill is a stray .tmp, swept when its folder is next written)."""
         if self._writer is None:
@@ -120,9 +132,10 @@ class PackCache:
             finally:
                 self._queue.task_done()
 
-    def _write(self, model: Path, names: list[str], segments: list[Int4Segment]) -> None:
-        path = self.entry(model, names)
-        size = sum(s.weight.nbytes + s.sz.nbytes for s in segments)
+    def _write(self, model: Path, names: list[str], segments: list[Segment]) -> None:
+        form = "int4" if isinstance(segments[0], Int4Segment) else "fp32"
+        path = self.entry(model, names, form)
+        size = sum(t.nbytes for s in segments for t in vars(s).values() if isinstance(t, torch.Tensor))
         if not path.parent.is_dir():
             self._new_folder(model, path.parent)
         for stray in path.parent.glob("*.tmp"):  # a writer killed mid-entry, an hour or more ago
@@ -132,7 +145,7 @@ class PackCache:
             return
         data = {
             "names": names,
-            "segments": [{"weight": s.weight, "sz": s.sz, "layout": s.layout} for s in segments],
+            "segments": [vars(s) for s in segments],
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:

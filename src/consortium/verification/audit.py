@@ -119,7 +119,8 @@ class AuditRefused(ConsortiumError):
 
 @dataclass(frozen=True)
 class Representation:
-    """How a stage computes: its dtype, and whether its 4-bit weights stay packed (int4 kernel)."""
+    """How a stage computes: its dtype, and whether its quantized weights stay packed (fp32: the
+    strict kernel; bf16: the int4 kernel)."""
 
     dtype: str = "fp32"
     packed: bool = False
@@ -135,9 +136,9 @@ class Representation:
 def audit_representation(declared: Representation, device: str) -> Representation:
     """What the auditor recomputes in on `device`: the audited stage's own representation, so that
     an audit costs what the stage costs (never a dense fp32 copy of a range declared compact).
-    Packed int4 runs only on CPU with the int4 kernel; elsewhere the same dtype dense is the
-    closest compact form (bf16: 2 bytes a weight, the same numeric class)."""
-    if declared.packed and (device != "cpu" or int4_mm is None or declared.dtype != "bf16"):
+    Packed forms run only on a CPU (bf16: with PyTorch's int4 kernel); elsewhere the same dtype
+    dense is the closest form (the same numeric class)."""
+    if declared.packed and (device != "cpu" or (declared.dtype == "bf16" and int4_mm is None)):
         return Representation(declared.dtype)
     return declared
 

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 PROMPT = "Explain in one paragraph why the sky appears blue."
-# Our engine's modes: name -> (dtype, packed int4 weights).
+# Our engine's modes: name -> (dtype, packed weights).
 CONSORTIUM_MODES = {
+    "fp32+packed": ("fp32", True),
     "fp32": ("fp32", False),
     "bf16": ("bf16", False),
     "bf16+packed": ("bf16", True),
@@ -355,7 +356,7 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=32, help="generated tokens for HF transformers (slow)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds over all engines")
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine")
-    ap.add_argument("--modes", default="fp32,bf16,bf16+packed,fp16", help="dtype modes of our engine")
+    ap.add_argument("--modes", default="fp32+packed,fp16,bf16+packed,fp32", help="dtype modes of our engine")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per child run")

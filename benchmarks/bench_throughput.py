@@ -424,11 +424,16 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="engine dtype (default: the demo's)"
     )
     ap.add_argument(
-        "--packed", action=argparse.BooleanOptionalAction, default=None, help="packed int4 (bf16)"
+        "--packed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="packed weights (default: packed for fp32)",
     )
     ap.add_argument("--coordinator-args", default="", help="extra `coordinator start` options (one string)")
     ap.add_argument("--no-llama-cpp", action="store_true")
-    ap.add_argument("--single-modes", default="fp16", help="our single-node reference modes ('' for none)")
+    ap.add_argument(
+        "--single-modes", default="fp32+packed,fp16", help="our single-node reference modes ('' for none)"
+    )
     ap.add_argument("--ref-repeats", type=int, default=2, help="runs of every reference (the best counts)")
     ap.add_argument("--ref-tokens", type=int, default=128, help="tokens of the single-node references")
     ap.add_argument("--ref-threads", type=int, default=os.cpu_count() or 1, help="threads of the references")
@@ -443,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DemoConfig(model=Path(a.model) if a.model else None, quiet=True)
     engine = cfg.engine
     if a.dtype:
-        engine = replace(engine, dtype=a.dtype)
+        engine = replace(engine, dtype=a.dtype, packed=None)  # packed: the new dtype's default
     if a.packed is not None:
         engine = replace(engine, packed=a.packed)
     if a.threads:

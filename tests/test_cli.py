@@ -99,7 +99,7 @@ def bad_models(tmp_path_factory) -> dict[str, Path]:
         ("tiny", ["--max-tokens", "-3"], "max-tokens must be positive"),
         ("tiny", ["--device", "tpu"], "unknown device 'tpu'"),
         ("tiny", ["--top-p", "0"], "top-p must be in (0, 1]"),
-        ("tiny", ["--dtype", "fp32", "--packed"], "packed int4 weights need"),
+        ("tiny", ["--dtype", "fp16", "--packed"], "packed weights need"),
     ],
 )
 def test_bad_input_gives_one_line(tiny_gguf, bad_models, tmp_path, case, extra, match):

@@ -44,7 +44,8 @@ def _open(runner, sid, capacity=32):
 
 def test_chained_runners_equal_one_stage(runners):
     g, rs = runners
-    full = Stage(g, StageSpec(0, 4, dtype=EngineConfig().dtype))  # the runners' engine
+    e = EngineConfig()
+    full = Stage(g, StageSpec(0, 4, dtype=e.dtype, packed=e.packed))  # the runners' engine
     cache = full.new_cache(32)
     for r in rs:
         _open(r, "s1")

@@ -105,7 +105,13 @@ engine_options = options(  # fill(EngineConfig, options)
         show_default=True,
         help="Keep packed weights on disk ($CONSORTIUM_CACHE_DIR/packed): the next load maps them.",
     ),
-    config_option(EngineConfig, "dtype", "--dtype", type=click.Choice(["fp32", "fp16", "bf16"])),
+    config_option(
+        EngineConfig,
+        "dtype",
+        "--dtype",
+        type=click.Choice(["fp32", "fp16", "bf16"]),
+        help="Default: fp32 (packed) on a CPU, fp16 on cuda and mps.",
+    ),
     config_option(EngineConfig, "device", "--device", help="auto, cpu, cuda[:N] or mps."),
 )
 sampling_options = options(  # fill(SamplingParams, options)

@@ -62,15 +62,24 @@ def default_log_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "consortium" / "logs"
 
 
+def _runs_on_cpu(device: str) -> bool:
+    if device == "auto":
+        from consortium.model.model import resolve_device  # torch: only when asked to pick
+
+        return resolve_device(device) == "cpu"
+    return device == "cpu"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How a node runs its stage (the options of `consortium generate`)."""
 
     device: str = "cpu"
-    # fp32 with packed weights is the fastest mode of the strict verification class on a CPU
-    # (docs/performance.md): the quantized blocks stay in memory (0.75 bytes a 4-bit weight) and
-    # the strict kernel multiplies their exact fp32 values (model/cpu_kernel.py)
-    dtype: str = "fp32"
+    # None: fp32 on a CPU, where fp32 with packed weights is the fastest mode of the strict
+    # verification class (docs/performance.md: the quantized blocks stay in memory, 0.75 bytes a
+    # 4-bit weight, and the strict kernel multiplies their exact fp32 values: model/cpu_kernel.py);
+    # fp16 on GPUs (cuda, mps), also strict
+    dtype: str | None = None
     # None: packed where the strict kernel runs (cpu, fp32), dense elsewhere; bf16 + packed is
     # PyTorch's int4 kernel, the loose class
     packed: bool | None = None
@@ -80,8 +89,12 @@ class EngineConfig:
     pack_cache: bool = True
 
     def __post_init__(self) -> None:
+        # (a replace() that changes the device or dtype passes dtype/packed=None to re-derive them)
+        cpu = _runs_on_cpu(self.device)
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", "fp32" if cpu else "fp16")
         if self.packed is None:
-            object.__setattr__(self, "packed", self.device == "cpu" and self.dtype == "fp32")
+            object.__setattr__(self, "packed", self.dtype == "fp32" and cpu)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,10 @@ class QuantSegment:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.codes, self.scale, self.zero) if t is not None)
 
+    def dense(self) -> Tensor:
+        """W in fp32, [N, K]."""
+        return kernel().dequant(self.codes, self.scale, self.zero, 0, self.rows)
+
     def matmul(self, x: Tensor, wide: bool = False) -> Tensor:
         """x W^T in fp32. Wide (many rows of one session): GEMM over fp32 rows of W dequantized
         a chunk at a time, the same weights, another summation order."""

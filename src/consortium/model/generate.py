@@ -119,16 +119,16 @@ DEFAULT_ENGINE = EngineConfig()
 def load_single_node(
     model: str,
     device: str = DEFAULT_ENGINE.device,
-    dtype: str = DEFAULT_ENGINE.dtype,
+    dtype: str | None = None,
     packed: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
     pack_cache: bool = DEFAULT_ENGINE.pack_cache,
 ):
     """The model, a stage of every layer and the tokenizer; a progress bar unless `progress` is
-    given. packed None: as EngineConfig decides for the device and dtype."""
+    given. dtype, packed None: as EngineConfig decides for the device."""
     engine = EngineConfig(device=device, dtype=dtype, packed=packed, pack_cache=pack_cache)
     gguf = open_model(model, engine)
-    spec = StageSpec(0, gguf.args.n_layers, device=device, dtype=dtype, packed=engine.packed)
+    spec = StageSpec(0, gguf.args.n_layers, device=device, dtype=engine.dtype, packed=engine.packed)
     if progress is not None:
         return gguf, Stage(gguf, spec, progress), GGUFTokenizer(gguf)
     with load_progress(f"loading {gguf.path.name}") as bar:

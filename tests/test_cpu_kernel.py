@@ -63,3 +63,13 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(RuntimeError, match="out of bounds"):
         ck.kernel().dequant(seg.codes, seg.scale, seg.zero, 0, ROWS + 1)
     assert seg.matmul(torch.zeros(0, COLS)).shape == (0, ROWS)
+
+
+def test_fused_rms_norm_matches_the_composite_and_is_row_independent():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(7, 576, generator=g) * 30, torch.rand(576, generator=g)
+    y = ck.kernel().rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (576,), w, 1e-5), rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(ck.kernel().rms_norm(x[i : i + 1], w, 1e-5), y[i : i + 1]) for i in range(7))
+    with pytest.raises(RuntimeError, match="float32"):
+        ck.kernel().rms_norm(x.half(), w, 1e-5)

@@ -3,18 +3,21 @@
 //   Q4: 16 bytes of codes c in 0..15 (code j in the low nibble of byte j, code j + 16 in its high
 //       nibble), one scale s and one zero z: W = c * s + z;
 //   Q8: 32 int8 codes q, one scale per 16 of them and one zero: W = q * s + z.
-// The zero is optional in both (absent: 0).
-// Both are exact images of GGUF blocks (quants.py maps each format onto one of them).
+// The zero is optional in both (absent: 0). Both are exact images of GGUF blocks (cpu_kernel.py
+// maps each format onto one of them). Outputs are stored in tiles of 4, block-major within a
+// tile (see `tile`), so the number of outputs is a multiple of 4.
 //
 // Every output is summed in one fixed order whatever the number of rows, the row's place in the
 // batch, the tile or the thread count: one 16-lane accumulator over the blocks of a row, then the
 // lanes in order, then the zero terms. So a session's row has the same bits alone as in any batch
 // (batch-invariant), while the rows of a batch share each block's decoding and a tile of outputs
-// shares each load of x. GCC/Clang vector extensions: one source for AVX-512, AVX2 and NEON.
+// shares each load of x. GCC/Clang vector extensions (one source for AVX-512, AVX2 and NEON),
+// with AVX-512 intrinsics where GCC's generic code is slow.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -63,19 +66,32 @@ inline float lanes_sum(f32x16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// Q4: each block's 16 possible weights c * s + z (one FMA, rounded once: the value llama.cpp's
+// fp32 dequantization gives), looked up by code; the zero needs no separate term.
 struct Q4 {
   static constexpr int64_t kBytes = 16, kScales = 1;
-  static inline void decode(const uint8_t* w, const float* s, f32x16& lo, f32x16& hi) {
+  static constexpr bool kZeroInTable = true;
+  static inline void decode(const uint8_t* w, const float* s, const float* z, f32x16& lo, f32x16& hi) {
+    const float zb = z ? z[0] : 0.f;
+#if defined(__AVX512F__)
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(s[0]), _mm512_set1_ps(zb));
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    lo = (f32x16)_mm512_permutexvar_ps(v, table);  // an index's low 4 bits: the low nibble
+    hi = (f32x16)_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+#else
     u8x16 q;
     std::memcpy(&q, w, 16);
-    lo = to_float(q & 15) * s[0];
-    hi = to_float(q >> 4) * s[0];
+    lo = to_float(q & 15) * s[0] + zb;  // contracted to one FMA (-ffp-contract=fast)
+    hi = to_float(q >> 4) * s[0] + zb;
+#endif
   }
 };
 
 struct Q8 {
   static constexpr int64_t kBytes = 32, kScales = 2;
-  static inline void decode(const uint8_t* w, const float* s, f32x16& lo, f32x16& hi) {
+  static constexpr bool kZeroInTable = false;  // zeros as separate terms (zero_terms)
+  static inline void decode(const uint8_t* w, const float* s, const float*, f32x16& lo, f32x16& hi) {
     u8x16 a, b;
     std::memcpy(&a, w, 16);
     std::memcpy(&b, w + 16, 16);
@@ -84,22 +100,25 @@ struct Q8 {
   }
 };
 
-// sum_b z[b] * xs[b], in 16 lanes and then in order: the zero terms of one output.
-inline float zero_terms(const float* z, const float* xs, int64_t nb) {
+constexpr int64_t kOutTile = 4;  // outputs stored interleaved, sharing each load of x
+constexpr int64_t kRowTile = 4;  // rows sharing each decoded block
+
+// The zero terms of output t of a tile: sum_b z[b][t] * xs[b], in order.
+inline float zero_terms(const float* z, int t, const float* xs, int64_t nb) {
   if (z == nullptr) return 0.f;
-  f32x16 acc = {};
-  int64_t b = 0;
-  for (; b + 16 <= nb; b += 16) acc += load16(z + b) * load16(xs + b);
-  float s = lanes_sum(acc);
-  for (; b < nb; ++b) s += z[b] * xs[b];
+  float s = 0.f;
+  for (int64_t b = 0; b < nb; ++b) s += z[b * kOutTile + t] * xs[b];
   return s;
 }
 
-// Outputs n .. n + T - 1 (w, s, z at output n) for rows 0 .. R - 1 of x. Each (output, row) has
-// one accumulator that every block adds to in the same two steps whatever T and R.
-template <typename F, int T, int R>
+// One tile of 4 outputs for rows 0 .. R - 1 of x. Storage is tile-major: block b of output t at
+// w + (b * 4 + t) * kBytes, its scales at s + (b * 4 + t) * kScales, its zero at z[b * 4 + t], so
+// a thread reads one stream of codes and one of scales. Each (output, row) has one accumulator
+// that every block adds to in the same two steps whatever R.
+template <typename F, int R>
 inline void tile(const float* x, int64_t ldx, const uint8_t* w, const float* s, const float* z,
                  const float* xs, int64_t nb, float* y, int64_t ldy) {
+  constexpr int T = kOutTile;
   f32x16 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = f32x16{};
@@ -111,7 +130,8 @@ inline void tile(const float* x, int64_t ldx, const uint8_t* w, const float* s, 
     }
     for (int t = 0; t < T; ++t) {
       f32x16 lo, hi;
-      F::decode(w + (t * nb + b) * F::kBytes, s + (t * nb + b) * F::kScales, lo, hi);
+      const int64_t at = b * T + t;
+      F::decode(w + at * F::kBytes, s + at * F::kScales, z && F::kZeroInTable ? z + at : nullptr, lo, hi);
       for (int r = 0; r < R; ++r) {
         acc[t][r] += lo * xl[r];
         acc[t][r] += hi * xh[r];
@@ -120,40 +140,27 @@ inline void tile(const float* x, int64_t ldx, const uint8_t* w, const float* s, 
   }
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r)
-      y[r * ldy + t] = lanes_sum(acc[t][r]) + zero_terms(z ? z + t * nb : nullptr, xs + r * nb, nb);
+      y[r * ldy + t] = lanes_sum(acc[t][r]) + zero_terms(F::kZeroInTable ? nullptr : z, t, xs + r * nb, nb);
 }
 
-constexpr int64_t kOutTile = 4;  // outputs sharing each load of x
-constexpr int64_t kRowTile = 4;  // rows sharing each decoded block
-
-template <typename F, int R>
-void outputs(const float* x, int64_t ldx, const uint8_t* w, const float* s, const float* z,
-             const float* xs, int64_t nb, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  auto at = [&](int64_t n) { return std::make_tuple(w + n * nb * F::kBytes, s + n * nb * F::kScales,
-                                                    z ? z + n * nb : nullptr); };
-  int64_t n = n0;
-  for (; n + kOutTile <= n1; n += kOutTile) {
-    auto [wn, sn, zn] = at(n);
-    tile<F, kOutTile, R>(x, ldx, wn, sn, zn, xs, nb, y + n, ldy);
-  }
-  for (; n < n1; ++n) {
-    auto [wn, sn, zn] = at(n);
-    tile<F, 1, R>(x, ldx, wn, sn, zn, xs, nb, y + n, ldy);
-  }
-}
-
+// Tiles [i0, i1) for every row of x, kRowTile rows at a time.
 template <typename F>
 void rows(const float* x, int64_t m, int64_t k, const uint8_t* w, const float* s, const float* z,
-          const float* xs, int64_t nb, float* y, int64_t n, int64_t n0, int64_t n1) {
+          const float* xs, int64_t nb, float* y, int64_t n, int64_t i0, int64_t i1) {
   for (int64_t r = 0; r < m; r += kRowTile) {
-    const float* xr = x + r * k;
-    const float* xsr = xs + r * nb;
-    float* yr = y + r * n;
-    switch (std::min(kRowTile, m - r)) {
-      case 4: outputs<F, 4>(xr, k, w, s, z, xsr, nb, yr, n, n0, n1); break;
-      case 3: outputs<F, 3>(xr, k, w, s, z, xsr, nb, yr, n, n0, n1); break;
-      case 2: outputs<F, 2>(xr, k, w, s, z, xsr, nb, yr, n, n0, n1); break;
-      default: outputs<F, 1>(xr, k, w, s, z, xsr, nb, yr, n, n0, n1);
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* wi = w + i * nb * kOutTile * F::kBytes;
+      const float* si = s + i * nb * kOutTile * F::kScales;
+      const float* zi = z ? z + i * nb * kOutTile : nullptr;
+      const float* xr = x + r * k;
+      const float* xsr = xs + r * nb;
+      float* yr = y + r * n + i * kOutTile;
+      switch (std::min(kRowTile, m - r)) {
+        case 4: tile<F, 4>(xr, k, wi, si, zi, xsr, nb, yr, n); break;
+        case 3: tile<F, 3>(xr, k, wi, si, zi, xsr, nb, yr, n); break;
+        case 2: tile<F, 2>(xr, k, wi, si, zi, xsr, nb, yr, n); break;
+        default: tile<F, 1>(xr, k, wi, si, zi, xsr, nb, yr, n);
+      }
     }
   }
 }
@@ -168,6 +175,7 @@ std::pair<bool, int64_t> check(const torch::Tensor& codes, const torch::Tensor& 
   const int64_t per_block = q8 ? Q8::kBytes : Q4::kBytes;
   TORCH_CHECK(codes.size(1) % per_block == 0, "a row of codes must hold whole blocks of 32");
   const int64_t n = codes.size(0), nb = codes.size(1) / per_block;
+  TORCH_CHECK(n % kOutTile == 0, "the number of outputs must be a multiple of ", kOutTile);
   const int64_t scales = nb * (q8 ? Q8::kScales : Q4::kScales);
   TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.dim() == 2 &&
                   scale.size(0) == n && scale.size(1) == scales,
@@ -193,7 +201,7 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& codes,
   auto y = torch::empty({m, n}, x.options());
   const float* xp = x.data_ptr<float>();
   std::vector<float> xs(m * nb);  // each row's block sums, for the zero terms
-  if (zero)
+  if (zero && q8)
     for (int64_t i = 0; i < m * nb; ++i) xs[i] = lanes_sum(load16(xp + i * 32) + load16(xp + i * 32 + 16));
   const float* xsp = xs.data();
   const uint8_t* w = static_cast<const uint8_t*>(codes.data_ptr());
@@ -201,18 +209,18 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& codes,
   const float* z = zero ? zero->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   if (m > 0)
-    at::parallel_for(0, n, kOutTile * 4, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, n / kOutTile, 4, [&](int64_t i0, int64_t i1) {
       if (q8)
-        rows<Q8>(xp, m, k, w, s, z, xsp, nb, yp, n, n0, n1);
+        rows<Q8>(xp, m, k, w, s, z, xsp, nb, yp, n, i0, i1);
       else
-        rows<Q4>(xp, m, k, w, s, z, xsp, nb, yp, n, n0, n1);
+        rows<Q4>(xp, m, k, w, s, z, xsp, nb, yp, n, i0, i1);
     });
   auto shape = x_in.sizes().vec();
   shape.back() = n;
   return y.view(shape);
 }
 
-// Rows [n0, n1) of W in fp32, each weight exactly as `linear` uses it (c * s + z, or q * s):
+// Rows [n0, n1) of W in fp32, each weight exactly as `linear` uses it (c * s + z, or q * s + z):
 // many rows of one session go through GEMM over these instead.
 torch::Tensor dequant(const torch::Tensor& codes, const torch::Tensor& scale,
                       const c10::optional<torch::Tensor>& zero, int64_t n0, int64_t n1) {
@@ -226,13 +234,14 @@ torch::Tensor dequant(const torch::Tensor& codes, const torch::Tensor& scale,
   at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r)
       for (int64_t j = 0; j < nb; ++j) {
-        const int64_t blk = r * nb + j;
+        // block j of output r in the tile-major storage
+        const int64_t blk = (r / kOutTile * nb + j) * kOutTile + r % kOutTile;
         f32x16 lo, hi;
         if (q8)
-          Q8::decode(w + blk * Q8::kBytes, s + blk * Q8::kScales, lo, hi);
+          Q8::decode(w + blk * Q8::kBytes, s + blk * Q8::kScales, nullptr, lo, hi);
         else
-          Q4::decode(w + blk * Q4::kBytes, s + blk * Q4::kScales, lo, hi);
-        if (z) {
+          Q4::decode(w + blk * Q4::kBytes, s + blk * Q4::kScales, z ? z + blk : nullptr, lo, hi);
+        if (q8 && z) {
           lo += z[blk];
           hi += z[blk];
         }
@@ -244,7 +253,37 @@ torch::Tensor dequant(const torch::Tensor& codes, const torch::Tensor& scale,
   return out;
 }
 
+// RMSNorm of fp32 rows in one pass: y = x / sqrt(mean(x^2) + eps) * w, the squares summed in 16
+// lanes and then in order (one row's result never depends on the others). One call instead of
+// the half-dozen ops of the composite (tens of microseconds a call for a decode row).
+torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x_in.dtype() == torch::kFloat32 && !x_in.is_cuda() && x_in.dim() >= 1,
+              "x must be float32 on the CPU");
+  const int64_t d = x_in.size(-1);
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.dim() == 1 && w.size(0) == d &&
+                  d % 16 == 0,
+              "w must be contiguous float32 [", d, "] with a multiple of 16 features");
+  const auto x = x_in.reshape({-1, d}).contiguous();
+  const int64_t m = x.size(0);
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = xp + r * d;
+    f32x16 acc = {};
+    for (int64_t i = 0; i < d; i += 16) acc += load16(xr + i) * load16(xr + i);
+    const float scale = 1.f / std::sqrt(lanes_sum(acc) / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t i = 0; i < d; i += 16) {
+      const f32x16 v = load16(xr + i) * scale * load16(wp + i);
+      std::memcpy(yp + r * d + i, &v, 64);
+    }
+  }
+  return y.view(x_in.sizes());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x W^T: quantized W, fp32 x and sums, batch-invariant");
   m.def("dequant", &dequant, "rows [n0, n1) of the quantized W in fp32");
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, one pass");
 }

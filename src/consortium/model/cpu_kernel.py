@@ -93,7 +93,8 @@ def kernel() -> ModuleType:
 @dataclass
 class QuantSegment:
     """Rows of a matrix in one form: codes [N, K/2] uint8 (q4) or [N, K] int8 (q8); scale fp32
-    [N, K/32] (q4) or [N, K/16] (q8); zero fp32 [N, K/32] or None."""
+    [N, K/32] (q4) or [N, K/16] (q8); zero fp32 [N, K/32] or None. Each stored tile-major (4
+    outputs interleaved block by block, `_blockwise`): a slice of whole tiles is a segment too."""
 
     codes: Tensor
     scale: Tensor
@@ -189,26 +190,48 @@ def empty_segment(kind: str, rows: int, cols: int) -> QuantSegment:
     return QuantSegment(codes, scale, zero)
 
 
+TILE = 4  # outputs interleaved block by block (cpu_kernel.cpp's kOutTile)
+
+
+def _tiled(a: np.ndarray) -> np.ndarray:
+    """[rows, blocks * per] in output order -> the kernel's tile-major order (same shape): for
+    each 4 outputs, block 0 of each, then block 1 of each, ..."""
+    rows = a.shape[0]
+    return np.ascontiguousarray(a.reshape(rows // TILE, TILE, -1).transpose(0, 2, 1)).reshape(rows, -1)
+
+
+def _blockwise(a: np.ndarray, nb: int) -> np.ndarray:
+    """[rows, nb * per] -> tile-major with `per` consecutive values per (block, output)."""
+    rows = a.shape[0]
+    t = a.reshape(rows // TILE, TILE, nb, -1).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(t).reshape(rows, -1)
+
+
 def _fill(raw: np.ndarray, kind: str, out: QuantSegment) -> None:
     if FORMS[kind] == "q4":
         codes, scale, zero = _q4_rows(raw, kind)
         c = codes.reshape(codes.shape[0], -1, 2, 16)  # per block: codes 0..15 low, 16..31 high
-        out.codes.copy_(torch.from_numpy((c[:, :, 0] | (c[:, :, 1] << U8[4])).reshape(codes.shape[0], -1)))
+        codes = (c[:, :, 0] | (c[:, :, 1] << U8[4])).reshape(codes.shape[0], -1)
     else:
         codes, scale, zero = _q8_rows(raw, kind)
-        out.codes.copy_(torch.from_numpy(np.ascontiguousarray(codes)))
-    out.scale.copy_(torch.from_numpy(scale))
+        codes = codes.view(np.uint8)
+    nb = scale.shape[1] // (1 if FORMS[kind] == "q4" else 2)
+    out.codes.view(torch.uint8).copy_(torch.from_numpy(_blockwise(codes, nb)))
+    out.scale.copy_(torch.from_numpy(_blockwise(scale, nb)))
     if out.zero is not None:
-        out.zero.copy_(torch.from_numpy(zero))
+        out.zero.copy_(torch.from_numpy(_tiled(zero)))
 
 
 def pack_rows_into(
     raw: np.ndarray, kind: str, out: QuantSegment, done: Callable[[slice], None] | None = None
 ) -> None:
     """Fill `out` (rows of a segment) from a GGUF matrix's raw rows [N, row bytes], in row chunks
-    on torch's threads (numpy releases the GIL); done(rows) as each chunk's raw rows are used."""
+    (whole tiles) on torch's threads (numpy releases the GIL); done(rows) as each chunk's raw
+    rows are used."""
     n, cols = raw.shape[0], out.scale.shape[1] * (32 if FORMS[kind] == "q4" else 16)
-    step = max(1, CHUNK_CODES // cols)
+    if n % TILE:
+        raise ValueError(f"{n} rows: the strict kernel stores outputs in tiles of {TILE}")
+    step = max(TILE, CHUNK_CODES // cols // TILE * TILE)
 
     def chunk(r: slice) -> None:
         part = QuantSegment(out.codes[r], out.scale[r], None if out.zero is None else out.zero[r])

@@ -150,13 +150,16 @@ def is_wide(spans: Spans) -> bool:
 
 
 class RMSNorm(nn.Module):
-    """Normalises the fp32 residual stream in fp32, hands the result on in the compute dtype."""
+    """Normalises the fp32 residual stream in fp32, hands the result on in the compute dtype
+    (`fused`: the strict kernel's one-pass version, for packed fp32 stages)."""
 
-    def __init__(self, weight: Tensor, eps: float, out_dtype: torch.dtype):
+    def __init__(self, weight: Tensor, eps: float, out_dtype: torch.dtype, fused: bool = False):
         super().__init__()
-        self.weight, self.eps, self.out_dtype = weight, eps, out_dtype
+        self.weight, self.eps, self.out_dtype, self.fused = weight, eps, out_dtype, fused
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return kernel().rms_norm(x, self.weight, self.eps)
         y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return y if self.out_dtype == torch.float32 else y.to(self.out_dtype)
 
@@ -374,7 +377,8 @@ def _linear(gguf: GGUFModel, names: list[str], spec: StageSpec) -> Linear:
 
 def _norm(gguf: GGUFModel, name: str, spec: StageSpec) -> RMSNorm:
     weight = torch.from_numpy(gguf.dequantize(name)).to(spec.device)
-    return RMSNorm(weight, gguf.args.norm_eps, spec.torch_dtype)
+    fused = spec.packed and spec.dtype == "fp32" and weight.shape[0] % 16 == 0
+    return RMSNorm(weight, gguf.args.norm_eps, spec.torch_dtype, fused)
 
 
 def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:

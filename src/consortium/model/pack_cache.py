@@ -33,7 +33,7 @@ from consortium.model.quants import Int4Segment, fast_layout_ok
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the stored form changes
+FORMAT = 3  # bump when the stored form changes
 Segment = Int4Segment | QuantSegment
 # each packed form: its segment type and the dtypes its tensors must have
 FORMS = {

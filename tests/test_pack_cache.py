@@ -94,3 +94,22 @@ def test_no_pack_cache_writes_nothing(gguf_path):
     assert g.pack_cache is None
     Stage(g, SPEC)
     assert not default_root().exists()
+
+
+def test_fp32_forms_are_cached_and_mapped_with_the_same_bits(gguf_path, monkeypatch):
+    """The strict kernel's forms (packed fp32) are cached too: a second load packs nothing."""
+    from consortium.model import model as M
+
+    spec = StageSpec(0, 2, dtype="fp32", packed=True)
+    g = open_model(gguf_path, EngineConfig())
+    first = Stage(g, spec)
+    g.pack_cache.flush()
+    assert any(default_root().glob("*/blk.0.attn_q.weight+3.fp32.pt"))
+    packed: list[str] = []
+    real = M.pack_rows_into
+    monkeypatch.setattr(
+        M, "pack_rows_into", lambda raw, kind, *a, **kw: packed.append(kind) or real(raw, kind, *a, **kw)
+    )
+    second = Stage(open_model(gguf_path, EngineConfig()), spec)
+    assert packed == []
+    assert torch.equal(_run(first), _run(second))

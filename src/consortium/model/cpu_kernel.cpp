@@ -82,7 +82,7 @@ struct Q4 {
 #else
     u8x16 q;
     std::memcpy(&q, w, 16);
-    lo = to_float(q & 15) * s[0] + zb;  // contracted to one FMA (-ffp-contract=fast)
+    lo = to_float(q & 15) * s[0] + zb;
     hi = to_float(q >> 4) * s[0] + zb;
 #endif
   }
@@ -133,8 +133,14 @@ inline void tile(const float* x, int64_t ldx, const uint8_t* w, const float* s, 
       const int64_t at = b * T + t;
       F::decode(w + at * F::kBytes, s + at * F::kScales, z && F::kZeroInTable ? z + at : nullptr, lo, hi);
       for (int r = 0; r < R; ++r) {
-        acc[t][r] += lo * xl[r];
+#if defined(__AVX512F__)
+        // explicit FMAs: the compiler may not contract or split them differently per tile shape
+        acc[t][r] = (f32x16)_mm512_fmadd_ps((__m512)lo, (__m512)xl[r], (__m512)acc[t][r]);
+        acc[t][r] = (f32x16)_mm512_fmadd_ps((__m512)hi, (__m512)xh[r], (__m512)acc[t][r]);
+#else
+        acc[t][r] += lo * xl[r];  // built with -ffp-contract=off: a product, then a sum, always
         acc[t][r] += hi * xh[r];
+#endif
       }
     }
   }

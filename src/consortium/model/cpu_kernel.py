@@ -45,14 +45,17 @@ SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q4_K": "q4", "Q8_0": "q8", "Q6_K": "q8"}
 FORMS |= {"Q5_0": "q8", "Q5_1": "q8", "Q5_K": "q8"}
 WIDE_CHUNK = 1 << 22  # weights dequantized at once for many rows' GEMM (16 MB of fp32)
+TILE = 4  # outputs interleaved block by block (cpu_kernel.cpp's kOutTile)
 
 log = logging.getLogger(__name__)
 
 
 def _flags() -> list[str]:
     """Tuned for this CPU (the extension's name carries the CPU, so a shared home never runs one
-    machine's build on another). -ffp-contract=fast: a*b+c is one FMA, the same in every tile."""
-    flags = ["-O3", "-ffp-contract=fast"]
+    machine's build on another). -ffp-contract=off: the compiler never fuses a*b+c on its own,
+    which it may do differently in each tile shape (GCC 13 on a Sapphire Rapids did: a row's
+    bits then depended on its batch); the FMAs that matter are written out."""
+    flags = ["-O3", "-ffp-contract=off"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += ["-march=native", "-mprefer-vector-width=512"]
     else:
@@ -100,6 +103,24 @@ class QuantSegment:
     scale: Tensor
     zero: Tensor | None
 
+    def __post_init__(self) -> None:
+        """Checked here, in Python: the kernel's own checks throw C++ exceptions, which crashed
+        the process on one machine (PyTorch 2.11, GCC 13) instead of raising."""
+        q4, (n, width) = self.codes.dtype == torch.uint8, self.codes.shape
+        cols = width * 2 if q4 else width
+        ok = self.codes.dtype in (torch.uint8, torch.int8) and n % TILE == 0 and cols % 32 == 0
+        ok = ok and self.scale.dtype == torch.float32 and self.scale.shape == (n, cols // (32 if q4 else 16))
+        ok = ok and (
+            self.zero is None or (self.zero.dtype == torch.float32 and self.zero.shape == (n, cols // 32))
+        )
+        tensors = [t for t in (self.codes, self.scale, self.zero) if t is not None]
+        if not ok or not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+            raise ValueError(
+                f"inconsistent packed segment: codes {self.codes.dtype} {tuple(self.codes.shape)}, "
+                f"scale {self.scale.dtype} {tuple(self.scale.shape)}"
+            )
+        self.cols = cols
+
     @property
     def rows(self) -> int:
         return self.codes.shape[0]
@@ -115,6 +136,10 @@ class QuantSegment:
     def matmul(self, x: Tensor, wide: bool = False) -> Tensor:
         """x W^T in fp32. Wide (many rows of one session): GEMM over fp32 rows of W dequantized
         a chunk at a time, the same weights, another summation order."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != self.cols:
+            raise ValueError(
+                f"x must be float32 [..., {self.cols}] on the CPU, got {x.dtype} {tuple(x.shape)}"
+            )
         if not wide:
             return kernel().linear(x, self.codes, self.scale, self.zero)
         n, step = self.codes.shape[0], max(1, WIDE_CHUNK // (self.scale.shape[1] * 32))
@@ -123,6 +148,14 @@ class QuantSegment:
             for r in range(0, n, step)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of fp32 rows in one pass (the kernel's): y = x / sqrt(mean(x^2) + eps) * weight."""
+    d = weight.shape[0]
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != d:
+        raise ValueError(f"x must be float32 [..., {d}] on the CPU, got {x.dtype} {tuple(x.shape)}")
+    return kernel().rms_norm(x, weight, eps)
 
 
 def form_key(kind: str) -> str:
@@ -188,9 +221,6 @@ def empty_segment(kind: str, rows: int, cols: int) -> QuantSegment:
     scale = torch.empty(rows, cols // (32 if q4 else 16))
     zero = torch.empty(rows, cols // 32) if q4 or kind in ("Q5_1", "Q5_K") else None
     return QuantSegment(codes, scale, zero)
-
-
-TILE = 4  # outputs interleaved block by block (cpu_kernel.cpp's kOutTile)
 
 
 def _tiled(a: np.ndarray) -> np.ndarray:

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
-from consortium.model.cpu_kernel import QuantSegment, empty_segment, form_key, kernel, pack_rows_into
+from consortium.model.cpu_kernel import (
+    QuantSegment,
+    empty_segment,
+    form_key,
+    kernel,
+    pack_rows_into,
+    rms_norm,
+)
 from consortium.model.gguf_file import GGUFModel, ModelArgs
 from consortium.model.memory import check_compact, check_memory, is_packed
 from consortium.model.quants import (
@@ -159,7 +166,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:
-            return kernel().rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps)
         y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return y if self.out_dtype == torch.float32 else y.to(self.out_dtype)
 

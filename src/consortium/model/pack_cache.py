@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -145,7 +145,7 @@ class PackCache:
             return
         data = {
             "names": names,
-            "segments": [vars(s) for s in segments],
+            "segments": [{f.name: getattr(s, f.name) for f in fields(s)} for s in segments],
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:

@@ -127,6 +127,9 @@ def _configs(devices: list[str], dtypes: list[str]) -> list[Config]:
                 Config(f"{short}_{dt}_prefill", dev, dt),
                 Config(f"{short}_{dt}_decode", dev, dt, decode=True),
             ]
+        if dev == "cpu" and "fp32" in dtypes:  # the strict kernel (model/cpu_kernel.py)
+            configs.append(Config("cpu_fp32_packed_prefill", "cpu", "fp32", packed=True))
+            configs.append(Config("cpu_fp32_packed_decode", "cpu", "fp32", packed=True, decode=True))
         if dev == "cpu" and "bf16" in dtypes and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             configs.append(Config("cpu_bf16_packed_prefill", "cpu", "bf16", packed=True))
             configs.append(Config("cpu_bf16_packed_decode", "cpu", "bf16", packed=True, decode=True))

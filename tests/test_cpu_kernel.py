@@ -74,3 +74,15 @@ def test_fused_rms_norm_matches_the_composite_and_is_row_independent():
     y = ck.kernel().rms_norm(x, w, 1e-5)
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (576,), w, 1e-5), rtol=1e-6, atol=1e-6)
     assert all(torch.equal(ck.kernel().rms_norm(x[i : i + 1], w, 1e-5), y[i : i + 1]) for i in range(7))
+
+
+def test_default_engine_is_the_strict_kernel_where_it_can_be_built(monkeypatch):
+    from consortium.core.config import EngineConfig
+
+    e = EngineConfig()
+    assert (e.dtype, e.packed) == ("fp32", True)
+    assert (EngineConfig(device="cuda").dtype, EngineConfig(device="cuda").packed) == ("fp16", False)
+    assert not EngineConfig(dtype="fp16").packed and EngineConfig(dtype="bf16", packed=True).packed
+    monkeypatch.setattr(ck, "buildable", lambda: False)  # no C++ compiler: the previous default
+    assert (EngineConfig().dtype, EngineConfig().packed) == ("fp16", False)
+    assert not EngineConfig(dtype="fp32").packed

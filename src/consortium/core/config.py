@@ -70,12 +70,19 @@ def _runs_on_cpu(device: str) -> bool:
     return device == "cpu"
 
 
+def _kernel_buildable() -> bool:
+    from consortium.model.cpu_kernel import buildable  # torch: only when a default is derived
+
+    return buildable()
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How a node runs its stage (the options of `consortium generate`)."""
 
     device: str = "cpu"
-    # None: fp32 on a CPU, where fp32 with packed weights is the fastest mode of the strict
+    # None: fp32 on a CPU that can build the strict kernel (a C++ compiler; else fp16), where fp32
+    # with packed weights is the fastest mode of the strict
     # verification class (docs/performance.md: the quantized blocks stay in memory, 0.75 bytes a
     # 4-bit weight, and the strict kernel multiplies their exact fp32 values: model/cpu_kernel.py);
     # fp16 on GPUs (cuda, mps), also strict
@@ -90,11 +97,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         # (a replace() that changes the device or dtype passes dtype/packed=None to re-derive them)
-        cpu = _runs_on_cpu(self.device)
+        strict_kernel = _runs_on_cpu(self.device) and _kernel_buildable()
         if self.dtype is None:
-            object.__setattr__(self, "dtype", "fp32" if cpu else "fp16")
+            object.__setattr__(self, "dtype", "fp32" if strict_kernel else "fp16")
         if self.packed is None:
-            object.__setattr__(self, "packed", self.dtype == "fp32" and cpu)
+            object.__setattr__(self, "packed", self.dtype == "fp32" and strict_kernel)
 
 
 @dataclass(frozen=True)

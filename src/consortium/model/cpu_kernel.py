@@ -74,6 +74,13 @@ def _cpu_id() -> str:
 
 
 @cache
+def buildable() -> bool:
+    """Whether kernel() can work here without trying it (a build takes ~25 s): a C++ compiler on
+    PATH. Engines pick their default mode by it (fp16 where it is false)."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@cache
 def kernel() -> ModuleType:
     """The built extension (built on first use; a clear error where no C++ compiler works)."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"

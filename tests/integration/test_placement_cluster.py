@@ -80,14 +80,15 @@ def test_gap_then_overlap_is_an_error_listing_the_ranges(request, tiny_gguf, tmp
 
 
 def test_workers_without_layers_get_ranges_by_capacity(request, tiny_gguf, tmp_path):
-    # worker-1 offers 2 MiB: one layer of the tiny model in fp16 (1.2 MB) fits, two do not
+    # worker-1 offers 1 MiB: one layer of the tiny model in the default engine (packed fp32: 0.81 MB
+    # by placement's estimate) fits, two do not
     cluster = start_cluster(
         request,
         tiny_gguf,
         tmp_path,
         LayerRange(3, 4),
         [None, None],
-        worker_args=[[], ["--max-memory-mb", "2"]],
+        worker_args=[[], ["--max-memory-mb", "1"]],
     )
     client = Client(ClientConfig(cluster.address))
     request.addfinalizer(client.close)

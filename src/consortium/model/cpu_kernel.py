@@ -69,7 +69,9 @@ def _cpu_id() -> str:
         ident = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))][:2]
     except OSError:
         ident = [platform.processor(), platform.machine()]
-    key = "|".join([*ident, torch.__version__, SOURCE.read_text(), *_flags()])
+    # the environment too: two virtualenvs' builds differ in include paths, and one rebuilding the
+    # other's library under a running process's feet would break it
+    key = "|".join([*ident, sys.prefix, torch.__version__, SOURCE.read_text(), *_flags()])
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

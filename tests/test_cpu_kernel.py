@@ -86,3 +86,39 @@ def test_default_engine_is_the_strict_kernel_where_it_can_be_built(monkeypatch):
     monkeypatch.setattr(ck, "buildable", lambda: False)  # no C++ compiler: the previous default
     assert (EngineConfig().dtype, EngineConfig().packed) == ("fp16", False)
     assert not EngineConfig(dtype="fp32").packed
+
+
+def test_fused_decode_attention_matches_pytorch_and_batches_exactly(tmp_path):
+    """Packed fp32 stages run a decode row's RoPE, cache write and attention in one kernel call:
+    within fp32 rounding of PyTorch's ops over many positions, and a batched session's rows
+    have the bits of its run alone."""
+    from consortium.model.gguf_file import GGUFModel
+    from consortium.model.model import Stage, StageSpec
+    from consortium.model.synth import synth
+
+    g = GGUFModel(synth("tiny", "q4_k_m", tmp_path / "t.gguf"))  # every matrix quantized: all packed
+    fused = Stage(g, StageSpec(0, g.args.n_layers, dtype="fp32", packed=True))
+    plain = Stage(g, StageSpec(0, g.args.n_layers, dtype="fp32", packed=True))
+    for layer in plain.layers:
+        layer.attn.fused = False
+    assert all(layer.attn.fused for layer in fused.layers) and fused.batch_invariant
+    prompt = torch.tensor([1, 5, 9, 200, 17, 3, 44])
+    caches = {s: s.new_cache(64) for s in (fused, plain)}
+    logits = {s: s(prompt, caches[s]) for s in (fused, plain)}
+    tok = int(logits[fused][-1].argmax())
+    for _ in range(40):  # positions 7..46: scores over growing caches, GQA heads
+        out = {s: s(torch.tensor([tok]), caches[s]) for s in (fused, plain)}
+        rel = float((out[fused] - out[plain]).norm() / out[plain].norm())
+        assert rel < 1e-5, rel
+        tok = int(out[fused][-1].argmax())
+    # three sessions decoding together: each row as alone
+    prompts = [torch.tensor([1, 7 + i, 30]) for i in range(3)]
+    alone, together = [fused.new_cache(16) for _ in prompts], [fused.new_cache(16) for _ in prompts]
+    for p, c in zip(prompts, alone, strict=True):
+        fused(p, c)
+    fused.forward_batch(prompts, together)
+    for step in range(3):
+        xs = [torch.tensor([10 + step + i]) for i in range(3)]
+        want = [fused(x, c) for x, c in zip(xs, alone, strict=True)]
+        got = fused.forward_batch(xs, together)
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))

@@ -288,8 +288,73 @@ torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w, double
   return y.view(x_in.sizes());
 }
 
+// One decode row of one session's attention, from its fused q|k|v projection: RoPE on q and k
+// (adjacent pairs, as model.apply_rope), k and v written at `pos` of the session's caches, then
+// for each query head softmax(q.K^T * scale) V over positions 0..pos of its KV head (grouped
+// query attention: head h reads KV head h / (heads / kv_heads)). One call for what is a dozen
+// small PyTorch ops per layer; fp32 throughout.
+torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& rot, torch::Tensor& k_cache,
+                            torch::Tensor& v_cache, int64_t pos, int64_t n_heads, double scale) {
+  TORCH_CHECK(k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32 &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "caches must be contiguous float32 [kv_heads, capacity, head_dim]");
+  const int64_t kvh = k_cache.size(0), cap = k_cache.size(1), hd = k_cache.size(2);
+  TORCH_CHECK(n_heads % kvh == 0 && hd % 16 == 0 && 0 <= pos && pos < cap, "bad heads or position");
+  TORCH_CHECK(qkv.dtype() == torch::kFloat32 && qkv.is_contiguous() &&
+                  qkv.numel() == (n_heads + 2 * kvh) * hd,
+              "qkv must be one contiguous float32 row of q|k|v");
+  TORCH_CHECK(rot.dtype() == torch::kFloat32 && rot.is_contiguous() && rot.numel() == hd,
+              "rot must be the position's [head_dim / 2, 2] cos/sin");
+  const float* in = qkv.data_ptr<float>();
+  const float* cs = rot.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  std::vector<float> q(n_heads * hd);
+  auto rope = [&](const float* x, float* out) {
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      const float a = x[2 * i], b = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+      out[2 * i] = a * c - b * s;
+      out[2 * i + 1] = a * s + b * c;
+    }
+  };
+  for (int64_t h = 0; h < n_heads; ++h) rope(in + h * hd, q.data() + h * hd);
+  for (int64_t g = 0; g < kvh; ++g) {
+    rope(in + (n_heads + g) * hd, kc + (g * cap + pos) * hd);
+    std::memcpy(vc + (g * cap + pos) * hd, in + (n_heads + kvh + g) * hd, hd * sizeof(float));
+  }
+  auto out = torch::empty({1, n_heads * hd}, qkv.options());
+  float* o = out.data_ptr<float>();
+  const int64_t rep = n_heads / kvh, T = pos + 1;
+  at::parallel_for(0, n_heads, std::max<int64_t>(1, 16384 / (T * hd)), [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(T);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = q.data() + h * hd;
+      const float* keys = kc + (h / rep) * cap * hd;
+      const float* values = vc + (h / rep) * cap * hd;
+      float top = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) {
+        f32x16 d = {};
+        for (int64_t i = 0; i < hd; i += 16) d += load16(qh + i) * load16(keys + t * hd + i);
+        p[t] = lanes_sum(d) * static_cast<float>(scale);
+        top = std::max(top, p[t]);
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < T; ++t) sum += (p[t] = std::exp(p[t] - top));
+      float* oh = o + h * hd;
+      for (int64_t i = 0; i < hd; i += 16) {
+        f32x16 acc = {};
+        for (int64_t t = 0; t < T; ++t) acc += (p[t] / sum) * load16(values + t * hd + i);
+        std::memcpy(oh + i, &acc, 64);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x W^T: quantized W, fp32 x and sums, batch-invariant");
   m.def("dequant", &dequant, "rows [n0, n1) of the quantized W in fp32");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, one pass");
+  m.def("attend_decode", &attend_decode, "one session's decode row of attention, RoPE and cache write");
 }

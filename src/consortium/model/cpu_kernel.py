@@ -167,6 +167,22 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return kernel().rms_norm(x, weight, eps)
 
 
+def attend_decode(
+    qkv: Tensor, rot: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, n_heads: int, scale: float
+) -> Tensor:
+    """One session's decode row of attention in one call (the kernel's): RoPE on q and k (rot:
+    the position's [head_dim/2, 2] cos, sin), k and v written into the caches at `pos`, then
+    grouped-query attention over positions 0..pos. qkv: the fused projection's row. [1, q_dim]."""
+    kvh, cap, hd = k_cache.shape
+    ok = qkv.dtype == torch.float32 and qkv.numel() == (n_heads + 2 * kvh) * hd and 0 <= pos < cap
+    ok = ok and k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.shape == v_cache.shape
+    if not ok:
+        raise ValueError(
+            f"attend_decode: row {tuple(qkv.shape)} {qkv.dtype}, cache {tuple(k_cache.shape)}, pos {pos}"
+        )
+    return kernel().attend_decode(qkv.contiguous(), rot.contiguous(), k_cache, v_cache, pos, n_heads, scale)
+
+
 def form_key(kind: str) -> str:
     """Matrices of one key share a segment's storage: the form, and whether it has zeros."""
     return "q4" if FORMS[kind] == "q4" else "q8z" if kind in ("Q5_1", "Q5_K") else "q8"

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.cpu_kernel import (
     QuantSegment,
+    attend_decode,
     empty_segment,
     form_key,
     kernel,
@@ -204,11 +205,13 @@ def rope_freqs(args: ModelArgs, factors: np.ndarray | None = None) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear):
+    def __init__(self, args: ModelArgs, wqkv: Linear, wo: Linear, fused: bool = False):
         super().__init__()
         self.args, self.wqkv, self.wo = args, wqkv, wo
         self.split = [args.q_dim + args.kv_dim, args.kv_dim]  # [q | k] (roped together), v
         self.scale = 1.0 / math.sqrt(args.head_dim)
+        # packed fp32 stages: a decode row's RoPE, cache write and attention in one kernel call
+        self.fused = fused and args.head_dim % 16 == 0
 
     def forward(
         self, x: Tensor, freqs_cis: Tensor, caches: list[tuple[Tensor, Tensor]], spans: Spans
@@ -216,6 +219,14 @@ class Attention(nn.Module):
         """x: the rows of every session in the batch; projections run over all of them, attention
         per session over its own cache (spans: each session's (position, rows))."""
         a, N, wide = self.args, x.shape[0], is_wide(spans)
+        if self.fused and len(spans) == N:  # decode rows only: one per session
+            rot = torch.view_as_real(freqs_cis if freqs_cis.dim() == 2 else freqs_cis[:, 0])
+            qkv = self.wqkv(x)
+            outs = [
+                attend_decode(qkv[i], rot[i], k_cache, v_cache, pos, a.n_heads, self.scale)
+                for i, ((k_cache, v_cache), (pos, _)) in enumerate(zip(caches, spans, strict=True))
+            ]
+            return self.wo(outs[0] if N == 1 else torch.cat(outs))
         qk, v = self.wqkv(x, wide).split(self.split, dim=-1)
         # q and k are adjacent columns: one RoPE call rotates both (elementwise, the same bits).
         qk = apply_rope(qk.view(N, a.n_heads + a.n_kv_heads, a.head_dim), freqs_cis)
@@ -395,6 +406,7 @@ def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:
         args,
         _linear(gguf, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"], spec),
         _linear(gguf, [p + "attn_output.weight"], spec),
+        fused=spec.packed and spec.dtype == "fp32",
     )
     ffn = FeedForward(
         _linear(gguf, [p + "ffn_gate.weight", p + "ffn_up.weight"], spec),

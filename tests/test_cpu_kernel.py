@@ -122,3 +122,11 @@ def test_fused_decode_attention_matches_pytorch_and_batches_exactly(tmp_path):
         want = [fused(x, c) for x, c in zip(xs, alone, strict=True)]
         got = fused.forward_batch(xs, together)
         assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_fused_swiglu_matches_pytorch():
+    x = torch.randn(3, 2 * 1536, generator=torch.Generator().manual_seed(4)) * 4
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(ck.swiglu(x), torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="2F"):
+        ck.swiglu(torch.zeros(2, 5))

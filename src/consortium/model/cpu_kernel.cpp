@@ -352,9 +352,32 @@ torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& rot, 
   return out;
 }
 
+// SwiGLU of fp32 rows [gate | up] -> silu(gate) * up, silu(g) = g / (1 + exp(-g)): one call for
+// PyTorch's chunk, silu and mul.
+torch::Tensor swiglu(const torch::Tensor& x_in) {
+  TORCH_CHECK(x_in.dtype() == torch::kFloat32 && !x_in.is_cuda() && x_in.dim() >= 1 &&
+                  x_in.size(-1) % 2 == 0,
+              "x must be float32 [..., 2F] on the CPU");
+  const int64_t f = x_in.size(-1) / 2;
+  const auto x = x_in.reshape({-1, 2 * f}).contiguous();
+  const int64_t m = x.size(0);
+  auto shape = x_in.sizes().vec();
+  shape.back() = f;
+  auto y = torch::empty({m, f}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < f; ++i) {
+      const float g = xp[r * 2 * f + i];
+      yp[r * f + i] = g / (1.f + std::exp(-g)) * xp[r * 2 * f + f + i];
+    }
+  return y.view(shape);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x W^T: quantized W, fp32 x and sums, batch-invariant");
   m.def("dequant", &dequant, "rows [n0, n1) of the quantized W in fp32");
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, one pass");
+  m.def("swiglu", &swiglu, "silu(gate) * up of fp32 rows [gate | up]");
   m.def("attend_decode", &attend_decode, "one session's decode row of attention, RoPE and cache write");
 }

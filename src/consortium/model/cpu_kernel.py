@@ -167,6 +167,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return kernel().rms_norm(x, weight, eps)
 
 
+def swiglu(x: Tensor) -> Tensor:
+    """silu(gate) * up of fp32 rows [gate | up] (the kernel's one call)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x must be float32 [..., 2F] on the CPU, got {x.dtype} {tuple(x.shape)}")
+    return kernel().swiglu(x)
+
+
 def attend_decode(
     qkv: Tensor, rot: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int, n_heads: int, scale: float
 ) -> Tensor:

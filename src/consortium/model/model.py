@@ -27,6 +27,7 @@ from consortium.model.cpu_kernel import (
     kernel,
     pack_rows_into,
     rms_norm,
+    swiglu,
 )
 from consortium.model.gguf_file import GGUFModel, ModelArgs
 from consortium.model.memory import check_compact, check_memory, is_packed
@@ -222,11 +223,13 @@ class Attention(nn.Module):
         if self.fused and len(spans) == N:  # decode rows only: one per session
             rot = torch.view_as_real(freqs_cis if freqs_cis.dim() == 2 else freqs_cis[:, 0])
             qkv = self.wqkv(x)
+            if N == 1:  # a single stream's step: no indexing
+                return self.wo(attend_decode(qkv, rot, *caches[0], spans[0][0], a.n_heads, self.scale))
             outs = [
                 attend_decode(qkv[i], rot[i], k_cache, v_cache, pos, a.n_heads, self.scale)
                 for i, ((k_cache, v_cache), (pos, _)) in enumerate(zip(caches, spans, strict=True))
             ]
-            return self.wo(outs[0] if N == 1 else torch.cat(outs))
+            return self.wo(torch.cat(outs))
         qk, v = self.wqkv(x, wide).split(self.split, dim=-1)
         # q and k are adjacent columns: one RoPE call rotates both (elementwise, the same bits).
         qk = apply_rope(qk.view(N, a.n_heads + a.n_kv_heads, a.head_dim), freqs_cis)
@@ -261,11 +264,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, w13: Linear, w2: Linear):
+    def __init__(self, w13: Linear, w2: Linear, fused: bool = False):
         super().__init__()
-        self.w13, self.w2 = w13, w2
+        self.w13, self.w2, self.fused = w13, w2, fused  # fused: the kernel's SwiGLU (packed fp32)
 
     def forward(self, x: Tensor, wide: bool = False) -> Tensor:
+        if self.fused:
+            return self.w2(swiglu(self.w13(x, wide)), wide)
         gate, up = self.w13(x, wide).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up, wide)
 
@@ -411,6 +416,7 @@ def load_block(gguf: GGUFModel, i: int, spec: StageSpec) -> Block:
     ffn = FeedForward(
         _linear(gguf, [p + "ffn_gate.weight", p + "ffn_up.weight"], spec),
         _linear(gguf, [p + "ffn_down.weight"], spec),
+        fused=spec.packed and spec.dtype == "fp32",
     )
     return Block(
         _norm(gguf, p + "attn_norm.weight", spec), attn, _norm(gguf, p + "ffn_norm.weight", spec), ffn

@@ -255,15 +255,9 @@ def empty_segment(kind: str, rows: int, cols: int) -> QuantSegment:
     return QuantSegment(codes, scale, zero)
 
 
-def _tiled(a: np.ndarray) -> np.ndarray:
-    """[rows, blocks * per] in output order -> the kernel's tile-major order (same shape): for
-    each 4 outputs, block 0 of each, then block 1 of each, ..."""
-    rows = a.shape[0]
-    return np.ascontiguousarray(a.reshape(rows // TILE, TILE, -1).transpose(0, 2, 1)).reshape(rows, -1)
-
-
 def _blockwise(a: np.ndarray, nb: int) -> np.ndarray:
-    """[rows, nb * per] -> tile-major with `per` consecutive values per (block, output)."""
+    """[rows, nb * per] in output order -> the kernel's tile-major order (same shape): for each 4
+    outputs, block 0 of each, then block 1 of each, ...; `per` consecutive values per (block, output)."""
     rows = a.shape[0]
     t = a.reshape(rows // TILE, TILE, nb, -1).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(t).reshape(rows, -1)
@@ -281,7 +275,7 @@ def _fill(raw: np.ndarray, kind: str, out: QuantSegment) -> None:
     out.codes.view(torch.uint8).copy_(torch.from_numpy(_blockwise(codes, nb)))
     out.scale.copy_(torch.from_numpy(_blockwise(scale, nb)))
     if out.zero is not None:
-        out.zero.copy_(torch.from_numpy(_tiled(zero)))
+        out.zero.copy_(torch.from_numpy(_blockwise(zero, nb)))
 
 
 def pack_rows_into(

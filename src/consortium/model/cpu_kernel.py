@@ -42,8 +42,9 @@ from consortium.model.quants import CHUNK_CODES, U8, crumbs, f16_field, high_bit
 
 Q = GGMLQuantizationType
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q4_K": "q4", "Q8_0": "q8", "Q6_K": "q8"}
-FORMS |= {"Q5_0": "q8", "Q5_1": "q8", "Q5_K": "q8"}
+# each packable GGUF type's form: q4, q8, or q8z (q8 with zeros); one form shares a segment
+FORMS = {"Q4_0": "q4", "Q4_1": "q4", "Q4_K": "q4", "Q8_0": "q8", "Q6_K": "q8", "Q5_0": "q8"}
+FORMS |= {"Q5_1": "q8z", "Q5_K": "q8z"}
 WIDE_CHUNK = 1 << 22  # weights dequantized at once for many rows' GEMM (16 MB of fp32)
 TILE = 4  # outputs interleaved block by block (cpu_kernel.cpp's kOutTile)
 
@@ -190,17 +191,17 @@ def attend_decode(
     return kernel().attend_decode(qkv.contiguous(), rot.contiguous(), k_cache, v_cache, pos, n_heads, scale)
 
 
-def form_key(kind: str) -> str:
-    """Matrices of one key share a segment's storage: the form, and whether it has zeros."""
-    return "q4" if FORMS[kind] == "q4" else "q8z" if kind in ("Q5_1", "Q5_K") else "q8"
+def _layout(kind: str, rows: int, cols: int) -> tuple[tuple[int, int], torch.dtype, int, bool]:
+    """A [rows, cols] matrix's form: codes shape and dtype, scales per row, whether it has zeros."""
+    if FORMS[kind] == "q4":
+        return (rows, cols // 2), torch.uint8, cols // 32, True
+    return (rows, cols), torch.int8, cols // 16, FORMS[kind] == "q8z"
 
 
 def segment_bytes(kind: str, rows: int, cols: int) -> int:
     """Bytes of a [rows, cols] matrix of GGUF type `kind` in its form."""
-    if FORMS[kind] == "q4":
-        return rows * (cols // 2 + cols // 32 * 8)
-    zero = kind in ("Q5_1", "Q5_K")
-    return rows * (cols + cols // 16 * 4 + (cols // 32 * 4 if zero else 0))
+    (_, width), dtype, scales, zero = _layout(kind, rows, cols)
+    return rows * (width + 4 * scales + (4 * (cols // 32) if zero else 0))
 
 
 def _blocks(raw: np.ndarray, kind: str) -> np.ndarray:
@@ -248,11 +249,12 @@ def _q8_rows(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def empty_segment(kind: str, rows: int, cols: int) -> QuantSegment:
     """Uninitialised storage for [rows, cols] weights of GGUF type `kind`."""
-    q4 = FORMS[kind] == "q4"
-    codes = torch.empty(rows, cols // 2 if q4 else cols, dtype=torch.uint8 if q4 else torch.int8)
-    scale = torch.empty(rows, cols // (32 if q4 else 16))
-    zero = torch.empty(rows, cols // 32) if q4 or kind in ("Q5_1", "Q5_K") else None
-    return QuantSegment(codes, scale, zero)
+    shape, dtype, scales, zero = _layout(kind, rows, cols)
+    return QuantSegment(
+        torch.empty(shape, dtype=dtype),
+        torch.empty(rows, scales),
+        torch.empty(rows, cols // 32) if zero else None,
+    )
 
 
 def _blockwise(a: np.ndarray, nb: int) -> np.ndarray:

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.cpu_kernel import (
+    FORMS,
     QuantSegment,
     attend_decode,
     empty_segment,
-    form_key,
     kernel,
     pack_rows_into,
     rms_norm,
@@ -349,8 +349,8 @@ def _quantized(gguf: GGUFModel, names: list[str]) -> Linear:
         return Linear(packed=cached)
     groups: list[list[str]] = []
     for name in names:
-        key = form_key(gguf.tensor(name).tensor_type.name)
-        if groups and form_key(gguf.tensor(groups[-1][0]).tensor_type.name) == key:
+        key = FORMS[gguf.tensor(name).tensor_type.name]
+        if groups and FORMS[gguf.tensor(groups[-1][0]).tensor_type.name] == key:
             groups[-1].append(name)
         else:
             groups.append([name])

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 FORMAT = 3  # bump when the stored form changes
 Segment = Int4Segment | QuantSegment
 # each packed form: its segment type and the dtypes its tensors must have
-FORMS = {
+STORED = {
     "int4": (Int4Segment, {"weight": torch.uint8, "sz": torch.bfloat16}),
     "fp32": (QuantSegment, {"scale": torch.float32}),
 }
@@ -84,7 +84,7 @@ class PackCache:
         path = self.entry(model, names, form)
         if not path.is_file():
             return None
-        cls, dtypes = FORMS[form]
+        cls, dtypes = STORED[form]
         try:
             data = torch.load(path, mmap=True, weights_only=True)
             segments = [cls(**fields) for fields in data["segments"]]

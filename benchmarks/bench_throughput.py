@@ -160,18 +160,19 @@ def git_state() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted_src_files": changed}
 
 
-def cluster_cpu_s(cluster: LocalCluster) -> float:
-    """CPU-seconds the cluster's processes have used (to tell their load from other processes')."""
+def cluster_cpu_s(cluster: LocalCluster) -> dict[str, float]:
+    """CPU-seconds each of the cluster's processes has used (to tell their load from other
+    processes', and to see which process is the bottleneck)."""
     import psutil
 
-    total = 0.0
+    out: dict[str, float] = {}
     for p in cluster.processes:
         try:
             t = psutil.Process(p.pid).cpu_times()
-            total += t.user + t.system
+            out[p.name] = t.user + t.system
         except (psutil.Error, TypeError):
             pass
-    return total
+    return out
 
 
 def run_sessions(cluster: LocalCluster, req: SessionRequest, n: int) -> dict[str, Any]:
@@ -215,10 +216,13 @@ def run_sessions(cluster: LocalCluster, req: SessionRequest, n: int) -> dict[str
     finally:
         for c in clients:
             c.close()
-    return summarize_sessions(rows, busy1 - busy0 - (own1 - own0) - (clu1 - clu0))
+    per_process = {k: clu1[k] - clu0[k] for k in clu1 if k in clu0}
+    return summarize_sessions(rows, busy1 - busy0 - (own1 - own0) - sum(per_process.values()), per_process)
 
 
-def summarize_sessions(rows: list[dict[str, Any]], other_cpu_s: float) -> dict[str, Any]:
+def summarize_sessions(
+    rows: list[dict[str, Any]], other_cpu_s: float, process_cpu_s: dict[str, float] | None = None
+) -> dict[str, Any]:
     ok = [r for r in rows if "report" in r]
     t0 = min(r["start"] for r in rows)
     wall = max(r["done"] for r in rows) - t0
@@ -254,6 +258,10 @@ def summarize_sessions(rows: list[dict[str, Any]], other_cpu_s: float) -> dict[s
         "stages": stage_stats(reports),
         "per_hop_overhead_ms": None,  # the mean over the remote stages, below
         "other_busy_cores": round(max(0.0, other_cpu_s) / wall, 2) if wall > 0 else None,
+        # cores each cluster process kept busy (1.0: one core all the time): where the time goes
+        "process_busy_cores": {k: round(v / wall, 2) for k, v in (process_cpu_s or {}).items()}
+        if wall > 0
+        else {},
     }
     remote = [s["hop_overhead_ms"] for s in out["stages"] if not s["local"]]
     out["per_hop_overhead_ms"] = _round(_mean(remote), 3)
@@ -268,6 +276,7 @@ def stage_stats(reports: list) -> list[dict[str, Any]]:
         rows = [rep.stages[i] for rep in reports]
         step = statistics.fmean(s.mean_step_ms for s in rows)
         compute = statistics.fmean(s.mean_compute_ms for s in rows)
+        batch = statistics.fmean(s.mean_batch for s in rows)
         stages.append(
             {
                 "index": i,
@@ -277,6 +286,7 @@ def stage_stats(reports: list) -> list[dict[str, Any]]:
                 "mean_step_ms": round(step, 3),
                 "mean_compute_ms": round(compute, 3),
                 "hop_overhead_ms": round(step - compute, 3),  # serialisation + gRPC (+ queueing)
+                "mean_batch": round(batch, 2),  # sessions in the forward a session's order went in
             }
         )
     return stages

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from consortium.coordinator.batching import Batcher
+from consortium.coordinator.batching import Batcher, BatchPolicy
 from consortium.core.config import CoordinatorConfig, EngineConfig, LayerRange
 from consortium.errors import ConsortiumError, InvalidRequestError
 from consortium.identity import NodeIdentity
@@ -169,10 +169,12 @@ class _Stage:
         ]
 
 
-def _submit(batcher: Batcher, sid: str, step: int, results: dict) -> threading.Thread:
+def _submit(
+    batcher: Batcher, sid: str, step: int, results: dict, then: Batcher | None = None
+) -> threading.Thread:
     def run():
         try:
-            results[sid] = batcher.execute(pb.WorkOrder(session_id=sid, step=step), 5.0)
+            results[sid] = batcher.execute(pb.WorkOrder(session_id=sid, step=step), 5.0, then)
         except Exception as e:
             results[sid] = e
 
@@ -192,7 +194,7 @@ def _wait_queued(batcher: Batcher, n: int) -> None:
 
 def test_orders_arriving_during_a_call_go_together_in_the_next():
     stage, results = _Stage(), {}
-    b = Batcher(stage, max_batch=3)
+    b = Batcher(stage, BatchPolicy(max_batch=3))
     first = _submit(b, "a", 1, results)
     assert stage.entered.wait(5)
     threads = [_submit(b, sid, i, results) for i, sid in enumerate(["b", "bad-c", "d", "e"], 2)]
@@ -210,7 +212,7 @@ def test_a_failed_call_fails_every_order_in_it():
     stage, results = _Stage(), {}
     stage.fail_whole = ConnectionError("node down")
     stage.release.set()
-    b = Batcher(stage, max_batch=8)
+    b = Batcher(stage, BatchPolicy(max_batch=8))
     for t in [_submit(b, s, 0, results) for s in ("x", "y")]:
         t.join(10)
     assert all(isinstance(results[s], ConnectionError) for s in ("x", "y"))
@@ -221,3 +223,61 @@ def test_a_failed_call_fails_every_order_in_it():
 def test_max_batch_outside_what_a_node_takes_is_refused(tmp_path, n):
     with pytest.raises(ConsortiumError, match="max-batch must be 1 to 64"):
         CoordinatorConfig(model=tmp_path / "m.gguf", max_batch=n)
+
+
+def test_a_free_stage_waits_for_the_sessions_announced_to_it():
+    """Sessions that left one call together reach the next stage a little apart: the first
+    waits for the others (up to the gathering window) so that they stay one batch."""
+    first, second = _Stage(), _Stage()
+    first.release.set()
+    second.release.set()
+    a = Batcher(first, BatchPolicy(gather_s=5.0))
+    b = Batcher(second, BatchPolicy(gather_s=5.0))
+    results: dict = {}
+    for t in [_submit(a, s, 1, results, then=b) for s in ("x", "y")]:
+        t.join(10)
+    assert sorted(b._expected) == ["x", "y"]  # announced by the call at the first stage
+    tx = _submit(b, "x", 2, results)
+    _wait_queued(b, 1)
+    threading.Event().wait(0.2)
+    assert second.batches == []  # x waits for y
+    ty = _submit(b, "y", 2, results)
+    for t in (tx, ty):
+        t.join(10)
+    assert [sorted(batch) for batch in second.batches] == [["x", "y"]]
+    assert results["x"].step == 2 and results["y"].step == 2
+
+
+def test_an_announced_session_that_never_comes_delays_a_stage_only_the_gathering_window():
+    stage, results = _Stage(), {}
+    stage.release.set()
+    b = Batcher(stage, BatchPolicy(gather_s=0.05))
+    b.expect("gone")
+    t = _submit(b, "x", 1, results)
+    t.join(10)
+    assert stage.batches == [["x"]] and results["x"].step == 1
+    b.expect("ended")
+    b.forget("ended")  # a session that ends says so: no wait at all
+    assert b._expected == {}
+
+
+def test_sessions_split_into_the_batches_in_flight():
+    """With 2 batches in flight, 4 sessions at a stage go 2 by 2 (then the next stage works on
+    one pair while this one works on the other), never more than max_batch."""
+    stage, results = _Stage(), {}
+    b = Batcher(stage, BatchPolicy(max_batch=16, in_flight=2))
+    first = _submit(b, "a", 1, results)
+    assert stage.entered.wait(5)
+    threads = [_submit(b, sid, 1, results) for sid in ("b", "c", "d")]
+    _wait_queued(b, 3)
+    stage.release.set()
+    for t in [first, *threads]:
+        t.join(10)
+    assert [len(batch) for batch in stage.batches] == [1, 2, 1]
+    assert all(results[s].step == 1 for s in "abcd")
+
+
+@pytest.mark.parametrize(("field", "value"), [("batches_in_flight", 0), ("batch_gather_ms", -1.0)])
+def test_batch_policy_outside_its_range_is_refused(tmp_path, field, value):
+    with pytest.raises(ConsortiumError, match=field.replace("_", "-")):
+        CoordinatorConfig(model=tmp_path / "m.gguf", **{field: value})

@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from consortium.coordinator.batching import Batcher, BatchPolicy
 from consortium.coordinator.cluster import NoBackupError
 from consortium.coordinator.loop import TokenLoop
 from consortium.coordinator.registry import Node
@@ -118,6 +119,9 @@ class InProcessNode:
         self.audit_calls = 0
         self.failed: grpc.StatusCode | None = None
         self._lock = threading.Lock()
+        self.batcher = Batcher(
+            lambda orders, _t: self.runner.run_orders(orders), BatchPolicy()
+        )  # execute: direct
 
     def _fail(self, code: grpc.StatusCode, why: str) -> None:
         with self._lock:
@@ -139,7 +143,8 @@ class InProcessNode:
             self.runner.open, pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=lr)
         )
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
+    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
+        """Each order on its own, at once (an audit blocked on `audit_gate` holds up nothing else)."""
         if self.fault is not None and self.failed is None and self.fault.fault_due(order):
             dead = self.fault.kind == "die-at"
             code = grpc.StatusCode.UNAVAILABLE if dead else grpc.StatusCode.DEADLINE_EXCEEDED
@@ -191,7 +196,7 @@ class InProcessCluster:
 
     def _local(self, layers: LayerRange) -> LocalStage:
         runner = StageRunner(self.gguf, layers, ENGINE, KV_CACHE_BYTES, IDLE_TIMEOUT_S)
-        return LocalStage(self.cfg.node_id, runner, self.cfg.max_batch)
+        return LocalStage(self.cfg.node_id, runner, self.cfg.batch_policy)
 
     def _local_ref(self, index: int, layers: LayerRange) -> StageRef:
         return StageRef(index, self.cfg.node_id, "", layers, ENGINE.device, ENGINE.dtype, True, ENGINE.packed)

@@ -209,6 +209,20 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
     ),
     config_option(
         CoordinatorConfig,
+        "batch_gather_ms",
+        "--batch-gather-ms",
+        help="How long a free stage waits for the sessions that left their previous call together "
+        "(0: send at once).",
+    ),
+    config_option(
+        CoordinatorConfig,
+        "batches_in_flight",
+        "--batches-in-flight",
+        positive=True,
+        help="Batches the running sessions split into, so that stages work on different ones at once.",
+    ),
+    config_option(
+        CoordinatorConfig,
         "max_sessions_per_client",
         "--max-sessions-per-client",
         positive=True,

@@ -92,7 +92,7 @@ class NodeCluster:
 
     def add_local(self, node: Node, runner: StageRunner) -> None:
         self.registry.register(node)
-        self._handles[node.node_id] = LocalStage(node.node_id, runner, self.cfg.max_batch)
+        self._handles[node.node_id] = LocalStage(node.node_id, runner, self.cfg.batch_policy)
 
     def add_remote(self, node: Node) -> None:
         """A (re-)registered worker: a channel to its address (kept if its address, key and
@@ -108,7 +108,7 @@ class NodeCluster:
             self._handles[node.node_id] = RemoteStage(
                 node,
                 self.dialer,
-                self.cfg.max_batch,
+                self.cfg.batch_policy,
                 silent_for=lambda nid=node.node_id: self.registry.silent_for(nid),
                 hang_after_s=self.cfg.hang_after_s,
             )
@@ -269,7 +269,7 @@ class NodeCluster:
                 runner = StageRunner(
                     self.gguf, layers, self.engine, self.cfg.kv_cache_bytes, self.cfg.session_idle_timeout_s
                 )
-                handle = self._backups[layers] = LocalStage(self.cfg.node_id, runner, self.cfg.max_batch)
+                handle = self._backups[layers] = LocalStage(self.cfg.node_id, runner, self.cfg.batch_policy)
             return handle
 
     def auditor_for(self, session: Session, stage: int, exclude: set[str]) -> tuple[StageHandle, Node] | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 from torch import Tensor
 
+from consortium.coordinator.batching import Batcher
 from consortium.coordinator.cluster import Cluster
 from consortium.coordinator.recovery import Recovery
 from consortium.coordinator.stages import StageHandle
@@ -141,6 +142,7 @@ class TokenLoop:
         except ConsortiumError as e:
             log.error("ledger: %s", e)
         for h in opened:
+            h.batcher.forget(sid)
             try:
                 h.close(sid, 5.0)
             except ConsortiumError as e:
@@ -315,13 +317,23 @@ class TokenLoop:
         for attempt in range(MAX_FAILOVERS_PER_STEP + 1):
             ref, ts = session.stages[i], time.perf_counter()
             try:
-                res = handles[i].execute(order, self.deadline(session, i, rows))
+                res = handles[i].execute(
+                    order, self.deadline(session, i, rows), self._next(session, handles, i)
+                )
                 return res, ref, (time.perf_counter() - ts) * 1000
             except RemoteError as e:
                 if ref.local or e.code not in FAILOVER_CODES or attempt == MAX_FAILOVERS_PER_STEP:
                     raise
                 self.recovery.failover(session, handles, i, order.start_position, e)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _next(session: Session, handles: list[StageHandle], i: int) -> Batcher | None:
+        """The stage the session's next order goes to after stage i: the next stage, or the first
+        for the next step (None when this step is its last)."""
+        if i + 1 < len(handles):
+            return handles[i + 1].batcher
+        return handles[0].batcher if len(session.tokens) + 1 < session.max_tokens else None
 
     def _decode(self, res: pb.WorkResult, rows: int, last: bool) -> tuple[WireTensor, Tensor | None]:
         """The result's tensor, checked against the order: shape, rows, all finite (TensorError)."""

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import grpc
 
-from consortium.coordinator.batching import Batcher
+from consortium.coordinator.batching import Batcher, BatchPolicy
 from consortium.coordinator.registry import Node
 from consortium.core.config import LayerRange
 from consortium.identity import NodeIdentity
@@ -27,10 +27,13 @@ _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 class StageHandle(Protocol):
     node_id: str
+    batcher: Batcher
 
     def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None: ...
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult: ...
+    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
+        """The order's result (`then`: the stage the session goes to next, told when it returns)."""
+        ...
 
     def close(self, session_id: str, timeout_s: float) -> None: ...
 
@@ -44,17 +47,17 @@ def _range(layers: LayerRange) -> pb.LayerRange:
 
 
 class LocalStage:
-    def __init__(self, node_id: str, runner: StageRunner, max_batch: int):
+    def __init__(self, node_id: str, runner: StageRunner, policy: BatchPolicy):
         self.node_id, self.runner = node_id, runner
-        self.batcher = Batcher(lambda orders, _timeout: runner.run_orders(orders), max_batch)
+        self.batcher = Batcher(lambda orders, _timeout: runner.run_orders(orders), policy)
 
     def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None:
         self.runner.open(
             pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=_range(layers))
         )
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
-        return self.batcher.execute(order, timeout_s)
+    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
+        return self.batcher.execute(order, timeout_s, then)
 
     def close(self, session_id: str, timeout_s: float) -> None:
         self.runner.close(pb.CloseSessionRequest(session_id=session_id))
@@ -87,7 +90,7 @@ class RemoteStage:
         self,
         node: Node,
         dialer: Dialer,
-        max_batch: int,
+        policy: BatchPolicy,
         silent_for: Callable[[], float] | None = None,
         hang_after_s: float = 3.0,
     ):
@@ -97,7 +100,7 @@ class RemoteStage:
         self.stub = pb_grpc.WorkerStub(self.channel)
         # seconds since the node's last heartbeat: a long call is abandoned when they stop
         self.silent_for, self.hang_after_s = silent_for, hang_after_s
-        self.batcher = Batcher(self._execute_batch, max_batch)
+        self.batcher = Batcher(self._execute_batch, policy)
 
     @property
     def peer(self) -> str:
@@ -130,9 +133,9 @@ class RemoteStage:
         req = pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=_range(layers))
         self._call(self.stub.OpenSession, req, timeout_s)
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
+    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
         """The order's result, sent in one call with the other sessions' orders waiting."""
-        return self.batcher.execute(order, timeout_s)
+        return self.batcher.execute(order, timeout_s, then)
 
     def _execute_batch(self, orders: list[pb.WorkOrder], timeout_s: float) -> list[pb.WorkResult | Exception]:
         reply = self._call(self.stub.ExecuteBatch, pb.WorkBatch(orders=orders), timeout_s)

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from consortium.coordinator.batching import BatchPolicy
 from consortium.errors import ConsortiumError, InvalidRequestError
 from consortium.model.sampling import SamplingParams
 from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
@@ -120,6 +121,12 @@ class CoordinatorConfig:
     session_idle_timeout_s: float = 600.0
     max_sessions: int = 16  # concurrent sessions
     max_batch: int = 16  # sessions' orders one call to a stage carries (continuous batching; 1: none)
+    # a free stage waits this long at most for the sessions that left one call together (their
+    # next orders arrive a millisecond or two apart), so that they stay one batch (batching.py)
+    batch_gather_ms: float = 20.0
+    # the sessions at a stage split into this many batches, so that stages overlap instead of
+    # passing one batch of everyone along in lock step (2 measured best on the 2-core demo)
+    batches_in_flight: int = 2
     max_sessions_per_client: int = 8  # concurrent sessions of one client (key or address)
     sessions_per_minute_per_client: float = 120.0  # session starts of one client (a token bucket)
     max_request_bytes: int = 4 * 2**20  # largest message the coordinator accepts (a Generate request)
@@ -162,12 +169,20 @@ class CoordinatorConfig:
     # table; other models get its class-wide bounds)
     calibration: Path | None = None
 
+    @property
+    def batch_policy(self) -> BatchPolicy:
+        return BatchPolicy(self.max_batch, self.batch_gather_ms / 1000, self.batches_in_flight)
+
     def __post_init__(self) -> None:
         _check_port(self.port)
         if self.max_sessions < 1:
             raise ConsortiumError("max-sessions must be at least 1")
         if not 1 <= self.max_batch <= MAX_BATCH:
             raise ConsortiumError(f"max-batch must be 1 to {MAX_BATCH} (the orders a node takes in one call)")
+        if not 0 <= self.batch_gather_ms <= 1000:
+            raise ConsortiumError("batch-gather-ms must be 0 to 1000")
+        if not 1 <= self.batches_in_flight <= MAX_BATCH:
+            raise ConsortiumError(f"batches-in-flight must be 1 to {MAX_BATCH}")
         if self.audit_workers < 1:
             raise ConsortiumError("audit-workers must be at least 1")
         if self.audit_memory_bytes is not None and self.audit_memory_bytes <= 0:

@@ -374,10 +374,13 @@ torch::Tensor swiglu(const torch::Tensor& x_in) {
   return y.view(shape);
 }
 
+// Every function releases the GIL while it computes (they touch no Python object): in the
+// coordinator, the sessions' threads, gRPC's and the audits' go on while its stage computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x W^T: quantized W, fp32 x and sums, batch-invariant");
-  m.def("dequant", &dequant, "rows [n0, n1) of the quantized W in fp32");
-  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, one pass");
-  m.def("swiglu", &swiglu, "silu(gate) * up of fp32 rows [gate | up]");
-  m.def("attend_decode", &attend_decode, "one session's decode row of attention, RoPE and cache write");
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear", &linear, "x W^T: quantized W, fp32 x and sums, batch-invariant", nogil);
+  m.def("dequant", &dequant, "rows [n0, n1) of the quantized W in fp32", nogil);
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, one pass", nogil);
+  m.def("swiglu", &swiglu, "silu(gate) * up of fp32 rows [gate | up]", nogil);
+  m.def("attend_decode", &attend_decode, "one session's decode row of attention, RoPE and cache write", nogil);
 }

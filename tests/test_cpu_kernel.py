@@ -101,7 +101,9 @@ def test_fused_decode_attention_matches_pytorch_and_batches_exactly(tmp_path):
     plain = Stage(g, StageSpec(0, g.args.n_layers, dtype="fp32", packed=True))
     for layer in plain.layers:
         layer.attn.fused = False
+        layer.find_decode_weights()
     assert all(layer.attn.fused for layer in fused.layers) and fused.batch_invariant
+    assert all(layer.decode is None for layer in plain.layers)
     prompt = torch.tensor([1, 5, 9, 200, 17, 3, 44])
     caches = {s: s.new_cache(64) for s in (fused, plain)}
     logits = {s: s(prompt, caches[s]) for s in (fused, plain)}
@@ -122,6 +124,34 @@ def test_fused_decode_attention_matches_pytorch_and_batches_exactly(tmp_path):
         want = [fused(x, c) for x, c in zip(xs, alone, strict=True)]
         got = fused.forward_batch(xs, together)
         assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_a_decode_block_in_one_call_has_the_bits_of_its_ops_one_by_one(tmp_path):
+    """Packed fp32 blocks run decode rows in one kernel call (decode_block): outputs and KV
+    caches bit-identical to the block's ops called one by one, alone and batched."""
+    from consortium.model.gguf_file import GGUFModel
+    from consortium.model.model import Stage, StageSpec
+    from consortium.model.synth import synth
+
+    g = GGUFModel(synth("tiny", "q4_k_m", tmp_path / "t.gguf"))
+    whole = Stage(g, StageSpec(0, g.args.n_layers, dtype="fp32", packed=True))
+    ops = Stage(g, StageSpec(0, g.args.n_layers, dtype="fp32", packed=True))
+    for layer in ops.layers:
+        layer.decode = None
+    assert all(layer.decode is not None for layer in whole.layers)
+    prompts = [[1, 5, 9, 200], [3], [44, 45, 46]]
+    caches = {s: [s.new_cache(32) for _ in prompts] for s in (whole, ops)}
+    out = {s: s.forward_batch([torch.tensor(p) for p in prompts], caches[s]) for s in (whole, ops)}
+    for step in range(8):
+        ids = [torch.tensor([int(y[-1].argmax())]) for y in out[whole]]
+        for s in (whole, ops):  # a single stream's row, then the other two batched
+            out[s] = [s(ids[0], caches[s][0]), *s.forward_batch(ids[1:], caches[s][1:])]
+        assert all(torch.equal(a, b) for a, b in zip(out[whole], out[ops], strict=True)), step
+    for a, b in zip(caches[whole], caches[ops], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v, strict=True))
+    block = whole.layers[0].decode
+    with pytest.raises(ValueError, match="decode_block"):  # refused before the kernel sees it
+        ck.decode_block(torch.zeros(2, g.args.dim), block, torch.zeros(1, 4, 2), [], [0])
 
 
 def test_fused_swiglu_matches_pytorch():

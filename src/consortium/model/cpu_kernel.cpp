@@ -374,6 +374,47 @@ torch::Tensor swiglu(const torch::Tensor& x_in) {
   return y.view(shape);
 }
 
+// One transformer block for decode rows (one per session), as model.Block computes them on a
+// packed fp32 stage, op for op (the same kernels, adds and order, so the same bits) in one call
+// instead of a dozen Python-level ones per layer. w: codes, scale, zero (empty: none) of each
+// segment of wqkv, wo, w13 and w2, `segments` of each (their outputs concatenated, as
+// model.Linear does); rot: each row's [head_dim / 2, 2] cos/sin; caches and positions per row.
+// Checked by the caller (cpu_kernel.decode_block).
+torch::Tensor decode_block(const torch::Tensor& x, const torch::Tensor& attn_norm,
+                           const torch::Tensor& ffn_norm, double eps, const std::vector<torch::Tensor>& w,
+                           const std::vector<int64_t>& segments, const torch::Tensor& rot,
+                           std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
+                           const std::vector<int64_t>& pos, int64_t n_heads, double scale) {
+  std::vector<int64_t> first = {0};
+  for (const int64_t n : segments) first.push_back(first.back() + n);
+  TORCH_CHECK(segments.size() == 4 && static_cast<size_t>(3 * first.back()) == w.size() && x.dim() == 2 &&
+                  static_cast<size_t>(x.size(0)) == pos.size() && pos.size() == k_caches.size() &&
+                  pos.size() == v_caches.size(),
+              "decode_block: 4 linears' segments, one cache and position per row");
+  auto lin = [&](const torch::Tensor& in, int i) {
+    std::vector<torch::Tensor> parts;
+    for (int64_t j = first[i]; j < first[i + 1]; ++j) {
+      const auto& z = w[3 * j + 2];
+      parts.push_back(linear(in, w[3 * j], w[3 * j + 1], z.numel() ? c10::optional<torch::Tensor>(z) : c10::nullopt));
+    }
+    return parts.size() == 1 ? parts[0] : torch::cat(parts, -1);
+  };
+  const auto qkv = lin(rms_norm(x, attn_norm, eps), 0);
+  torch::Tensor att;
+  const int64_t n = x.size(0);
+  if (n == 1) {
+    att = attend_decode(qkv, rot, k_caches[0], v_caches[0], pos[0], n_heads, scale);
+  } else {
+    std::vector<torch::Tensor> rows;
+    for (int64_t i = 0; i < n; ++i)
+      rows.push_back(attend_decode(qkv[i].contiguous(), rot[i].contiguous(), k_caches[i], v_caches[i], pos[i],
+                                   n_heads, scale));
+    att = torch::cat(rows);
+  }
+  auto h = x + lin(att, 1);
+  return h.add_(lin(swiglu(lin(rms_norm(h, ffn_norm, eps), 2)), 3));
+}
+
 // Every function releases the GIL while it computes (they touch no Python object): in the
 // coordinator, the sessions' threads, gRPC's and the audits' go on while its stage computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -383,4 +424,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, one pass", nogil);
   m.def("swiglu", &swiglu, "silu(gate) * up of fp32 rows [gate | up]", nogil);
   m.def("attend_decode", &attend_decode, "one session's decode row of attention, RoPE and cache write", nogil);
+  m.def("decode_block", &decode_block, "a transformer block for decode rows of a packed fp32 stage", nogil);
 }

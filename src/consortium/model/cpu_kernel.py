@@ -191,6 +191,55 @@ def attend_decode(
     return kernel().attend_decode(qkv.contiguous(), rot.contiguous(), k_cache, v_cache, pos, n_heads, scale)
 
 
+@dataclass(frozen=True)
+class BlockWeights:
+    """A packed fp32 block's tensors in the order decode_block takes them."""
+
+    attn_norm: Tensor
+    ffn_norm: Tensor
+    eps: float
+    tensors: list[Tensor]  # codes, scale, zero (empty: none) of every segment of wqkv, wo, w13, w2
+    segments: list[int]  # of each of the four
+    n_heads: int
+    scale: float
+
+    @classmethod
+    def of(
+        cls,
+        attn_norm: Tensor,
+        ffn_norm: Tensor,
+        eps: float,
+        linears: list[list[QuantSegment]],
+        n_heads: int,
+        scale: float,
+    ):
+        none = torch.empty(0)
+        tensors = [
+            t for lin in linears for s in lin for t in (s.codes, s.scale, none if s.zero is None else s.zero)
+        ]
+        return cls(attn_norm, ffn_norm, eps, tensors, [len(lin) for lin in linears], n_heads, scale)
+
+
+def decode_block(
+    x: Tensor, w: BlockWeights, rot: Tensor, caches: list[tuple[Tensor, Tensor]], pos: list[int]
+) -> Tensor:
+    """One transformer block for decode rows, one per session, in one kernel call: what
+    model.Block computes for them op for op (the same bits). x: the fp32 residual rows [N, dim];
+    rot: each row's [head_dim / 2, 2] cos/sin; caches and positions: each row's session's."""
+    n, dim = x.shape[0], w.attn_norm.shape[0]
+    ok = x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == dim and x.is_contiguous()
+    ok = ok and len(caches) == len(pos) == n and rot.shape[0] == n and rot.dtype == torch.float32
+    ok = ok and all(0 <= p < k.shape[1] for (k, _), p in zip(caches, pos, strict=True))
+    if not ok:
+        raise ValueError(
+            f"decode_block: rows {x.dtype} {tuple(x.shape)} (dim {dim}), {len(caches)} caches, positions {pos}"
+        )
+    ks, vs = [k for k, _ in caches], [v for _, v in caches]
+    return kernel().decode_block(
+        x, w.attn_norm, w.ffn_norm, w.eps, w.tensors, w.segments, rot, ks, vs, pos, w.n_heads, w.scale
+    )
+
+
 def _layout(kind: str, rows: int, cols: int) -> tuple[tuple[int, int], torch.dtype, int, bool]:
     """A [rows, cols] matrix's form: codes shape and dtype, scales per row, whether it has zeros."""
     if FORMS[kind] == "q4":

@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from consortium.errors import CacheError, ConsortiumError, InvalidRequestError
 from consortium.model.cpu_kernel import (
     FORMS,
+    BlockWeights,
     QuantSegment,
     attend_decode,
+    decode_block,
     empty_segment,
     kernel,
     pack_rows_into,
@@ -279,10 +281,31 @@ class Block(nn.Module):
     def __init__(self, attn_norm: RMSNorm, attn: Attention, ffn_norm: RMSNorm, ffn: FeedForward):
         super().__init__()
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+        self.find_decode_weights()
+
+    def find_decode_weights(self) -> None:
+        """Packed fp32 blocks whose every part runs in the strict kernel do decode rows in one
+        kernel call (cpu_kernel.decode_block, the same ops as forward); call again after
+        changing the weights."""
+        parts = (self.attn_norm, self.attn, self.ffn_norm, self.ffn)
+        linears = [self.attn.wqkv, self.attn.wo, self.ffn.w13, self.ffn.w2]
+        ok = all(p.fused for p in parts) and all(
+            lin.packed is not None and all(isinstance(s, QuantSegment) for s in lin.packed) for lin in linears
+        )
+        self.decode = None
+        if ok:
+            segments = [lin.packed for lin in linears]
+            a, norm = self.attn.args, self.attn_norm
+            self.decode = BlockWeights.of(
+                norm.weight, self.ffn_norm.weight, norm.eps, segments, a.n_heads, self.attn.scale
+            )
 
     def forward(
         self, x: Tensor, freqs_cis: Tensor, caches: list[tuple[Tensor, Tensor]], spans: Spans
     ) -> Tensor:
+        if self.decode is not None and len(spans) == x.shape[0]:  # decode rows: one per session
+            rot = torch.view_as_real(freqs_cis if freqs_cis.dim() == 2 else freqs_cis[:, 0])
+            return decode_block(x, self.decode, rot, caches, [p for p, _ in spans])
         # The residual stream stays fp32 whatever the compute dtype (as llama.cpp does): hidden
         # states reach |x| ~ 800, where fp16/bf16 sums would lose most of the honest precision.
         # fp32 + fp16/bf16 promotes: the sum is computed in fp32, the same bits as adding .float()

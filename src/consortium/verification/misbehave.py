@@ -132,6 +132,8 @@ class Misbehaviour:
                     m.weight, m.packed = torch.cat([s.dense() for s in m.packed]), None  # strict kernel's
                 if isinstance(m, Linear) and m.weight is not None:
                     m.weight = requantize(m.weight, bits)
+            for b in stage.layers:
+                b.find_decode_weights()  # the dense weights now: no longer the kernel's block
         return stage
 
     def corrupt_output(self, out: Tensor, step: int, gguf: GGUFModel | None = None) -> Tensor:

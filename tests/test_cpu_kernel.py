@@ -127,8 +127,8 @@ def test_fused_decode_attention_matches_pytorch_and_batches_exactly(tmp_path):
 
 
 def test_a_decode_block_in_one_call_has_the_bits_of_its_ops_one_by_one(tmp_path):
-    """Packed fp32 blocks run decode rows in one kernel call (decode_block): outputs and KV
-    caches bit-identical to the block's ops called one by one, alone and batched."""
+    """Packed fp32 blocks run decode rows in one kernel call each (decode_layers): outputs and
+    KV caches bit-identical to the blocks' ops called one by one, alone and batched."""
     from consortium.model.gguf_file import GGUFModel
     from consortium.model.model import Stage, StageSpec
     from consortium.model.synth import synth
@@ -149,9 +149,11 @@ def test_a_decode_block_in_one_call_has_the_bits_of_its_ops_one_by_one(tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(out[whole], out[ops], strict=True)), step
     for a, b in zip(caches[whole], caches[ops], strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v, strict=True))
-    block = whole.layers[0].decode
-    with pytest.raises(ValueError, match="decode_block"):  # refused before the kernel sees it
-        ck.decode_block(torch.zeros(2, g.args.dim), block, torch.zeros(1, 4, 2), [], [0])
+    blocks, c = [layer.decode for layer in whole.layers], caches[whole][0]
+    with pytest.raises(ValueError, match="decode_layers"):  # refused before the kernel sees them
+        ck.decode_layers(torch.zeros(2, g.args.dim), blocks, torch.zeros(1, 4, 2), [(c.k, c.v)], [0])
+    with pytest.raises(ValueError, match="decode_layers"):  # a position past the cache
+        ck.decode_layers(torch.zeros(1, g.args.dim), blocks, torch.zeros(1, 4, 2), [(c.k, c.v)], [32])
 
 
 def test_fused_swiglu_matches_pytorch():

@@ -220,24 +220,34 @@ class BlockWeights:
         return cls(attn_norm, ffn_norm, eps, tensors, [len(lin) for lin in linears], n_heads, scale)
 
 
-def decode_block(
-    x: Tensor, w: BlockWeights, rot: Tensor, caches: list[tuple[Tensor, Tensor]], pos: list[int]
+def decode_layers(
+    x: Tensor,
+    blocks: list[BlockWeights],
+    rot: Tensor,
+    caches: list[tuple[list[Tensor], list[Tensor]]],
+    pos: list[int],
 ) -> Tensor:
-    """One transformer block for decode rows, one per session, in one kernel call: what
+    """Transformer blocks for decode rows, one per session, one kernel call per block: what
     model.Block computes for them op for op (the same bits). x: the fp32 residual rows [N, dim];
-    rot: each row's [head_dim / 2, 2] cos/sin; caches and positions: each row's session's."""
-    n, dim = x.shape[0], w.attn_norm.shape[0]
-    ok = x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == dim and x.is_contiguous()
-    ok = ok and len(caches) == len(pos) == n and rot.shape[0] == n and rot.dtype == torch.float32
-    ok = ok and all(0 <= p < k.shape[1] for (k, _), p in zip(caches, pos, strict=True))
+    rot: each row's [head_dim / 2, 2] cos/sin; caches: each row's session's per-layer K and V
+    (layer i of the stage: index i); pos: each row's position. Checked here, once for all blocks."""
+    n, dim = x.shape[0], blocks[0].attn_norm.shape[0] if blocks else 0
+    ok = x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == dim
+    ok = ok and len(caches) == len(pos) == n and tuple(rot.shape[:1]) == (n,) and rot.dtype == torch.float32
+    ok = ok and all(len(k) == len(v) == len(blocks) for k, v in caches)
+    ok = ok and all(0 <= p < k[0].shape[1] for (k, _), p in zip(caches, pos, strict=True))
     if not ok:
         raise ValueError(
-            f"decode_block: rows {x.dtype} {tuple(x.shape)} (dim {dim}), {len(caches)} caches, positions {pos}"
+            f"decode_layers: rows {x.dtype} {tuple(x.shape)} (dim {dim}), {len(blocks)} blocks, "
+            f"{len(caches)} caches, positions {pos}"
         )
-    ks, vs = [k for k, _ in caches], [v for _, v in caches]
-    return kernel().decode_block(
-        x, w.attn_norm, w.ffn_norm, w.eps, w.tensors, w.segments, rot, ks, vs, pos, w.n_heads, w.scale
-    )
+    x, rot, block = x.contiguous(), rot.contiguous(), kernel().decode_block
+    for i, w in enumerate(blocks):
+        ks, vs = [k[i] for k, _ in caches], [v[i] for _, v in caches]
+        x = block(
+            x, w.attn_norm, w.ffn_norm, w.eps, w.tensors, w.segments, rot, ks, vs, pos, w.n_heads, w.scale
+        )
+    return x
 
 
 def _layout(kind: str, rows: int, cols: int) -> tuple[tuple[int, int], torch.dtype, int, bool]:

@@ -24,7 +24,7 @@ from consortium.model.cpu_kernel import (
     BlockWeights,
     QuantSegment,
     attend_decode,
-    decode_block,
+    decode_layers,
     empty_segment,
     kernel,
     pack_rows_into,
@@ -285,8 +285,8 @@ class Block(nn.Module):
 
     def find_decode_weights(self) -> None:
         """Packed fp32 blocks whose every part runs in the strict kernel do decode rows in one
-        kernel call (cpu_kernel.decode_block, the same ops as forward); call again after
-        changing the weights."""
+        kernel call (cpu_kernel.decode_layers, the same ops as forward; Stage._forward uses it
+        when every block can); call again after changing the weights."""
         parts = (self.attn_norm, self.attn, self.ffn_norm, self.ffn)
         linears = [self.attn.wqkv, self.attn.wo, self.ffn.w13, self.ffn.w2]
         ok = all(p.fused for p in parts) and all(
@@ -303,9 +303,6 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, freqs_cis: Tensor, caches: list[tuple[Tensor, Tensor]], spans: Spans
     ) -> Tensor:
-        if self.decode is not None and len(spans) == x.shape[0]:  # decode rows: one per session
-            rot = torch.view_as_real(freqs_cis if freqs_cis.dim() == 2 else freqs_cis[:, 0])
-            return decode_block(x, self.decode, rot, caches, [p for p, _ in spans])
         # The residual stream stays fp32 whatever the compute dtype (as llama.cpp does): hidden
         # states reach |x| ~ 800, where fp16/bf16 sums would lose most of the honest precision.
         # fp32 + fp16/bf16 promotes: the sum is computed in fp32, the same bits as adding .float()
@@ -543,9 +540,14 @@ class Stage(nn.Module):
         x = xs[0] if one else torch.cat(xs)  # never modified in place (Block adds into its own h)
         x = self.embed(x) if self.embed is not None else x.to(self.spec.device, torch.float32).contiguous()
         freqs = [self.freqs_cis[p : p + S] for p, S in spans]
-        freqs_cis = (freqs[0] if one else torch.cat(freqs))[:, None, :]  # broadcast over heads, once
-        for i, layer in enumerate(self.layers):
-            x = layer(x, freqs_cis, [(c.k[i], c.v[i]) for c in caches], spans)
+        blocks = [layer.decode for layer in self.layers]
+        if len(spans) == x.shape[0] and None not in blocks:  # decode rows, every block in one call
+            rot = torch.view_as_real(freqs[0] if one else torch.cat(freqs))
+            x = decode_layers(x, blocks, rot, [(c.k, c.v) for c in caches], [p for p, _ in spans])
+        else:
+            freqs_cis = (freqs[0] if one else torch.cat(freqs))[:, None, :]  # broadcast over heads, once
+            for i, layer in enumerate(self.layers):
+                x = layer(x, freqs_cis, [(c.k[i], c.v[i]) for c in caches], spans)
         for c, (p, S) in zip(caches, spans, strict=True):
             c.length = p + S
         if one and not self.is_last:

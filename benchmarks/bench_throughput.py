@@ -18,7 +18,9 @@ Reported per (audit rate, N):
 - time to first token (client-side, request sent to first token received): mean, p50, max;
 - audits performed and failed (failed must be 0), rollbacks, failovers;
 - per-hop overhead per stage: round trip minus the node's compute (SessionSummary.stages'
-  mean_step_ms - mean_compute_ms, averaged over the sessions; under concurrency it includes queueing);
+  mean_step_ms - mean_compute_ms, averaged over the sessions; under concurrency it includes queueing),
+  and the mean batch a session's orders went in at each stage;
+- process_busy_cores: the cores each of the cluster's processes kept busy (which one limits);
 - whether every session produced the same tokens (they all run the same request);
 - other_busy_cores: cores kept busy by processes outside this benchmark and its cluster (the
   machine is shared: a noise indicator).

@@ -61,7 +61,15 @@ def _flags() -> list[str]:
         flags += ["-march=native", "-mprefer-vector-width=512"]
     else:
         flags += ["-mcpu=native"]
-    return flags
+    return flags + _openmp()
+
+
+def _openmp() -> list[str]:
+    """ATen's parallel_for runs its loop on one thread unless the extension itself is built with
+    OpenMP (a header-only template). Linux: the libgomp this links to is the one PyTorch has
+    loaded (same soname), so the kernel shares torch's thread pool and thread count. Apple's
+    clang has no -fopenmp: one thread there."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def _cpu_id() -> str:
@@ -94,7 +102,8 @@ def kernel() -> ModuleType:
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
 
     try:
-        return cpp_extension.load(f"consortium_cpu_kernel_{_cpu_id()}", [str(SOURCE)], extra_cflags=_flags())
+        name = f"consortium_cpu_kernel_{_cpu_id()}"
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=_openmp())
     except Exception as e:  # compiler missing or failing: name the cause, keep the rest usable
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConsortiumError(

@@ -296,9 +296,9 @@ def _with_value(args: list[str], flag: str, value: int | None) -> list[str]:
 
 def local_threads(processes: int) -> int:
     """Torch threads per process when `processes` share this machine: the cores divided
-    among them, at least one. Measured on a shared 2-core machine: one thread per process
-    decodes as fast as two (decode is memory-bound) and, unlike two, does not collapse when
-    another process takes a core; results do not depend on the thread count (the SmolLM2 equality tests run
+    among them, at least one. Measured on a shared 2-core machine (the demo, the packed fp32
+    kernel on OpenMP): two threads per process were slower than one, at 1 and 8 sessions (an
+    idle process's threads sleep, and waking them costs more than the second thread gives); results do not depend on the thread count (the SmolLM2 equality tests run
     `consortium generate` with torch's default threads against 1-thread stages)."""
     return max(1, (os.cpu_count() or 1) // processes)
 

@@ -231,8 +231,8 @@ def test_a_free_stage_waits_for_the_sessions_announced_to_it():
     first, second = _Stage(), _Stage()
     first.release.set()
     second.release.set()
-    a = Batcher(first, BatchPolicy(gather_s=5.0))
-    b = Batcher(second, BatchPolicy(gather_s=5.0))
+    a = Batcher(first, BatchPolicy(16, gather_s=5.0))
+    b = Batcher(second, BatchPolicy(16, gather_s=5.0))
     results: dict = {}
     for t in [_submit(a, s, 1, results, then=b) for s in ("x", "y")]:
         t.join(10)
@@ -251,7 +251,7 @@ def test_a_free_stage_waits_for_the_sessions_announced_to_it():
 def test_an_announced_session_that_never_comes_delays_a_stage_only_the_gathering_window():
     stage, results = _Stage(), {}
     stage.release.set()
-    b = Batcher(stage, BatchPolicy(gather_s=0.05))
+    b = Batcher(stage, BatchPolicy(16, gather_s=0.05))
     b.expect("gone")
     t = _submit(b, "x", 1, results)
     t.join(10)

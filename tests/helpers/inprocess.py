@@ -120,7 +120,7 @@ class InProcessNode:
         self.failed: grpc.StatusCode | None = None
         self._lock = threading.Lock()
         self.batcher = Batcher(
-            lambda orders, _t: self.runner.run_orders(orders), BatchPolicy()
+            lambda orders, _t: self.runner.run_orders(orders), BatchPolicy(max_batch=1)
         )  # execute: direct
 
     def _fail(self, code: grpc.StatusCode, why: str) -> None:

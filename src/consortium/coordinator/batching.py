@@ -36,7 +36,7 @@ BatchCall = Callable[[list[pb.WorkOrder], float], list[pb.WorkResult | Exception
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_batch: int = 16  # orders one call carries at most
+    max_batch: int  # orders one call carries at most
     gather_s: float = 0.0  # how long a free stage waits for sessions announced to it
     in_flight: int = 1  # the batches the stage's sessions split into
 

@@ -379,7 +379,7 @@ torch::Tensor swiglu(const torch::Tensor& x_in) {
 // instead of a dozen Python-level ones per layer. w: codes, scale, zero (empty: none) of each
 // segment of wqkv, wo, w13 and w2, `segments` of each (their outputs concatenated, as
 // model.Linear does); rot: each row's [head_dim / 2, 2] cos/sin; caches and positions per row.
-// Checked by the caller (cpu_kernel.decode_block).
+// Checked by the caller (cpu_kernel.decode_layers).
 torch::Tensor decode_block(const torch::Tensor& x, const torch::Tensor& attn_norm,
                            const torch::Tensor& ffn_norm, double eps, const std::vector<torch::Tensor>& w,
                            const std::vector<int64_t>& segments, const torch::Tensor& rot,

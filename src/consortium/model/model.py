@@ -326,6 +326,19 @@ class Embedding(nn.Module):
 # --- weight loading -------------------------------------------------------------------
 
 
+def _runs(gguf: GGUFModel, names: list[str], form: dict) -> list[list[str]]:
+    """The names in runs of consecutive matrices whose quantization types map to one form
+    (`form`: type name -> form): each run becomes one segment."""
+    runs: list[list[str]] = []
+    for name in names:
+        key = form[gguf.tensor(name).tensor_type.name]
+        if runs and form[gguf.tensor(runs[-1][0]).tensor_type.name] == key:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs
+
+
 def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
     """GGUF matrices (fused by rows) as int4 segments: consecutive ones of one layout share a matmul.
     Each segment is allocated once and every matrix packed straight into its rows (concatenating
@@ -334,15 +347,8 @@ def _packed(gguf: GGUFModel, names: list[str]) -> Linear:
     cache, rows = gguf.pack_cache, sum(int(gguf.tensor(n).shape[1]) for n in names)
     if cache is not None and (cached := cache.load(gguf.path, names, rows)) is not None:
         return Linear(packed=cached)
-    groups: list[list[str]] = []
-    for name in names:
-        layout = LAYOUTS[gguf.tensor(name).tensor_type.name]
-        if groups and LAYOUTS[gguf.tensor(groups[-1][0]).tensor_type.name] == layout:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
     segments: list[Int4Segment] = []
-    for group in groups:
+    for group in _runs(gguf, names, LAYOUTS):
         raws = [gguf.raw(name) for name in group]
         kinds = [gguf.tensor(name).tensor_type.name for name in group]
         k2 = packed_codes(kinds[0], raws[0].shape[1])  # one layout and input width: one K'
@@ -367,15 +373,8 @@ def _quantized(gguf: GGUFModel, names: list[str]) -> Linear:
     cache, rows = gguf.pack_cache, sum(int(gguf.tensor(n).shape[1]) for n in names)
     if cache is not None and (cached := cache.load(gguf.path, names, rows, "fp32")) is not None:
         return Linear(packed=cached)
-    groups: list[list[str]] = []
-    for name in names:
-        key = FORMS[gguf.tensor(name).tensor_type.name]
-        if groups and FORMS[gguf.tensor(groups[-1][0]).tensor_type.name] == key:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
     segments: list[QuantSegment] = []
-    for group in groups:
+    for group in _runs(gguf, names, FORMS):
         cols = int(gguf.tensor(group[0]).shape[0])
         n = sum(int(gguf.tensor(name).shape[1]) for name in group)
         seg, at = empty_segment(gguf.tensor(group[0]).tensor_type.name, n, cols), 0

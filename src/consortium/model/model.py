@@ -539,12 +539,13 @@ class Stage(nn.Module):
         x = xs[0] if one else torch.cat(xs)  # never modified in place (Block adds into its own h)
         x = self.embed(x) if self.embed is not None else x.to(self.spec.device, torch.float32).contiguous()
         freqs = [self.freqs_cis[p : p + S] for p, S in spans]
+        rows_cis = freqs[0] if one else torch.cat(freqs)  # every row's rotation
         blocks = [layer.decode for layer in self.layers]
-        if len(spans) == x.shape[0] and None not in blocks:  # decode rows, every block in one call
-            rot = torch.view_as_real(freqs[0] if one else torch.cat(freqs))
+        if len(spans) == x.shape[0] and blocks and None not in blocks:  # decode rows: a call a block
+            rot = torch.view_as_real(rows_cis)
             x = decode_layers(x, blocks, rot, [(c.k, c.v) for c in caches], [p for p, _ in spans])
         else:
-            freqs_cis = (freqs[0] if one else torch.cat(freqs))[:, None, :]  # broadcast over heads, once
+            freqs_cis = rows_cis[:, None, :]  # broadcast over heads, once
             for i, layer in enumerate(self.layers):
                 x = layer(x, freqs_cis, [(c.k[i], c.v[i]) for c in caches], spans)
         for c, (p, S) in zip(caches, spans, strict=True):

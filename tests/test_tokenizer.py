@@ -85,3 +85,31 @@ def test_smollm_tokenizer(smollm_path):
     ids = tok.encode_prompt("Explain in one paragraph why the sky appears blue.", chat=True)
     assert ids[:3] == [1, 9690, 198] and ids[-4:] == [1, 520, 9531, 198]  # <|im_start|>system ... assistant\n
     assert tok.chat_template and 2 in tok.stop_ids
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_streamed_text_adds_up_to_the_whole_decode(tiny_tok, sp_tok, kind):
+    """TextStream decodes a window per token (not the whole text again); its deltas, held-back
+    bytes included, still add up to decoding every token at once. Byte-level: real texts cut at
+    every length, and random ids (partial characters, special tokens). SentencePiece: whole
+    texts; a cut inside a byte-fallback run has no stable whole decode (its decoder turns the
+    entire run into replacement characters until the run is valid), for any stream of deltas."""
+    import random
+
+    from consortium.model.generate import TextStream
+
+    tok = tiny_tok if kind == "byte-level" else sp_tok
+    texts = [tok.encode(t, add_bos=False) for t in TEXTS]
+    if kind == "byte-level":
+        rng = random.Random(7)
+        noise = [[rng.randrange(tok.vocab_size) for _ in range(200)] for _ in range(20)]
+        cases = texts + [ids[:n] for ids in texts for n in range(1, len(ids))] + noise
+    else:
+        cases = texts
+    for ids in cases:
+        stream = TextStream(tok)
+        deltas = [stream.push(t) for t in ids]
+        held = stream.flush()
+        assert "".join(deltas) + held == tok.decode(ids)
+        if any(ids is whole for whole in texts):  # whole characters: everything streamed as it came
+            assert held == "" and sum(map(bool, deltas)) >= len(ids) // 2

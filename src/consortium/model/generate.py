@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from consortium.core.config import EngineConfig
 from consortium.errors import InvalidRequestError
@@ -41,23 +42,33 @@ def check_request(prompt_ids: list[int], max_tokens: int, context_length: int) -
 
 
 class TextStream:
-    """Turns a growing token list into text deltas (multi-byte characters arrive whole)."""
+    """Turns a growing token list into text deltas (multi-byte characters arrive whole). Each
+    token decodes only a short window of the latest tokens (tokenizers' DecodeStream), not the
+    whole text again: a long session's token costs what its first did."""
 
     def __init__(self, tokenizer: GGUFTokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0  # sent: characters emitted
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
+        if self._stream is not None:
+            try:
+                delta = self._stream.step(self.tokenizer.tok, token) or ""  # None: a partial character
+                self.sent += len(delta)
+                return delta
+            except Exception:  # it refuses some byte-fallback runs: whole decodes from here on
+                self._stream = None
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # incomplete UTF-8 sequence: wait for the next token
             return ""
-        delta, self.emitted = text[len(self.emitted) :], text
+        delta, self.sent = text[self.sent :], len(text)
         return delta
 
     def flush(self) -> str:
         """What push held back at the end (an incomplete UTF-8 sequence, as replacement characters)."""
         text = self.tokenizer.decode(self.ids)
-        delta, self.emitted = text[len(self.emitted) :], text
+        delta, self.sent = text[self.sent :], len(text)
         return delta
 
 

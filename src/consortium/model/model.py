@@ -222,11 +222,10 @@ class Attention(nn.Module):
         """x: the rows of every session in the batch; projections run over all of them, attention
         per session over its own cache (spans: each session's (position, rows))."""
         a, N, wide = self.args, x.shape[0], is_wide(spans)
-        if self.fused and len(spans) == N:  # decode rows only: one per session
+        if self.fused and len(spans) == N:  # decode rows only: one per session (where the whole
+            # block cannot run in one call, Stage._forward's usual path: e.g. replaced weights)
             rot = torch.view_as_real(freqs_cis if freqs_cis.dim() == 2 else freqs_cis[:, 0])
             qkv = self.wqkv(x)
-            if N == 1:  # a single stream's step: no indexing
-                return self.wo(attend_decode(qkv, rot, *caches[0], spans[0][0], a.n_heads, self.scale))
             outs = [
                 attend_decode(qkv[i], rot[i], k_cache, v_cache, pos, a.n_heads, self.scale)
                 for i, ((k_cache, v_cache), (pos, _)) in enumerate(zip(caches, spans, strict=True))

@@ -13,7 +13,9 @@ per call, each piece a hop adds on top of the stage's forward:
   output digest);
 - and whole round trips through real gRPC servers on 127.0.0.1 that run the same Worker.Execute
   path without a model (the result is the input row, signed): plain text, TLS, TLS with signed
-  calls (the real setup). Compute is excluded by construction.
+  calls (the real setup). Compute is excluded by construction. The server runs in a process of
+  its own, as a worker does ("round_trip_us"), and also in the client's process, where both
+  ends share one interpreter lock ("round_trip_same_process_us", the figure of sessions 4-7).
 
     .venv/bin/python benchmarks/bench_hop.py --out results/bench_hop.json
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import platform
 import time
 from pathlib import Path
@@ -113,17 +116,50 @@ class SignedEchoWorker(EchoWorker):
         return self.run(request)
 
 
-def round_trip(x: torch.Tensor, dim: int, tls: bool, sign: str, seconds: float) -> dict[str, float]:
-    """Median and 10th percentile µs of Execute round trips against a server in this process
-    (its own thread pool, as a worker's), with the coordinator's checks on each result. sign:
-    '' (unsigned calls), 'interceptor' (CallSigner on the channel, as the coordinator does) or
-    'metadata' (the same header passed as call metadata: no interceptor)."""
-    worker_id, coord_id = NodeIdentity.generate(), NodeIdentity.generate()
-    ident = TlsIdentity.generate() if tls else None
+def _serve(key: bytes, ident: TlsIdentity | None, dim: int, sign: bool, ports) -> None:
+    """An echo worker (in a child process: `key` is its raw Ed25519 private key)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    torch.set_num_threads(1)
+    worker = (SignedEchoWorker if sign else EchoWorker)(
+        NodeIdentity(Ed25519PrivateKey.from_private_bytes(key)), dim
+    )
     server = make_server(4)
-    pb_grpc.add_WorkerServicer_to_server((SignedEchoWorker if sign else EchoWorker)(worker_id, dim), server)
-    port = bind(server, "127.0.0.1", 0, ident)
+    pb_grpc.add_WorkerServicer_to_server(worker, server)
+    ports.put(bind(server, "127.0.0.1", 0, ident))
     server.start()
+    server.wait_for_termination()
+
+
+def round_trip(
+    x: torch.Tensor, dim: int, tls: bool, sign: str, seconds: float, apart: bool
+) -> dict[str, float]:
+    """Median and 10th percentile µs of Execute round trips against an echo worker (its own
+    thread pool, as a worker's) in a child process (`apart`) or in this one, with the
+    coordinator's checks on each result. sign: '' (unsigned calls), 'interceptor' (CallSigner
+    on the channel, as the coordinator does) or 'metadata' (the same header passed as call
+    metadata: no interceptor)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    key = Ed25519PrivateKey.generate()
+    worker_id, coord_id = NodeIdentity(key), NodeIdentity.generate()
+    ident = TlsIdentity.generate() if tls else None
+    ctx = mp.get_context("spawn")  # no fork of a process that runs gRPC
+    ports = ctx.Queue()
+    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    child, server = None, None
+    if apart:
+        child = ctx.Process(target=_serve, args=(raw, ident, dim, bool(sign), ports), daemon=True)
+        child.start()
+        port = ports.get(timeout=60)
+    else:
+        server = make_server(4)
+        pb_grpc.add_WorkerServicer_to_server(
+            (SignedEchoWorker if sign else EchoWorker)(worker_id, dim), server
+        )
+        port = bind(server, "127.0.0.1", 0, ident)
+        server.start()
     try:
         signer = CallSigner(coord_id, worker_id.public_key)
         channel = make_channel(
@@ -152,7 +188,11 @@ def round_trip(x: torch.Tensor, dim: int, tls: bool, sign: str, seconds: float) 
             times.append((time.perf_counter() - t0) * 1e6)
         channel.close()
     finally:
-        server.stop(None)
+        if server is not None:
+            server.stop(None)
+        if child is not None:
+            child.kill()
+            child.join()
     times = times[10:]  # connection set-up and warm-up
     times.sort()
     return {"median_us": times[len(times) // 2], "p10_us": times[len(times) // 10], "calls": len(times)}
@@ -221,13 +261,15 @@ def main() -> None:
         },
         "components_us": components(x, a.dim),
         "round_trip_us": {},
+        "round_trip_same_process_us": {},
     }
     print(json.dumps(report["components_us"], indent=1), flush=True)
     configs = [("plaintext", False, ""), ("tls", True, ""), ("tls+signed", True, "interceptor")]
     configs.append(("tls+signed_no_interceptor", True, "metadata"))
-    for name, tls, sign in configs:
-        report["round_trip_us"][name] = round_trip(x, a.dim, tls, sign, a.seconds)
-        print(name, json.dumps(report["round_trip_us"][name]), flush=True)
+    for apart, field in ((True, "round_trip_us"), (False, "round_trip_same_process_us")):
+        for name, tls, sign in configs:
+            report[field][name] = round_trip(x, a.dim, tls, sign, a.seconds, apart)
+            print(field, name, json.dumps(report[field][name]), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -12,7 +12,7 @@ import pytest
 
 from consortium.coordinator.admission import public_status
 from consortium.identity import NodeIdentity
-from consortium.identity.keys import IdentityError
+from consortium.identity.keys import IdentityError, verify_signature
 from consortium.identity.tls import (
     CERT_FILE,
     KNOWN_FILE,
@@ -64,6 +64,34 @@ class Clock:
 
 def _metadata(signer: CallSigner, request=HB, method=METHOD, time_ms=None):
     return [(AUTH_HEADER, signer.header(method, request, time_ms))]
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def test_node_signatures_are_plain_ed25519_and_verification_refuses_what_is_not():
+    """libsodium signs and verifies (identity/keys.py); OpenSSL's Ed25519 must agree both ways,
+    and a key of the wrong size, a small-order key or a tampered signature must be refused."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    me = NodeIdentity.generate()
+    msg = b"receipt bytes"
+    sig = me.sign(msg)
+    Ed25519PublicKey.from_public_bytes(me.public_key).verify(sig, msg)  # raises if not
+    other = Ed25519PrivateKey.generate()
+    other_pub = other.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert verify_signature(other_pub, other.sign(msg), msg)
+    assert NodeIdentity(other).public_key == other_pub
+    assert verify_signature(me.public_key, sig, msg)
+    assert not verify_signature(me.public_key, sig, msg + b"!")
+    assert not verify_signature(me.public_key, bytes([sig[0] ^ 1]) + sig[1:], msg)
+    assert not verify_signature(other_pub, sig, msg)
+    assert not verify_signature(me.public_key[:31], sig, msg)
+    assert not verify_signature(me.public_key, sig[:63], msg)
+    small_order = bytes(32)  # the identity point's neighbour: y = 0 has order 4
+    assert not verify_signature(small_order, sig, msg)
+    assert not verify_signature(bytes([1]) + bytes(31), bytes(64), msg)  # the identity point
 
 
 # --- call signatures ---------------------------------------------------------------------

@@ -66,6 +66,11 @@ def test_an_honest_pipeline_equals_one_node_and_its_receipts_verify(
     assert summary.receipts == len(names) * summary.steps
     assert c.ledger.tokens(r.session.session_id) == r.tokens
     assert r.failovers == [] and r.rollbacks == [] and c.ledger.banned_nodes() == []
+    # what stays in memory: every stage's inputs and the workers' outputs (for audits and
+    # replays), not the logits of the coordinator's own last stage
+    for i, h in enumerate(r.session.history):
+        own_logits = own is not None and i == len(r.session.history) - 1
+        assert [s.output is None for s in h.steps] == [own_logits] * len(h.steps)
 
 
 def _failovers(r) -> list[tuple]:

@@ -260,7 +260,10 @@ class TokenLoop:
             else:
                 receipts.append(r.receipt)
                 expected_in = r.receipt[0].output_digest
-            rec = StepRecord(step, pos, x, r.out, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size)
+            # The coordinator's own logits are not kept: nothing audits or replays its work, and
+            # they are a vocabulary of floats per token (0.5 MB for Llama 3) for the session's life.
+            kept = None if r.receipt is None and r.logits is not None else r.out
+            rec = StepRecord(step, pos, x, kept, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size)
             session.history[i].append(rec)
             x, logits = r.out, r.logits
         return StepResult(logits, receipts, pos + rows)

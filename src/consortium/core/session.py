@@ -35,7 +35,7 @@ class StepRecord:
     step: int
     start_position: int
     input: WireTensor
-    output: WireTensor
+    output: WireTensor | None  # None: the logits of the coordinator's own last stage (not kept)
     node_id: str
     round_trip_ms: float
     compute_ms: float
@@ -69,7 +69,7 @@ class StageHistory:
             mean_compute_ms=_mean([r.compute_ms for r in decode]),
             steps=len(self.steps),
             bytes_sent=sum(r.input.nbytes for r in self.steps),
-            bytes_received=sum(r.output.nbytes for r in self.steps),
+            bytes_received=sum(r.output.nbytes for r in self.steps if r.output is not None),
             mean_batch=_mean([r.batch_size for r in decode]) or 1.0,
         )
 

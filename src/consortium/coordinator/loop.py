@@ -263,7 +263,9 @@ class TokenLoop:
             # The coordinator's own logits are not kept: nothing audits or replays its work, and
             # they are a vocabulary of floats per token (0.5 MB for Llama 3) for the session's life.
             kept = None if r.receipt is None and r.logits is not None else r.out
-            rec = StepRecord(step, pos, x, kept, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size)
+            rec = StepRecord(
+                step, pos, x, kept, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size, r.out.nbytes
+            )
             session.history[i].append(rec)
             x, logits = r.out, r.logits
         return StepResult(logits, receipts, pos + rows)

@@ -40,6 +40,7 @@ class StepRecord:
     round_trip_ms: float
     compute_ms: float
     batch_size: int = 1  # orders in the node's forward that computed it
+    output_bytes: int = 0  # the output's size, kept when the output is not
 
     @property
     def positions(self) -> range:
@@ -69,7 +70,9 @@ class StageHistory:
             mean_compute_ms=_mean([r.compute_ms for r in decode]),
             steps=len(self.steps),
             bytes_sent=sum(r.input.nbytes for r in self.steps),
-            bytes_received=sum(r.output.nbytes for r in self.steps if r.output is not None),
+            bytes_received=sum(
+                r.output.nbytes if r.output is not None else r.output_bytes for r in self.steps
+            ),
             mean_batch=_mean([r.batch_size for r in decode]) or 1.0,
         )
 

@@ -13,9 +13,10 @@ per call, each piece a hop adds on top of the stage's forward:
   output digest);
 - and whole round trips through real gRPC servers on 127.0.0.1 that run the same Worker.Execute
   path without a model (the result is the input row, signed): plain text, TLS, TLS with signed
-  calls (the real setup). Compute is excluded by construction. The server runs in a process of
-  its own, as a worker does ("round_trip_us"), and also in the client's process, where both
-  ends share one interpreter lock ("round_trip_same_process_us", the figure of sessions 4-7).
+  calls, TLS with calls under a channel MAC (the real setup). Compute is excluded by
+  construction. The server runs in a process of its own, as a worker does ("round_trip_us"),
+  and also in the client's process, where both ends share one interpreter lock
+  ("round_trip_same_process_us", the figure of sessions 4-7).
 
     .venv/bin/python benchmarks/bench_hop.py --out results/bench_hop.json
 """
@@ -34,7 +35,15 @@ import torch
 
 from consortium.identity.keys import NodeIdentity
 from consortium.identity.tls import TlsIdentity
-from consortium.transport.auth import AUTH_HEADER, CallSigner, Gate, service_name, signed
+from consortium.transport.auth import (
+    AUTH_HEADER,
+    MAC_HEADER,
+    CallSigner,
+    ChannelKey,
+    Gate,
+    service_name,
+    signed,
+)
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import bind, make_channel, make_server, maps_errors
@@ -108,12 +117,19 @@ class EchoWorker(pb_grpc.WorkerServicer):
 
 
 class SignedEchoWorker(EchoWorker):
-    """The same behind the signed-call gate (the real setup: verify, authorize, consume)."""
+    """The same behind the signed-call gate (verify, authorize, consume), which also opens
+    channel keys (the real setup: calls carry a MAC under one)."""
 
     @maps_errors
     @signed
     def Execute(self, request, context):
         return self.run(request)
+
+    @maps_errors
+    @signed
+    def OpenChannel(self, request, context, signer):
+        key = self.gate.open_channel(signer)
+        return pb.OpenChannelResponse(key_id=key.key_id, secret=key.secret)
 
 
 def _serve(key: bytes, ident: TlsIdentity | None, dim: int, sign: bool, ports) -> None:
@@ -137,8 +153,9 @@ def round_trip(
     """Median and 10th percentile µs of Execute round trips against an echo worker (its own
     thread pool, as a worker's) in a child process (`apart`) or in this one, with the
     coordinator's checks on each result. sign: '' (unsigned calls), 'interceptor' (CallSigner
-    on the channel, as the coordinator does) or 'metadata' (the same header passed as call
-    metadata: no interceptor)."""
+    on the channel, Ed25519 signatures), 'metadata' (the same header passed as call metadata: no
+    interceptor) or 'mac' (CallSigner under a channel key the worker opened: the coordinator's
+    way)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -165,10 +182,13 @@ def round_trip(
         channel = make_channel(
             f"127.0.0.1:{port}",
             pin=ident.cert_der if ident else None,
-            interceptors=(signer,) if sign == "interceptor" else (),
+            interceptors=(signer,) if sign in ("interceptor", "mac") else (),
         )
         method = f"/{service_name('Worker')}/Execute"
         stub = pb_grpc.WorkerStub(channel)
+        if sign == "mac":
+            key = stub.OpenChannel(pb.OpenChannelRequest(), timeout=10)
+            signer.channel_key = ChannelKey(key.key_id, key.secret)
         times: list[float] = []
         step = 0
         deadline = time.perf_counter() + seconds
@@ -221,7 +241,12 @@ def components(x: torch.Tensor, dim: int) -> dict[str, float]:
     r["order_serialize"] = per_call_us(lambda: order.SerializeToString())
     r["order_parse"] = per_call_us(lambda: pb.WorkOrder.FromString(order_bytes))
     r["call_sign_header"] = per_call_us(lambda: signer.header(method, order))
-    r["call_gate_verify"] = per_call_us(lambda: gate.verify(method, order, [("consortium-auth-bin", header)]))
+    r["call_gate_verify"] = per_call_us(lambda: gate.verify(method, order, [(AUTH_HEADER, header)]))
+    keyed = CallSigner(coord_id, worker_id.public_key)
+    keyed.channel_key = gate.open_channel(coord_id.public_key)
+    mac = keyed.mac_header(keyed.channel_key, method, order)
+    r["call_mac_header"] = per_call_us(lambda: keyed.mac_header(keyed.channel_key, method, order))
+    r["call_gate_verify_mac"] = per_call_us(lambda: gate.verify(method, order, [(MAC_HEADER, mac)]))
     r["worker_decode_hidden"] = per_call_us(lambda: decode_hidden(order.input, dim))
     r["worker_output_from_torch_to_proto"] = per_call_us(lambda: WireTensor.from_torch(y).to_proto())
     r["worker_make_receipt"] = per_call_us(
@@ -233,7 +258,8 @@ def components(x: torch.Tensor, dim: int) -> dict[str, float]:
     r["coord_check_receipt"] = per_call_us(
         lambda: check_work_receipt(result.receipt, order, worker_id.public_key, LAYERS_DIGEST, want_in, out)
     )
-    r["total_components"] = sum(r.values())
+    # what a hop costs: the coordinator's way (channel MACs), not the signed calls as well
+    r["total_components"] = sum(v for k, v in r.items() if k not in ("call_sign_header", "call_gate_verify"))
     return r
 
 
@@ -265,7 +291,7 @@ def main() -> None:
     }
     print(json.dumps(report["components_us"], indent=1), flush=True)
     configs = [("plaintext", False, ""), ("tls", True, ""), ("tls+signed", True, "interceptor")]
-    configs.append(("tls+signed_no_interceptor", True, "metadata"))
+    configs += [("tls+signed_no_interceptor", True, "metadata"), ("tls+mac", True, "mac")]
     for apart, field in ((True, "round_trip_us"), (False, "round_trip_same_process_us")):
         for name, tls, sign in configs:
             report[field][name] = round_trip(x, a.dim, tls, sign, a.seconds, apart)

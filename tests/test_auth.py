@@ -26,8 +26,10 @@ from consortium.identity.tls import (
 )
 from consortium.transport.auth import (
     AUTH_HEADER,
+    MAC_HEADER,
     CallSigner,
     Challenges,
+    ChannelKey,
     CoordinatorLink,
     Gate,
     check_registration,
@@ -157,6 +159,82 @@ def test_the_replay_memory_is_bounded_and_forgets_stale_signatures():
     clock.t += 61  # every remembered signature is stale now: forgotten, and refused anyway
     gate.consume(gate.verify(METHOD, HB, _metadata(signer, time_ms=int(clock.t * 1000))))
     assert len(gate._seen) == 1
+
+
+def _keyed(gate: Gate, owner: NodeIdentity, audience: bytes) -> CallSigner:
+    signer = CallSigner(owner, audience)
+    signer.channel_key = gate.open_channel(owner.public_key)
+    return signer
+
+
+def _mac(signer: CallSigner, request=HB, method=METHOD, time_ms=None):
+    assert signer.channel_key is not None
+    return [(MAC_HEADER, signer.mac_header(signer.channel_key, method, request, time_ms))]
+
+
+def test_a_channel_key_mac_counts_as_a_call_by_its_owner_once():
+    me, coordinator, clock = NodeIdentity.generate(), NodeIdentity.generate(), Clock()
+    gate = Gate(me.public_key, clock=clock)
+    signer = _keyed(gate, coordinator, me.public_key)
+    md = _mac(signer, time_ms=int(clock.t * 1000))
+    call = gate.verify(METHOD, HB, md)
+    assert call is not None and call.key == coordinator.public_key and len(call.signature) == 32
+    gate.consume(call)
+    with pytest.raises(UnauthenticatedError, match="replayed"):
+        gate.consume(gate.verify(METHOD, HB, md))
+    # a MAC wins over a signature in the same call: a forged MAC cannot ride on a good signature
+    forged = CallSigner(coordinator, me.public_key)
+    forged.channel_key = ChannelKey(os.urandom(16), os.urandom(32))
+    now = int(clock.t * 1000)
+    bad = [*_mac(forged, time_ms=now), *_metadata(CallSigner(coordinator, me.public_key), time_ms=now)]
+    with pytest.raises(UnauthenticatedError, match="unknown channel key"):
+        gate.verify(METHOD, HB, bad)
+
+
+@pytest.mark.parametrize(
+    "change", ["request", "method", "recipient", "secret", "key id", "stale", "malformed"]
+)
+def test_a_mac_of_anything_else_or_under_an_unknown_key_is_refused(change):
+    me, coordinator, clock = NodeIdentity.generate(), NodeIdentity.generate(), Clock()
+    gate = Gate(me.public_key, clock=clock)
+    signer = _keyed(gate, coordinator, me.public_key)
+    now = int(clock.t * 1000)
+    req, method, audience, md = HB, METHOD, me.public_key, None
+    if change == "request":
+        req = pb.HeartbeatRequest(node_id="n1", active_sessions=3)
+    elif change == "method":
+        method = "/consortium.v1.Coordinator/Register"
+    elif change == "recipient":  # a MAC made for another recipient (the key is the same)
+        signer.audience = NodeIdentity.generate().public_key
+    elif change == "secret":
+        signer.channel_key = ChannelKey(signer.channel_key.key_id, os.urandom(32))
+    elif change == "key id":
+        signer.channel_key = ChannelKey(os.urandom(16), signer.channel_key.secret)
+    elif change == "stale":
+        now -= 61_000
+    elif change == "malformed":
+        md = [(MAC_HEADER, b"short")]
+    md = md or _mac(signer, req, method, now)
+    signer.audience = audience
+    want = {"key id": "unknown channel key", "stale": "stale", "malformed": "malformed"}.get(
+        change, "bad call MAC"
+    )
+    with pytest.raises(UnauthenticatedError, match=want):
+        gate.verify(METHOD, HB, md)
+
+
+def test_channel_keys_are_bounded_and_the_least_recently_used_goes_first():
+    me, coordinator = NodeIdentity.generate(), NodeIdentity.generate()
+    gate = Gate(me.public_key, channels=2)
+    a, b = _keyed(gate, coordinator, me.public_key), _keyed(gate, coordinator, me.public_key)
+    gate.verify(METHOD, HB, _mac(a))  # a is used: b is now the least recent
+    c = _keyed(gate, coordinator, me.public_key)
+    for signer, alive in ((a, True), (b, False), (c, True)):
+        if alive:
+            assert gate.verify(METHOD, HB, _mac(signer)).key == coordinator.public_key
+        else:
+            with pytest.raises(UnauthenticatedError, match="unknown channel key"):
+                gate.verify(METHOD, HB, _mac(signer))
 
 
 def test_signing_covers_streaming_and_raw_requests():
@@ -358,6 +436,104 @@ def test_a_coordinator_is_refused_when_its_certificate_or_key_changes(served, tm
     with pytest.raises(TrustError, match="now has public key"):
         link.challenge()
     link.close()
+
+
+class FakeNode:
+    """What WorkerServicer reads of its node, without a model: every call that passes the gate
+    ends in FAILED_PRECONDITION (no layers yet); one refused at the gate in its own code."""
+
+    def __init__(self, identity: NodeIdentity, tls: TlsIdentity | None, coordinator_key: bytes):
+        self.node_id, self.identity, self.tls = "w0", identity, tls
+        self.coordinator_key, self.runner = coordinator_key, None
+        self.gate = Gate(identity.public_key)
+
+
+@pytest.fixture
+def worker_served():
+    started = []
+
+    def serve(node: FakeNode) -> tuple[str, grpc.Server]:
+        from consortium.worker.server import WorkerServicer
+
+        server = make_server(4)
+        add_servicer(server, WorkerServicer(node), "Worker")
+        port = bind(server, "127.0.0.1", 0, node.tls)
+        server.start()
+        started.append(server)
+        return f"127.0.0.1:{port}", server
+
+    yield serve
+    for s in started:
+        s.stop(0)
+
+
+def _remote_stage(address: str, node: FakeNode, coordinator: NodeIdentity, insecure: bool = False):
+    from consortium.coordinator.batching import BatchPolicy
+    from consortium.coordinator.registry import Node
+    from consortium.coordinator.stages import Dialer, RemoteStage
+
+    info = Node(
+        "w0", address, "cpu", "cpu", "fp32", True, 1, 1.0, None, "d",
+        public_key=node.identity.public_key, tls_cert=b"" if insecure else node.tls.cert_der,
+    )  # fmt: skip
+    return RemoteStage(info, Dialer(coordinator, insecure), BatchPolicy(1))
+
+
+def _no_layers(stage) -> None:
+    """A call that passes the worker's gate: it finds no layers (FAILED_PRECONDITION)."""
+    with pytest.raises(RemoteError) as e:
+        stage.close("s" * 16, 5)
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION, e.value
+
+
+def test_the_coordinator_calls_a_worker_under_a_channel_key_and_opens_another_after_a_restart(worker_served):
+    coordinator, me = NodeIdentity.generate(), NodeIdentity.generate()
+    node = FakeNode(me, TlsIdentity.generate(), coordinator.public_key)
+    address, _ = worker_served(node)
+    stage = _remote_stage(address, node, coordinator)
+    _no_layers(stage)
+    first = stage.signer.channel_key
+    assert first is not None and len(node.gate._channels) == 1
+    seen = []
+    verify = node.gate.verify
+    node.gate.verify = lambda m, r, md: (
+        seen.append({k for k, _ in md} & {AUTH_HEADER, MAC_HEADER}) or verify(m, r, md)
+    )
+    _no_layers(stage)
+    assert seen == [{MAC_HEADER}]  # the hot path carries a MAC, not a signature
+    node.gate._channels.clear()  # a restart: the worker knows no key
+    _no_layers(stage)  # refused once, a new key, the call again
+    assert stage.signer.channel_key not in (None, first) and len(node.gate._channels) == 1
+    # a stranger gets no key, and a MAC under a key nobody opened is refused
+    stranger = _remote_stage(address, node, NodeIdentity.generate())
+    with pytest.raises(RemoteError) as e:
+        stranger.close("s" * 16, 5)
+    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and stranger.signer.channel_key is None
+    forger = CallSigner(coordinator, me.public_key)
+    forger.channel_key = ChannelKey(os.urandom(16), os.urandom(32))
+    channel = make_channel(address, pin=node.tls.cert_der, interceptors=(forger,))
+    with pytest.raises(grpc.RpcError) as e:
+        pb_grpc.WorkerStub(channel).CloseSession(pb.CloseSessionRequest(session_id="s" * 16), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "unknown channel key" in e.value.details()
+    channel.close()
+    for s in (stage, stranger):
+        s.shutdown()
+
+
+def test_over_plain_text_a_worker_gives_no_channel_key_and_calls_stay_signed(worker_served):
+    coordinator, me = NodeIdentity.generate(), NodeIdentity.generate()
+    node = FakeNode(me, None, coordinator.public_key)
+    address, _ = worker_served(node)
+    keyed = _remote_stage(address, node, coordinator, insecure=True)
+    keyed.keyed = True  # a coordinator that asks anyway
+    _no_layers(keyed)
+    assert keyed.signer.channel_key is None and not keyed.keyed and not node.gate._channels
+    plain = _remote_stage(address, node, coordinator, insecure=True)
+    assert not plain.keyed
+    _no_layers(plain)
+    assert plain.signer.channel_key is None
+    for s in (keyed, plain):
+        s.shutdown()
 
 
 def test_plain_text_and_unreachable_coordinators(served, tmp_path):

@@ -4,6 +4,8 @@ both end in a StageRunner, so the two paths validate and compute identically."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -14,14 +16,16 @@ from consortium.coordinator.batching import Batcher, BatchPolicy
 from consortium.coordinator.registry import Node
 from consortium.core.config import LayerRange
 from consortium.identity import NodeIdentity
-from consortium.transport.auth import CallSigner
+from consortium.transport.auth import KEY_ID_BYTES, SECRET_BYTES, CallSigner, ChannelKey
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import RemoteError, make_channel, one_line
 from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
 from consortium.worker.runner import StageRunner
 
+log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a long call checks the node's heartbeats
+OPEN_TIMEOUT_S = 10.0  # OpenChannel's deadline at most (a node that is up answers at once)
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
@@ -79,10 +83,10 @@ class Dialer:
     insecure: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
-    def channel(self, node: Node) -> grpc.Channel:
+    def channel(self, node: Node) -> tuple[grpc.Channel, CallSigner]:
         signer = CallSigner(self.identity, audience=node.public_key)
         pin = None if self.insecure else node.tls_cert
-        return make_channel(node.address, self.max_message_bytes, pin=pin, interceptors=(signer,))
+        return make_channel(node.address, self.max_message_bytes, pin=pin, interceptors=(signer,)), signer
 
 
 class RemoteStage:
@@ -96,8 +100,11 @@ class RemoteStage:
     ):
         self.node_id, self.address = node.node_id, node.address
         self.peer_id = (node.address, node.public_key, node.tls_cert)  # a new one needs a new channel
-        self.channel = dialer.channel(node)
+        self.channel, self.signer = dialer.channel(node)
         self.stub = pb_grpc.WorkerStub(self.channel)
+        # calls carry a MAC under a key the node gives us (auth.py: ~2 us to check, not ~60): over TLS only
+        self.keyed = not dialer.insecure
+        self._key_lock = threading.Lock()
         # seconds since the node's last heartbeat: a long call is abandoned when they stop
         self.silent_for, self.hang_after_s = silent_for, hang_after_s
         self.batcher = Batcher(self._execute_batch, policy)
@@ -107,6 +114,47 @@ class RemoteStage:
         return f"node {self.node_id} at {self.address}"
 
     def _call(self, method, request, timeout_s: float):
+        """The call's reply (RemoteError on failure), made under a channel key where there is one.
+        A keyed call the node refuses as unauthenticated (it restarted and forgot our key) goes
+        again once under a new key: its gate refused it before any work."""
+        if self.keyed and self.signer.channel_key is None:
+            self._open_channel(timeout_s)
+        key = self.signer.channel_key
+        try:
+            return self._invoke(method, request, timeout_s)
+        except RemoteError as e:
+            if key is None or e.code != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            log.info("%s refused our channel key (%s): opening another", self.peer, e)
+            with self._key_lock:
+                if self.signer.channel_key is key:
+                    self.signer.channel_key = None
+            self._open_channel(timeout_s)
+            return self._invoke(method, request, timeout_s)
+
+    def _open_channel(self, timeout_s: float) -> None:
+        """Asks the node for a channel key (a signed call); a node that gives none (plain text,
+        or an older version) gets signed calls from now on."""
+        with self._key_lock:
+            if self.signer.channel_key is not None or not self.keyed:
+                return
+            try:
+                reply = self._invoke(
+                    self.stub.OpenChannel, pb.OpenChannelRequest(), min(timeout_s, OPEN_TIMEOUT_S)
+                )
+            except RemoteError as e:
+                if e.code not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                log.info("%s gives no channel key (%s): its calls stay signed", self.peer, e)
+                self.keyed = False
+                return
+            if len(reply.key_id) != KEY_ID_BYTES or len(reply.secret) != SECRET_BYTES:
+                log.warning("%s sent a malformed channel key: its calls stay signed", self.peer)
+                self.keyed = False
+                return
+            self.signer.channel_key = ChannelKey(bytes(reply.key_id), bytes(reply.secret))
+
+    def _invoke(self, method, request, timeout_s: float):
         if self.silent_for is None or timeout_s <= self.hang_after_s:
             try:
                 return method(request, timeout=timeout_s)

@@ -82,6 +82,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     @maps_errors
     @signed
+    def OpenChannel(self, request, context, signer: bytes):
+        """A channel key for the coordinator's later calls (transport/auth.py): over TLS only,
+        which keeps its secret between the two ends."""
+        if self.node.tls is None:
+            raise PreconditionError("no channel keys over plain text (--insecure): sign every call")
+        key = self.gate.open_channel(signer)
+        return pb.OpenChannelResponse(key_id=key.key_id, secret=key.secret)
+
+    @maps_errors
+    @signed
     def AssignLayers(self, request, context):
         return pb.AssignLayersResponse(node=self.node.assign(request))
 

@@ -276,6 +276,18 @@ class WorkerStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class OpenChannelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenChannelResponse(_message.Message):
+    __slots__ = ("key_id", "secret")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    key_id: bytes
+    secret: bytes
+    def __init__(self, key_id: _Optional[bytes] = ..., secret: _Optional[bytes] = ...) -> None: ...
+
 class WorkerStatus(_message.Message):
     __slots__ = ("node", "active_sessions", "cache_bytes", "cache_budget_bytes")
     NODE_FIELD_NUMBER: _ClassVar[int]

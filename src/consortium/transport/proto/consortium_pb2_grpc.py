@@ -375,7 +375,8 @@ class Coordinator:
 
 class WorkerStub:
     """Served by every worker: the coordinator drives each step through Execute. Every call but
-    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned.
+    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned,
+    or carry a MAC under a channel key that coordinator opened (`consortium-mac-bin`).
     """
 
     def __init__(self, channel):
@@ -384,6 +385,11 @@ class WorkerStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.OpenChannel = channel.unary_unary(
+                '/consortium.v1.Worker/OpenChannel',
+                request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.OpenChannelRequest.SerializeToString,
+                response_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.OpenChannelResponse.FromString,
+                _registered_method=True)
         self.AssignLayers = channel.unary_unary(
                 '/consortium.v1.Worker/AssignLayers',
                 request_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.AssignLayersRequest.SerializeToString,
@@ -423,8 +429,15 @@ class WorkerStub:
 
 class WorkerServicer:
     """Served by every worker: the coordinator drives each step through Execute. Every call but
-    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned.
+    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned,
+    or carry a MAC under a channel key that coordinator opened (`consortium-mac-bin`).
     """
+
+    def OpenChannel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def AssignLayers(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -471,6 +484,11 @@ class WorkerServicer:
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'OpenChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenChannel,
+                    request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.OpenChannelRequest.FromString,
+                    response_serializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.OpenChannelResponse.SerializeToString,
+            ),
             'AssignLayers': grpc.unary_unary_rpc_method_handler(
                     servicer.AssignLayers,
                     request_deserializer=consortium_dot_transport_dot_proto_dot_consortium__pb2.AssignLayersRequest.FromString,
@@ -516,8 +534,36 @@ def add_WorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Worker:
     """Served by every worker: the coordinator drives each step through Execute. Every call but
-    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned.
+    GetStatus must be signed (`consortium-auth-bin`) by the coordinator key the worker pinned,
+    or carry a MAC under a channel key that coordinator opened (`consortium-mac-bin`).
     """
+
+    @staticmethod
+    def OpenChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/consortium.v1.Worker/OpenChannel',
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.OpenChannelRequest.SerializeToString,
+            consortium_dot_transport_dot_proto_dot_consortium__pb2.OpenChannelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def AssignLayers(request,

@@ -16,7 +16,9 @@ per call, each piece a hop adds on top of the stage's forward:
   calls, TLS with calls under a channel MAC (the real setup). Compute is excluded by
   construction. The server runs in a process of its own, as a worker does ("round_trip_us"),
   and also in the client's process, where both ends share one interpreter lock
-  ("round_trip_same_process_us", the figure of sessions 4-7).
+  ("round_trip_same_process_us", the figure of sessions 4-7), and with --idle-ms of sleep on
+  both ends before each call ("round_trip_after_idle_us": what a hop meets in a pipeline, where
+  each stage idles while the others compute).
 
     .venv/bin/python benchmarks/bench_hop.py --out results/bench_hop.json
 """
@@ -148,14 +150,15 @@ def _serve(key: bytes, ident: TlsIdentity | None, dim: int, sign: bool, ports) -
 
 
 def round_trip(
-    x: torch.Tensor, dim: int, tls: bool, sign: str, seconds: float, apart: bool
+    x: torch.Tensor, dim: int, tls: bool, sign: str, seconds: float, apart: bool, idle_s: float = 0.0
 ) -> dict[str, float]:
     """Median and 10th percentile µs of Execute round trips against an echo worker (its own
     thread pool, as a worker's) in a child process (`apart`) or in this one, with the
     coordinator's checks on each result. sign: '' (unsigned calls), 'interceptor' (CallSigner
     on the channel, Ed25519 signatures), 'metadata' (the same header passed as call metadata: no
     interceptor) or 'mac' (CallSigner under a channel key the worker opened: the coordinator's
-    way)."""
+    way). idle_s: both ends sleep this long before each call, as a pipeline stage waits for the
+    others' compute (untimed)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -198,6 +201,8 @@ def round_trip(
             want_in = input_digest(
                 order.session_id, order.stage_index, order.start_position, WireTensor.from_torch(x)
             )
+            if idle_s:
+                time.sleep(idle_s)
             t0 = time.perf_counter()
             if sign == "metadata":
                 res = stub.Execute(order, timeout=10, metadata=[(AUTH_HEADER, signer.header(method, order))])
@@ -269,6 +274,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="positions per hop (1: a decode step)")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--seconds", type=float, default=3.0, help="per round-trip configuration")
+    ap.add_argument("--idle-ms", type=float, default=7.0, help="sleep before each call (after-idle runs)")
     ap.add_argument("--out", default="results/bench_hop.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -288,6 +294,7 @@ def main() -> None:
         "components_us": components(x, a.dim),
         "round_trip_us": {},
         "round_trip_same_process_us": {},
+        "round_trip_after_idle_us": {},
     }
     print(json.dumps(report["components_us"], indent=1), flush=True)
     configs = [("plaintext", False, ""), ("tls", True, ""), ("tls+signed", True, "interceptor")]
@@ -296,6 +303,12 @@ def main() -> None:
         for name, tls, sign in configs:
             report[field][name] = round_trip(x, a.dim, tls, sign, a.seconds, apart)
             print(field, name, json.dumps(report[field][name]), flush=True)
+    # the same hop between processes that idle in between, as stages of one session do: caches,
+    # threads and (on a VM) the virtual CPU go cold, and the same work takes longer
+    for name, tls, sign in (("plaintext", False, ""), ("tls+mac", True, "mac")):
+        field = "round_trip_after_idle_us"
+        report[field][name] = round_trip(x, a.dim, tls, sign, a.seconds, True, a.idle_ms / 1000)
+        print(field, name, json.dumps(report[field][name]), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -14,7 +14,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - <<'PYCHECK'
 import importlib.util, sys
 import torch
-missing = [m for m in ("gguf", "tokenizers", "jinja2", "grpc", "cryptography", "click", "rich", "psutil")
+missing = [m for m in ("gguf", "tokenizers", "jinja2", "grpc", "cryptography", "nacl", "click", "rich", "psutil")
            if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_check: missing Python packages: {', '.join(missing)} (pip install -e . first)")

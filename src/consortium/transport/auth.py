@@ -174,8 +174,9 @@ class SignedCall:
 
 
 class Gate:
-    """Verifies call signatures made for `audience` (this process's public key) and remembers
-    the signatures it accepted until they are stale, so none is accepted twice."""
+    """Verifies call signatures and channel MACs made for `audience` (this process's public
+    key), keeps the channel keys it opened, and remembers the signatures and MACs it accepted
+    until they are stale, so none is accepted twice."""
 
     def __init__(
         self,

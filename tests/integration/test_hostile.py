@@ -21,7 +21,7 @@ from consortium.errors import ConsortiumError
 from consortium.identity import NodeIdentity
 from consortium.identity.tls import KNOWN_FILE, PinStore, TlsIdentity, TrustError, check_binding
 from consortium.model.generate import generate, load_single_node
-from consortium.transport.auth import AUTH_HEADER, CallSigner, signed_registration
+from consortium.transport.auth import AUTH_HEADER, MAC_HEADER, CallSigner, ChannelKey, signed_registration
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import fetch_cert, free_port, make_channel
@@ -188,6 +188,43 @@ def test_replayed_and_stale_signatures_are_refused(cluster):
     link.close()
 
 
+def test_channel_keys_go_to_the_coordinator_only_and_their_macs_count_once(cluster):
+    """The hot path's call MACs: only the pinned coordinator gets a key (a signed OpenChannel),
+    a key works at the worker that gave it only, a MAC is good for its call once, and one under
+    a key nobody was given is refused (the real coordinator's own keys keep working throughout)."""
+    w1, w0 = node_info(cluster, "worker-1"), node_info(cluster, "worker-0")
+    for identity, want in ((NodeIdentity.generate(), C.PERMISSION_DENIED), (None, None)):
+        channel, stub = worker_stub(cluster, "worker-1", identity=identity)
+        if want is not None:  # a stranger, signing with its own key
+            assert _code(lambda s=stub: s.OpenChannel(pb.OpenChannelRequest(), timeout=10))[0] == want
+        else:  # the coordinator's key (read from its data directory, as an attacker cannot)
+            key = stub.OpenChannel(pb.OpenChannelRequest(), timeout=10)
+        channel.close()
+    unsigned = pb_grpc.WorkerStub(make_channel(w1.address, pin=w1.tls_cert))
+    assert _code(lambda: unsigned.OpenChannel(pb.OpenChannelRequest(), timeout=10))[0] == C.UNAUTHENTICATED
+    coordinator = NodeIdentity.load(cluster.coordinator_dir / "node.key")
+    req, method = pb.WorkerStatusRequest(), "/consortium.v1.Worker/GetStatus"
+    signer = CallSigner(coordinator, w1.public_key)
+    mac = signer.mac_header(ChannelKey(key.key_id, key.secret), method, req)
+    assert unsigned.GetStatus(req, metadata=[(MAC_HEADER, mac)], timeout=10).node.node_id == "worker-1"
+    code, msg = _code(lambda: unsigned.GetStatus(req, metadata=[(MAC_HEADER, mac)], timeout=10))
+    assert code == C.UNAUTHENTICATED and "replayed" in msg
+    other = signer.mac_header(ChannelKey(key.key_id, key.secret), "/consortium.v1.Worker/Rollback", req)
+    code, msg = _code(lambda: unsigned.GetStatus(req, metadata=[(MAC_HEADER, other)], timeout=10))
+    assert code == C.UNAUTHENTICATED and "bad call MAC" in msg  # made for another method
+    at_w0 = pb_grpc.WorkerStub(make_channel(w0.address, pin=w0.tls_cert))
+    for_w0 = CallSigner(coordinator, w0.public_key).mac_header(
+        ChannelKey(key.key_id, key.secret), method, req
+    )
+    code, msg = _code(lambda: at_w0.GetStatus(req, metadata=[(MAC_HEADER, for_w0)], timeout=10))
+    assert code == C.UNAUTHENTICATED and "unknown channel key" in msg  # worker-1's key at worker-0
+    made_up = signer.mac_header(ChannelKey(bytes(16), bytes(32)), method, req)
+    code, msg = _code(lambda: unsigned.GetStatus(req, metadata=[(MAC_HEADER, made_up)], timeout=10))
+    assert code == C.UNAUTHENTICATED and "unknown channel key" in msg
+    with Client(cluster.client_config()) as client:
+        assert len(client.run(REQ).tokens) > 0
+
+
 def test_a_coordinator_whose_certificate_changed_is_refused(cluster, tiny_gguf, tmp_path):
     # a worker that pinned another certificate for this address (trust on first use) refuses it
     data = tmp_path / "worker"
@@ -260,6 +297,11 @@ def test_insecure_cluster_warns_and_client_keys_are_enforced(request, tiny_gguf,
         session_id="x", layers=pb.LayerRange(start=0, end=1), input=WireTensor.from_tokens([1]).to_proto()
     )
     assert _code(lambda: worker.Execute(order, timeout=10))[0] == C.PERMISSION_DENIED
+    channel.close()
+    # and no channel key goes over plain text, not even to the coordinator: its calls stay signed
+    channel, worker = worker_stub(cluster, "worker-0")
+    code, msg = _code(lambda: worker.OpenChannel(pb.OpenChannelRequest(), timeout=10))
+    assert code == C.FAILED_PRECONDITION and "plain text" in msg
     channel.close()
     done = consortium(
         "session",

@@ -14,8 +14,11 @@ from consortium.coordinator.cluster import NoBackupError
 from consortium.core.config import LayerRange
 from consortium.core.records import FailoverRecord
 from consortium.core.session import FAILED
+from consortium.core.spill import SpilledTensor
 from consortium.model.sampling import SamplingParams
+from consortium.transport.tensors import WireTensor
 
+NoneType = type(None)
 PROMPT = "the cat sat on the"
 TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0)
@@ -66,11 +69,17 @@ def test_an_honest_pipeline_equals_one_node_and_its_receipts_verify(
     assert summary.receipts == len(names) * summary.steps
     assert c.ledger.tokens(r.session.session_id) == r.tokens
     assert r.failovers == [] and r.rollbacks == [] and c.ledger.banned_nodes() == []
-    # what stays in memory: every stage's inputs and the workers' outputs (for audits and
-    # replays), not the logits of the coordinator's own last stage
+    # what stays: every stage's inputs and the workers' outputs (for audits and replays); a
+    # remote last stage's logits on disk (the audits above read them back), the coordinator's
+    # own not at all
+    vocab = c.gguf.args.vocab_size
     for i, h in enumerate(r.session.history):
-        own_logits = own is not None and i == len(r.session.history) - 1
-        assert [s.output is None for s in h.steps] == [own_logits] * len(h.steps)
+        last = i == len(r.session.history) - 1
+        want = (NoneType if own else SpilledTensor) if last else WireTensor
+        assert {type(s.output) for s in h.steps} == {want}, (i, topology)
+    if own is None:
+        assert all(s.committed().nbytes == 4 * vocab for s in r.session.history[-1].steps)
+        assert not [p for p in c.ledger.path.parent.iterdir() if "spill" in p.name]  # unlinked
 
 
 def _failovers(r) -> list[tuple]:

@@ -26,6 +26,7 @@ from consortium.coordinator.stages import StageHandle
 from consortium.coordinator.verifier import Verifier
 from consortium.core.config import CoordinatorConfig
 from consortium.core.session import CANCELLED, FAILED, FINISHED, RUNNING, Session, StageRef, StepRecord
+from consortium.core.spill import SpilledTensor, SpillFile
 from consortium.errors import ConsortiumError
 from consortium.model.generate import TextStream
 from consortium.model.gguf_file import ModelArgs
@@ -260,15 +261,23 @@ class TokenLoop:
             else:
                 receipts.append(r.receipt)
                 expected_in = r.receipt[0].output_digest
-            # The coordinator's own logits are not kept: nothing audits or replays its work, and
-            # they are a vocabulary of floats per token (0.5 MB for Llama 3) for the session's life.
-            kept = None if r.receipt is None and r.logits is not None else r.out
+            # Logits are a vocabulary of floats per token (0.5 MB for Llama 3) for the session's
+            # life: the coordinator's own are not kept (nothing audits or replays its work), a
+            # remote stage's go to disk until audits read them.
+            kept: WireTensor | SpilledTensor | None = r.out
+            if r.logits is not None:
+                kept = None if r.receipt is None else self._spill(session).put(r.out)
             rec = StepRecord(
                 step, pos, x, kept, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size, r.out.nbytes
             )
             session.history[i].append(rec)
             x, logits = r.out, r.logits
         return StepResult(logits, receipts, pos + rows)
+
+    def _spill(self, session: Session) -> SpillFile:
+        if session.spill is None:
+            session.spill = SpillFile(self.ledger.path.parent)
+        return session.spill
 
     def _stage(
         self,

@@ -205,10 +205,10 @@ class Recovery:
             if ref.layers.end == self.args.n_layers:  # logits of the last position only
                 out, _ = decode_logits(res.output, self.args.vocab_size, rows=1)
                 stop = kept[-1].positions.stop
-                committed, positions = [kept[-1].output], [range(stop - 1, stop)]
+                committed, positions = [kept[-1].committed()], [range(stop - 1, stop)]
             else:
                 out, _ = decode_hidden(res.output, self.args.dim)
-                committed, positions = [r.output for r in kept], [r.positions for r in kept]
+                committed, positions = [r.committed() for r in kept], [r.positions for r in kept]
             args, layers = self.args, (ref.layers.start, ref.layers.end)
             tol = tolerance_class(
                 old.dtype,
@@ -218,7 +218,7 @@ class Recovery:
                 model_digest=self.verifier.gguf.digest,
             )
             result = judge(committed, positions, out.to_torch(), False, tol)
-        except (TensorError, ValueError, RuntimeError, IndexError) as e:
+        except (TensorError, ValueError, RuntimeError, IndexError, OSError) as e:
             log.warning(
                 "session %s: the replay of stage %d on %s could not be compared: %s", sid, s, ref.node_id, e
             )

@@ -418,7 +418,7 @@ class Verifier:
         klass = worst_class(declared(ref).klass, target.klass)
         tol = tolerance_for(klass, layers, args.n_layers, self.gguf.digest)
         return judge(
-            [r.output for r in records],
+            [r.committed() for r in records],
             [r.positions for r in records],
             recomputed,
             is_last,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from consortium.core.config import SessionRequest
 from consortium.core.records import FailoverRecord, RollbackRecord, StageRef, StageStats
+from consortium.core.spill import SpilledTensor, SpillFile
 from consortium.transport.rpc import NotFoundError
 from consortium.transport.tensors import WireTensor
 
@@ -35,7 +36,9 @@ class StepRecord:
     step: int
     start_position: int
     input: WireTensor
-    output: WireTensor | None  # None: the logits of the coordinator's own last stage (not kept)
+    # None: the logits of the coordinator's own last stage (not kept); spilled: a remote last
+    # stage's logits (on disk until an audit reads them, core/spill.py)
+    output: WireTensor | SpilledTensor | None
     node_id: str
     round_trip_ms: float
     compute_ms: float
@@ -45,6 +48,12 @@ class StepRecord:
     @property
     def positions(self) -> range:
         return range(self.start_position, self.start_position + self.input.rows)
+
+    def committed(self) -> WireTensor:
+        """The output's bytes as the stage committed them (read back if they were spilled)."""
+        if self.output is None:
+            raise ValueError(f"step {self.step}'s output was not kept (the coordinator's own logits)")
+        return self.output.load() if isinstance(self.output, SpilledTensor) else self.output
 
 
 @dataclass
@@ -105,6 +114,7 @@ class Session:
     history: list[StageHistory] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     frozen_stats: list[StageStats] | None = None  # set when the history is dropped
+    spill: SpillFile | None = None  # where a remote last stage's logits go (made at the first)
     audits: SessionAudits | None = None  # set by the coordinator when the session starts
     rollbacks: list[RollbackRecord] = field(default_factory=list)
     failovers: list[FailoverRecord] = field(default_factory=list)
@@ -135,3 +145,4 @@ class Session:
         self.frozen_stats = self.stats()
         for h in self.history:
             h.steps = []
+        self.spill = None  # its file goes with the last record that points into it

@@ -3,11 +3,14 @@ from any thread, in a file no directory shows."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 
+import pytest
 import torch
 
-from consortium.core.spill import SpillFile
+from consortium.core.spill import SpillError, SpillFile
 from consortium.transport.tensors import WireTensor
 
 
@@ -33,3 +36,20 @@ def test_spilled_tensors_read_back_byte_for_byte_from_any_thread(tmp_path):
         t.join()
     assert got == [True] * (4 * len(tensors))
     assert [m.load() for m in more] == tensors
+
+
+def test_a_full_disk_is_one_clear_error(tmp_path, monkeypatch):
+    spill = SpillFile(tmp_path)
+    w = WireTensor.from_torch(torch.ones(1, 8))
+    kept = spill.put(w)
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(SpillError, match=f"cannot keep committed logits in {tmp_path}: No space left"):
+        spill.put(w)
+    assert kept.load() == w  # what was kept stays readable
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SpillError, match="cannot keep committed logits in"):
+        SpillFile(tmp_path / "file" / "sub")  # not a directory

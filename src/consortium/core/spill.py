@@ -15,16 +15,25 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from consortium.errors import ConsortiumError
 from consortium.transport.tensors import WireTensor
+
+
+class SpillError(ConsortiumError):
+    """The disk beside the ledger cannot take a committed output (full, or not writable)."""
 
 
 class SpillFile:
     """Append-only bytes on disk; reads from any thread (positional, no shared offset)."""
 
     def __init__(self, directory: Path):
-        directory.mkdir(parents=True, exist_ok=True)
-        # no context manager: the file lives as long as the records that point into it
-        self._file = tempfile.TemporaryFile(dir=directory, prefix="consortium-spill-")  # noqa: SIM115
+        self.directory = directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            # no context manager: the file lives as long as the records that point into it
+            self._file = tempfile.TemporaryFile(dir=directory, prefix="consortium-spill-")  # noqa: SIM115
+        except OSError as e:
+            raise SpillError(f"cannot keep committed logits in {directory}: {e.strerror or e}") from e
         self._end = 0
         self._lock = threading.Lock()
 
@@ -33,8 +42,13 @@ class SpillFile:
         with self._lock:
             at = self._end
             done = 0
-            while done < len(data):  # a regular file takes it all at once unless the disk is full
-                done += os.pwrite(self._file.fileno(), data[done:], at + done)
+            try:
+                while done < len(data):  # a regular file takes it all at once unless the disk is full
+                    done += os.pwrite(self._file.fileno(), data[done:], at + done)
+            except OSError as e:
+                raise SpillError(
+                    f"cannot keep committed logits in {self.directory}: {e.strerror or e}"
+                ) from e
             self._end += len(data)
         return SpilledTensor(w.dtype, w.shape, self, at, len(data))
 

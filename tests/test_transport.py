@@ -32,6 +32,7 @@ from consortium.transport.rpc import (
 from consortium.transport.tensors import (
     TensorError,
     WireTensor,
+    check_logits,
     decode_hidden,
     decode_logits,
     decode_tokens,
@@ -112,6 +113,22 @@ def test_token_and_logit_checks():
     with pytest.raises(TensorError, match=r"expected fp32 logits \[1, 8\]"):
         decode_logits(_tensor(), vocab_size=8, rows=1)
     assert isinstance(TensorError("x"), InvalidRequestError)
+
+
+def test_the_coordinators_own_logits_are_checked_as_a_workers_are():
+    """Its last stage's logits skip the wire (no encoding, no copy) but not the checks."""
+    good = torch.randn(1, 8)
+    assert check_logits(good, vocab_size=8, rows=1) is good
+    _, wired = decode_logits(WireTensor.from_torch(good).to_proto(), vocab_size=8, rows=1)
+    assert torch.equal(wired, good)
+    for bad, match in [
+        (torch.randn(2, 8), r"expected fp32 logits \[1, 8\]"),
+        (torch.randn(1, 9), r"expected fp32 logits \[1, 8\]"),
+        (torch.randn(1, 8, dtype=torch.float64), "torch.float64"),
+        (torch.tensor([[0.0] * 7 + [float("inf")]]), "NaN or Inf"),
+    ]:
+        with pytest.raises(TensorError, match=match):
+            check_logits(bad, vocab_size=8, rows=1)
 
 
 def test_message_size_is_bounded_both_ways():

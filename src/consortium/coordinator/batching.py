@@ -26,12 +26,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from consortium.transport.proto import consortium_pb2 as pb
 
 MEMBER_IDLE_S = 5.0  # a session that sent no order here for this long no longer counts (it moved)
+R = TypeVar("R")  # a result: a worker's pb.WorkResult, or the coordinator's own stage's runner.Work
 # One call for a batch: each order's result or the exception that failed it, in order.
-BatchCall = Callable[[list[pb.WorkOrder], float], list[pb.WorkResult | Exception]]
+BatchCall = Callable[[list[pb.WorkOrder], float], list[R | Exception]]
 
 
 @dataclass(frozen=True)
@@ -48,28 +50,28 @@ class BatchPolicy:
 
 
 @dataclass
-class _Waiting:
+class _Waiting(Generic[R]):
     order: pb.WorkOrder
     timeout_s: float
     then: Batcher | None  # where this session goes after this call (announced when it returns)
-    result: pb.WorkResult | Exception | None = None
+    result: R | Exception | None = None
     done: bool = False
     ready: threading.Event = field(default_factory=threading.Event)
 
 
-class Batcher:
-    def __init__(self, call: BatchCall, policy: BatchPolicy):
+class Batcher(Generic[R]):
+    def __init__(self, call: BatchCall[R], policy: BatchPolicy):
         self.call, self.policy = call, policy
         self._lock = threading.Lock()
-        self._waiting: list[_Waiting] = []
+        self._waiting: list[_Waiting[R]] = []
         self._expected: dict[str, float] = {}  # session -> when a call announced it is coming here
         self._members: dict[str, float] = {}  # session -> when it last sent an order here
         self._busy = False
         self.batches = 0  # calls made (with `orders`: the mean batch size)
         self.orders = 0
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
-        me = _Waiting(order, timeout_s, then)
+    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> R:
+        me: _Waiting[R] = _Waiting(order, timeout_s, then)
         with self._lock:
             self._expected.pop(order.session_id, None)
             self._members[order.session_id] = time.monotonic()
@@ -101,7 +103,7 @@ class Batcher:
             self._expected.pop(session_id, None)
             self._members.pop(session_id, None)
 
-    def _lead(self) -> tuple[list[_Waiting] | None, float | None]:
+    def _lead(self) -> tuple[list[_Waiting[R]] | None, float | None]:
         """(the orders to send, None) if the stage is free, which makes this thread the one that
         sends them; (None, seconds to wait at most) while it gathers announced sessions; (None,
         None) while another call runs."""
@@ -124,7 +126,7 @@ class Batcher:
         sessions = len(self._members.keys() | self._expected.keys())
         return max(1, min(self.policy.max_batch, math.ceil(sessions / self.policy.in_flight)))
 
-    def _run(self, batch: list[_Waiting]) -> None:
+    def _run(self, batch: list[_Waiting[R]]) -> None:
         try:
             try:
                 results = self.call([w.order for w in batch], max(w.timeout_s for w in batch))

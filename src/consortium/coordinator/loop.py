@@ -22,7 +22,7 @@ from torch import Tensor
 from consortium.coordinator.batching import Batcher
 from consortium.coordinator.cluster import Cluster
 from consortium.coordinator.recovery import Recovery
-from consortium.coordinator.stages import StageHandle
+from consortium.coordinator.stages import LocalStage, StageHandle
 from consortium.coordinator.verifier import Verifier
 from consortium.core.config import CoordinatorConfig
 from consortium.core.session import CANCELLED, FAILED, FINISHED, RUNNING, Session, StageRef, StepRecord
@@ -34,10 +34,11 @@ from consortium.model.sampling import sample
 from consortium.model.tokenizer import GGUFTokenizer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import RemoteError
-from consortium.transport.tensors import TensorError, WireTensor, decode_hidden, decode_logits
+from consortium.transport.tensors import TensorError, WireTensor, check_logits, decode_hidden, decode_logits
 from consortium.verification.ledger import Ledger
 from consortium.verification.receipts import Receipt, ReceiptError, UnsignedError, input_digest
 from consortium.verification.tolerance import WEAKER, class_of, worst_class
+from consortium.worker.runner import Work
 
 log = logging.getLogger(__name__)
 # A remote stage that fails a call with one of these is dead, hung or refuses us: its stage fails over.
@@ -64,8 +65,9 @@ class StepResult:
 
 @dataclass(frozen=True)
 class StageResult:
-    out: WireTensor
+    out: WireTensor | None  # what goes on (None: the coordinator's own logits, which go nowhere)
     logits: Tensor | None  # the last stage's
+    nbytes: int  # the output's size
     receipt: tuple[Receipt, bytes] | None  # with the key that checked it; None: the coordinator's own
     node_id: str
     rtt_ms: float
@@ -256,7 +258,7 @@ class TokenLoop:
             if r is None:
                 return None
             if r.receipt is None:  # the coordinator's own work: it is the verifier
-                if i + 1 < len(handles):  # (a last stage's logits feed no stage: nothing to bind)
+                if r.out is not None:  # (its logits feed no stage: nothing to bind)
                     expected_in = self.verifier.output_digest(session, i, pos, r.out)
             else:
                 receipts.append(r.receipt)
@@ -265,13 +267,11 @@ class TokenLoop:
             # life: the coordinator's own are not kept (nothing audits or replays its work), a
             # remote stage's go to disk until audits read them.
             kept: WireTensor | SpilledTensor | None = r.out
-            if r.logits is not None:
-                kept = None if r.receipt is None else self._spill(session).put(r.out)
-            rec = StepRecord(
-                step, pos, x, kept, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size, r.out.nbytes
-            )
+            if r.logits is not None and r.out is not None:
+                kept = self._spill(session).put(r.out)
+            rec = StepRecord(step, pos, x, kept, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size, r.nbytes)
             session.history[i].append(rec)
-            x, logits = r.out, r.logits
+            x, logits = r.out or x, r.logits
         return StepResult(logits, receipts, pos + rows)
 
     def _spill(self, session: Session) -> SpillFile:
@@ -303,7 +303,10 @@ class TokenLoop:
                 continue
             except BadResult:
                 return None
-            return StageResult(out, logits, receipt, ref.node_id, rtt_ms, res.compute_ms, res.batch_size or 1)
+            nbytes = out.nbytes if out is not None else logits.nbytes if logits is not None else 0
+            return StageResult(
+                out, logits, nbytes, receipt, ref.node_id, rtt_ms, res.compute_ms, res.batch_size or 1
+            )
         raise AssertionError("unreachable")
 
     def _order(self, session: Session, i: int, step: int, pos: int, x: WireTensor) -> pb.WorkOrder:
@@ -325,16 +328,15 @@ class TokenLoop:
 
     def _call(
         self, session: Session, handles: list[StageHandle], i: int, order: pb.WorkOrder, rows: int
-    ) -> tuple[pb.WorkResult, StageRef, float]:
+    ) -> tuple[pb.WorkResult | Work, StageRef, float]:
         """Executes the order on stage i (result, stage, round trip in ms); a dead or hung remote
         stage fails over and the replacement continues the step with the same input (earlier
-        stages keep their work)."""
+        stages keep their work). The coordinator's own stage returns its rows unencoded."""
         for attempt in range(MAX_FAILOVERS_PER_STEP + 1):
-            ref, ts = session.stages[i], time.perf_counter()
+            ref, ts, h = session.stages[i], time.perf_counter(), handles[i]
             try:
-                res = handles[i].execute(
-                    order, self.deadline(session, i, rows), self._next(session, handles, i)
-                )
+                run = h.compute if isinstance(h, LocalStage) else h.execute
+                res = run(order, self.deadline(session, i, rows), self._next(session, handles, i))
                 return res, ref, (time.perf_counter() - ts) * 1000
             except RemoteError as e:
                 if ref.local or e.code not in FAILOVER_CODES or attempt == MAX_FAILOVERS_PER_STEP:
@@ -349,6 +351,14 @@ class TokenLoop:
         if i + 1 < len(handles):
             return handles[i + 1].batcher
         return handles[0].batcher if len(session.tokens) + 1 < session.max_tokens else None
+
+    def _own(self, work: Work, rows: int, last: bool) -> tuple[WireTensor | None, Tensor | None]:
+        """The coordinator's own stage's rows, checked as a worker's are: logits as computed
+        (they go nowhere but the sampler), other rows encoded for the next stage."""
+        assert work.y is not None
+        if last:
+            return None, check_logits(work.y, self.args.vocab_size, rows=1)
+        return self._decode(pb.WorkResult(output=WireTensor.from_torch(work.y).to_proto()), rows, last)
 
     def _decode(self, res: pb.WorkResult, rows: int, last: bool) -> tuple[WireTensor, Tensor | None]:
         """The result's tensor, checked against the order: shape, rows, all finite (TensorError)."""
@@ -365,19 +375,19 @@ class TokenLoop:
         i: int,
         ref: StageRef,
         order: pb.WorkOrder,
-        res: pb.WorkResult,
+        res: pb.WorkResult | Work,
         rows: int,
         expected_in: bytes,
-    ) -> tuple[WireTensor, Tensor | None, tuple[Receipt, bytes] | None]:
+    ) -> tuple[WireTensor | None, Tensor | None, tuple[Receipt, bytes] | None]:
         """Checks a result before use (DESIGN.md §7: blame only on evidence). The coordinator's
         own stage is trusted. For a remote one: a malformed tensor or a missing or bad signature
         binds nothing to the node (Unattributable); a validly signed receipt that contradicts the
         order, or a signed output that is unusable (NaN/Inf, wrong rows or shape), is fraud
         (BadResult, after the evidence, ban and rollback target are recorded)."""
         last = i == len(session.stages) - 1
-        if ref.local:
+        if isinstance(res, Work):
             try:
-                return (*self._decode(res, rows, last), None)
+                return (*self._own(res, rows, last), None)
             except TensorError as e:
                 raise RemoteError(f"stage {i} (the coordinator's own) returned a bad result: {e}") from e
         try:

@@ -21,7 +21,7 @@ from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.proto import consortium_pb2_grpc as pb_grpc
 from consortium.transport.rpc import RemoteError, make_channel, one_line
 from consortium.transport.tensors import DEFAULT_MAX_MESSAGE_BYTES
-from consortium.worker.runner import StageRunner
+from consortium.worker.runner import StageRunner, Work
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a long call checks the node's heartbeats
@@ -53,7 +53,7 @@ def _range(layers: LayerRange) -> pb.LayerRange:
 class LocalStage:
     def __init__(self, node_id: str, runner: StageRunner, policy: BatchPolicy):
         self.node_id, self.runner = node_id, runner
-        self.batcher = Batcher(lambda orders, _timeout: runner.run_orders(orders), policy)
+        self.batcher: Batcher[Work] = Batcher(lambda orders, _timeout: runner.compute(orders), policy)
 
     def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None:
         self.runner.open(
@@ -61,6 +61,11 @@ class LocalStage:
         )
 
     def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
+        return self.runner.result(self.compute(order, timeout_s, then))
+
+    def compute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> Work:
+        """The order's output rows as computed, not encoded (the token loop's own stage: the
+        logits it samples need no trip through bytes)."""
         return self.batcher.execute(order, timeout_s, then)
 
     def close(self, session_id: str, timeout_s: float) -> None:
@@ -107,7 +112,7 @@ class RemoteStage:
         self._key_lock = threading.Lock()
         # seconds since the node's last heartbeat: a long call is abandoned when they stop
         self.silent_for, self.hang_after_s = silent_for, hang_after_s
-        self.batcher = Batcher(self._execute_batch, policy)
+        self.batcher: Batcher[pb.WorkResult] = Batcher(self._execute_batch, policy)
 
     @property
     def peer(self) -> str:

@@ -160,10 +160,16 @@ def decode_logits(msg: pb.Tensor, vocab_size: int, rows: int) -> tuple[WireTenso
     w = WireTensor.from_proto(msg)
     if w.dtype != "fp32" or w.shape != (rows, vocab_size):
         raise TensorError(f"expected fp32 logits [{rows}, {vocab_size}]; got {w.dtype} {list(w.shape)}")
-    t = w.to_torch()
+    return w, check_logits(w.to_torch(), vocab_size, rows)
+
+
+def check_logits(t: Tensor, vocab_size: int, rows: int) -> Tensor:
+    """Logits as a last stage computed them (no wire in between): fp32 [rows, vocab], all finite."""
+    if t.dtype != torch.float32 or tuple(t.shape) != (rows, vocab_size):
+        raise TensorError(f"expected fp32 logits [{rows}, {vocab_size}]; got {t.dtype} {list(t.shape)}")
     if not all_finite(t):
         raise TensorError("logits contain NaN or Inf")
-    return w, t
+    return t
 
 
 def grpc_message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:

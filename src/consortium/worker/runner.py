@@ -54,8 +54,9 @@ def check_layers(msg: pb.LayerRange, mine: LayerRange) -> None:
 
 
 @dataclass
-class _Ready:
-    """An order that passed the checks that need no lock, with what it will get."""
+class Work:
+    """An order that passed the checks that need no lock, with what it will get: its output
+    rows, unencoded and unsigned (`StageRunner.compute`)."""
 
     index: int  # in the batch
     order: pb.WorkOrder
@@ -156,7 +157,13 @@ class StageRunner:
 
     def run_orders(self, orders: list[pb.WorkOrder]) -> list[pb.WorkResult | Exception]:
         """Each order's signed result, or the exception that refused it."""
-        out: list[pb.WorkResult | Exception | None] = [None] * len(orders)
+        return [w if isinstance(w, Exception) else self.result(w) for w in self.compute(orders)]
+
+    def compute(self, orders: list[pb.WorkOrder]) -> list[Work | Exception]:
+        """Each order's output rows, checked and computed but neither encoded nor signed (the
+        coordinator's own stage uses them as they are: no bytes to copy and decode again), or
+        the exception that refused it."""
+        out: list[Work | Exception | None] = [None] * len(orders)
         ready, seen = [], set()
         for i, order in enumerate(orders):
             try:
@@ -169,10 +176,10 @@ class StageRunner:
                 out[i] = _logged(e)
         self._run(ready)
         for r in ready:
-            out[r.index] = r.error if r.error is not None else self._result(r)
+            out[r.index] = r.error if r.error is not None else r
         return out  # type: ignore[return-value]  # every slot is filled
 
-    def _check(self, index: int, order: pb.WorkOrder) -> _Ready:
+    def _check(self, index: int, order: pb.WorkOrder) -> Work:
         """Everything about one order that needs no lock: ids, layers, its session, its tensor."""
         check_session_id(order.session_id)
         if not 0 <= order.step < 2**63:  # receipts sign it as a signed 64-bit field: refuse before any work
@@ -185,9 +192,9 @@ class StageRunner:
             inp, x = decode_tokens(order.input, self.args.vocab_size, max_rows=entry.cache.capacity)
         else:
             inp, x = decode_hidden(order.input, self.args.dim, max_rows=entry.cache.capacity)
-        return _Ready(index, order, entry, inp, x)
+        return Work(index, order, entry, inp, x)
 
-    def _run(self, ready: list[_Ready]) -> None:
+    def _run(self, ready: list[Work]) -> None:
         """The checked orders through the stage, under their sessions' locks (taken in one order,
         so that concurrent batches cannot deadlock): positions checked, then one forward where
         the kernels are batch-invariant, else one forward per session."""
@@ -217,11 +224,13 @@ class StageRunner:
                     r.error = _logged(e)
                 return
             for r, y in zip(go, ys, strict=True):
-                r.y, r.compute_ms, r.batch_size = y.cpu(), ms, len(go)
+                r.y, r.compute_ms, r.batch_size = self._output(r.order, y.cpu()), ms, len(go)
 
-    def _result(self, r: _Ready) -> pb.WorkResult:
+    def result(self, r: Work) -> pb.WorkResult:
+        """A computed order's result: its output rows on the wire, signed where this runner has
+        an identity."""
         assert r.y is not None
-        out = WireTensor.from_torch(self._output(r.order, r.y))
+        out = WireTensor.from_torch(r.y)
         result = pb.WorkResult(
             session_id=r.order.session_id,
             step=r.order.step,
@@ -235,7 +244,7 @@ class StageRunner:
         return result
 
     @staticmethod
-    def _positions(r: _Ready) -> None:
+    def _positions(r: Work) -> None:
         cache, order = r.entry.cache, r.order
         if order.start_position != cache.length:
             raise OutOfSyncError(

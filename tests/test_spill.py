@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from consortium.core.spill import SpillError, SpillFile
+from consortium.core.spill import SpillBudget, SpillError, SpillFile, SpillFullError
 from consortium.transport.tensors import WireTensor
 
 
@@ -53,3 +53,48 @@ def test_a_full_disk_is_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(SpillError, match="cannot keep committed logits in"):
         SpillFile(tmp_path / "file" / "sub")  # not a directory
+
+
+def test_the_budget_refuses_a_session_it_cannot_hold_and_gets_back_what_ends(tmp_path):
+    """Sessions reserve their worst case when they start; a finished one gives back what it did
+    not write, and the rest when its history goes."""
+    row = WireTensor.from_torch(torch.zeros(1, 16))  # 64 bytes
+    budget = SpillBudget(tmp_path, limit=10 * row.nbytes)
+    a = budget.open(6 * row.nbytes)
+    with pytest.raises(SpillFullError, match=r"cannot hold this session's .* free.*--spill-gb"):
+        budget.open(5 * row.nbytes)
+    assert budget.held == 6 * row.nbytes  # the refusal held nothing
+    b = budget.open(4 * row.nbytes)
+    for _ in range(2):
+        a.put(row)
+    a.settle()  # a ended after 2 of its 6 rows
+    assert (a.reserved, budget.held) == (2 * row.nbytes, 6 * row.nbytes)
+    c = budget.open(4 * row.nbytes)  # the 4 rows a did not use
+    a.release()  # a's history dropped
+    assert budget.held == 8 * row.nbytes and a.budget is None
+    a.release()  # twice is harmless
+    assert budget.held == 8 * row.nbytes
+    for f in (b, c):
+        f.release()
+    assert budget.held == 0
+
+
+def test_a_file_outgrowing_its_grant_grows_while_the_budget_has_room(tmp_path):
+    """A rollback redoes steps: the session writes more rows than it reserved."""
+    row = WireTensor.from_torch(torch.zeros(1, 16))
+    budget = SpillBudget(tmp_path, limit=3 * row.nbytes)
+    f = budget.open(row.nbytes)
+    spilled = [f.put(row) for _ in range(3)]
+    assert f.reserved == budget.held == 3 * row.nbytes
+    with pytest.raises(SpillError, match="disk budget for committed logits .* is full"):
+        f.put(row)
+    assert budget.held == 3 * row.nbytes and all(s.load() == row for s in spilled)
+
+
+def test_the_default_budget_is_the_free_disk_less_a_margin(tmp_path):
+    import shutil
+
+    from consortium.core.spill import DISK_MARGIN
+
+    free = shutil.disk_usage(tmp_path).free
+    assert abs(SpillBudget(tmp_path).limit - (free - DISK_MARGIN)) < 2**28  # (others write meanwhile)

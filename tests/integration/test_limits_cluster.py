@@ -70,3 +70,39 @@ def test_a_strangers_overlapping_range_blocks_no_session(tiny_cluster, client_fo
     r = client.run(SessionRequest("still serving", 6, greedy, audit_probability=0.0))
     assert "stranger" not in {s.node_id for s in r.stages}
     assert r.tokens == single_node_tokens(tiny_gguf, "still serving", 6, greedy)
+
+
+def test_a_session_whose_logits_the_disk_budget_cannot_hold_is_refused_and_others_run(
+    request, tiny_gguf, tmp_path, client_for
+):
+    """A remote last stage's logits go to the coordinator's disk (core/spill.py) for the session's
+    life. Each session reserves its worst case (a row a token) when it starts: one that does not
+    fit is refused with RESOURCE_EXHAUSTED and holds nothing, and what a finished session did not
+    write goes back."""
+    from helpers.cluster import start_cluster
+
+    from consortium.core.config import LayerRange
+    from consortium.model.gguf_file import GGUFModel
+    from consortium.model.sampling import SamplingParams
+
+    row = GGUFModel(tiny_gguf).args.vocab_size * 4
+    cluster = start_cluster(
+        request,
+        tiny_gguf,
+        tmp_path / "logs",
+        None,  # the coordinator holds no layers: the last stage is a worker's
+        [LayerRange(0, 2), LayerRange(2, 4)],
+        coordinator_args=["--spill-gb", f"{12 * row / 2**30:.12f}"],
+    )
+    client = client_for(cluster)
+    greedy = SamplingParams()
+    with pytest.raises(ConsortiumError, match=r"disk budget for committed logits.*RESOURCE_EXHAUSTED"):
+        client.run(SessionRequest("too long", 13, greedy, chat=False))
+    first = client.run(SessionRequest("the cat", 8, greedy, chat=False, audit_probability=1.0))
+    assert first.audits.failed == 0 and first.audits.passed > 0  # audits read the spilled rows back
+    # it wrote a row a step (<= 8): what it did not use is back, so 12 - 8 rows fit at least
+    second = client.run(SessionRequest("the dog", 4, greedy, chat=False))
+    assert second.tokens
+    with pytest.raises(ConsortiumError, match="RESOURCE_EXHAUSTED"):
+        client.run(SessionRequest("the cat", 12, greedy, chat=False))  # the first two still hold rows
+    assert client.cluster_status()["route"]

@@ -23,6 +23,7 @@ from consortium.model.sampling import SamplingParams
 from consortium.serving.config import OPTIMISTIC, VERIFIED, ServeConfig, read_api_keys
 
 MB = 2**20
+GB = 2**30
 
 
 class Group(click.Group):
@@ -59,7 +60,7 @@ def config_option(cls: type, name: str, *decls: str, scale: int = 1, positive: b
     def convert(ctx, param, v):
         if positive and v is not None and v <= 0:
             raise click.BadParameter(f"must be positive, got {v}")
-        return v * scale if v is not None and scale != 1 else v
+        return round(v * scale) if v is not None and scale != 1 else v  # whole bytes
 
     return click.option(*decls, name, default=value, callback=convert, **kw)
 

@@ -16,6 +16,7 @@ import click
 
 from consortium.cli.common import (
     DATA_DIR_DEFAULT,
+    GB,
     MB,
     Group,
     audit_options,
@@ -242,6 +243,17 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
         scale=MB,
         positive=True,
         help="Largest request the coordinator accepts (a prompt must also fit the model's context).",
+    ),
+    config_option(
+        CoordinatorConfig,
+        "spill_bytes",
+        "--spill-gb",
+        type=float,
+        scale=GB,
+        positive=True,
+        help="Disk beside the ledger for a remote last stage's logits, which audits compare (about "
+        "0.5 MB a token for Llama 3); a session that cannot fit its worst case is refused "
+        "(default: the disk's free space at start, less 1 GiB).",
     ),
     audit_options,
     file_option(

@@ -10,6 +10,7 @@ result (one ledger transaction), sample audits, emit the token.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -26,7 +27,7 @@ from consortium.coordinator.stages import LocalStage, StageHandle
 from consortium.coordinator.verifier import Verifier
 from consortium.core.config import CoordinatorConfig
 from consortium.core.session import CANCELLED, FAILED, FINISHED, RUNNING, Session, StageRef, StepRecord
-from consortium.core.spill import SpilledTensor, SpillFile
+from consortium.core.spill import SpillBudget, SpilledTensor, SpillFile
 from consortium.errors import ConsortiumError
 from consortium.model.generate import TextStream
 from consortium.model.gguf_file import ModelArgs
@@ -97,6 +98,18 @@ class TokenLoop:
         self.verifier, self.ledger, self.cluster = verifier, ledger, cluster
         self.recovery = Recovery(cfg, args, ledger, verifier, cluster)
 
+    @functools.cached_property
+    def spills(self) -> SpillBudget:
+        """The disk beside the ledger that a remote last stage's logits may take."""
+        return SpillBudget(self.ledger.path.parent, self.cfg.spill_bytes)
+
+    def reserve_spill(self, session: Session) -> None:
+        """A session whose last stage is remote sets aside disk for its logits before it starts:
+        one row a step, a step a token at most (SpillFullError: refused, nothing held)."""
+        if not session.stages[-1].local:
+            row = self.args.vocab_size * 4  # fp32 [1, vocab]
+            session.spill = self.spills.open((session.max_tokens - session.resumed) * row)
+
     def run(self, session: Session, handles: list[StageHandle]) -> Iterator[pb.GenerateEvent]:
         """Yields started, one token event per generated token, then the summary."""
         sid = session.session_id
@@ -140,6 +153,8 @@ class TokenLoop:
     def _end(self, session: Session, opened: list[StageHandle]) -> None:
         sid = session.session_id
         self.verifier.release(session)
+        if session.spill is not None:
+            session.spill.settle()
         try:
             self.ledger.set_session_status(sid, session.state, session.error or None)
         except ConsortiumError as e:
@@ -275,8 +290,8 @@ class TokenLoop:
         return StepResult(logits, receipts, pos + rows)
 
     def _spill(self, session: Session) -> SpillFile:
-        if session.spill is None:
-            session.spill = SpillFile(self.ledger.path.parent)
+        if session.spill is None:  # its last stage moved to a remote node: it grows as it goes
+            session.spill = self.spills.open(0)
         return session.spill
 
     def _stage(

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -88,6 +89,10 @@ def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
     )
     tokenizer = GGUFTokenizer(gguf)
     loop = TokenLoop(cfg, gguf.args, tokenizer, verifier, ledger, cluster)
+    spills = loop.spills  # measured now: the free disk at start
+    log.info(
+        "committed logits of remote last stages: up to %.1f GiB in %s", spills.limit / 2**30, spills.directory
+    )
     sessions = SessionTable(cfg, ledger, tokenizer)
     limits = ClientLimits(cfg.max_sessions_per_client, cfg.sessions_per_minute_per_client)
     # a token is at most this many bytes of text, so a longer prompt has more tokens than the context
@@ -295,8 +300,9 @@ class Coordinator:
         )
         max_tokens = min(request.max_tokens, ctx - len(ids))
         session = Session(sid, request, ids, max_tokens, stages, audits=audits, client=client)
-        self.ledger.create_session(sid, ids, self._params(session), stages_record(session))
-        self.sessions.add(session)
+        with self._spill_reserved(session):
+            self.ledger.create_session(sid, ids, self._params(session), stages_record(session))
+            self.sessions.add(session)
         log.info(
             "session %s: %d prompt tokens, up to %d new, stages %s",
             sid,
@@ -363,9 +369,10 @@ class Coordinator:
             audits=self.verifier.new_session_audits(sid, probability, self.cfg.audit_seed, coverage),
             client=client,
         )
-        session.first_step = self.ledger.resume_session(sid, stages_record(session))
-        self.ledger.event(sid, "resumed", {"tokens": len(tokens), "from_status": rec["status"]})
-        self.sessions.add(session)
+        with self._spill_reserved(session):
+            session.first_step = self.ledger.resume_session(sid, stages_record(session))
+            self.ledger.event(sid, "resumed", {"tokens": len(tokens), "from_status": rec["status"]})
+            self.sessions.add(session)
         log.info(
             "session %s resumed after %d tokens (%s), stages %s",
             sid,
@@ -374,6 +381,18 @@ class Coordinator:
             ", ".join(f"{r.node_id} {r.layers}" for r in stages),
         )
         return session
+
+    @contextmanager
+    def _spill_reserved(self, session: Session) -> Iterator[None]:
+        """The session's disk for logits set aside (core/spill.py) while it is recorded; given
+        back if recording it fails."""
+        self.loop.reserve_spill(session)
+        try:
+            yield
+        except BaseException:
+            if session.spill is not None:
+                session.spill.release()
+            raise
 
     def _check_resumable(self, sid: str, status: str, params: dict, tokens: list[int]) -> None:
         if status not in RESUMABLE:

@@ -149,6 +149,9 @@ class CoordinatorConfig:
     audit_seed: int | None = None  # None: a CSPRNG chooses the audited units
     audit_coverage: str = "full"  # AUDIT_COVERAGES, when a session does not say
     ledger: Path | None = None  # SQLite ledger; None = a fresh one in a temporary directory
+    # disk beside the ledger for a remote last stage's logits (core/spill.py); None: the disk's
+    # free space at start, less a margin
+    spill_bytes: int | None = None
     allow_keys: frozenset[bytes] | None = None  # admit only these Ed25519 public keys
     # trust (DESIGN.md §7): TLS with pinned certificates unless insecure; clients listed here
     # (Ed25519 keys) are the only ones that may run sessions and see node details

@@ -145,4 +145,6 @@ class Session:
         self.frozen_stats = self.stats()
         for h in self.history:
             h.steps = []
-        self.spill = None  # its file goes with the last record that points into it
+        if self.spill is not None:  # its file goes with the last record that points into it
+            self.spill.release()
+        self.spill = None

@@ -563,9 +563,14 @@ def test_public_status_shows_no_ids_addresses_or_keys():
         route=[pb.StageInfo(index=0, node_id="w0", address="10.0.0.1:5", layers=pb.LayerRange(end=2))],
         placement_error="overlap (w0 0-2 and w1 1-3)",
         active_sessions=1,
+        spill_held_bytes=7 << 30,
+        spill_limit_bytes=9 << 30,
     )
     out = public_status(st)
     text = str(out)
     assert "w0" not in text and "10.0.0.1" not in text and "kkkk" not in text
     assert out.nodes[0].alive and out.nodes[0].node.layers.end == 2 and out.route[0].layers.end == 2
     assert out.placement_error == "no complete pipeline" and out.active_sessions == 1
+    assert (
+        out.spill_held_bytes == out.spill_limit_bytes == 0
+    )  # the coordinator's disk is not a stranger's business

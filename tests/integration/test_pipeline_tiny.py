@@ -126,6 +126,7 @@ def test_session_cli_text_json_and_status(tiny_cluster):
     assert r.exit_code == 0 and json.loads(r.stdout)["state"] == "finished"
     r = CliRunner().invoke(cli, ["coordinator", "status", "--coordinator", tiny_cluster.address])
     assert r.exit_code == 0 and "pipeline: worker-0 0-1 -> worker-1 1-2 -> coordinator 2-4" in r.stdout
+    assert "disk for remote logits: 0.00 of" in r.stdout  # the last stage is the coordinator's own
 
 
 def _one_line_error(result, match: str) -> None:

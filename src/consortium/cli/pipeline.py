@@ -384,6 +384,11 @@ def coordinator_status(as_json, **options):
     click.echo(
         f"model sha256 {st['model_digest'][:16]}…, {st['n_layers']} layers, {st['active_sessions']} active sessions"
     )
+    if st["spill_limit_bytes"]:  # (a caller outside --client-keys is not told)
+        click.echo(
+            f"disk for remote logits: {st['spill_held_bytes'] / 2**30:.2f} of "
+            f"{st['spill_limit_bytes'] / 2**30:.2f} GiB reserved"
+        )
     for n in st["nodes"]:
         layers = f"{n['layers'][0]}-{n['layers'][1]}" if n["layers"] else "unassigned"
         state = n["role"] if n["alive"] else f"{n['role']} ({n['heartbeat_age_s']:.0f} s without a heartbeat)"

@@ -201,6 +201,8 @@ class Client:
             "placement_error": st.placement_error,
             "flexible_pending": st.flexible_pending,
             "active_sessions": st.active_sessions,
+            "spill_held_bytes": st.spill_held_bytes,
+            "spill_limit_bytes": st.spill_limit_bytes,
         }
 
 

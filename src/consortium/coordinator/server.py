@@ -257,6 +257,7 @@ class Coordinator:
             st.placement_error = str(e)
             st.flexible_pending = bool(self.cluster.flexible()) and not overlaps(holders)
         st.active_sessions = self.sessions.running()
+        st.spill_held_bytes, st.spill_limit_bytes = self.loop.spills.held, self.loop.spills.limit
         return st
 
     # --- sessions ----------------------------------------------------------------------------

@@ -571,7 +571,7 @@ class NodeStatus(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., alive: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., local: _Optional[bool] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model_digest", "n_layers", "nodes", "route", "placement_error", "active_sessions", "flexible_pending")
+    __slots__ = ("model_digest", "n_layers", "nodes", "route", "placement_error", "active_sessions", "flexible_pending", "spill_held_bytes", "spill_limit_bytes")
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -579,6 +579,8 @@ class ClusterStatus(_message.Message):
     PLACEMENT_ERROR_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     FLEXIBLE_PENDING_FIELD_NUMBER: _ClassVar[int]
+    SPILL_HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPILL_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_digest: str
     n_layers: int
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
@@ -586,4 +588,6 @@ class ClusterStatus(_message.Message):
     placement_error: str
     active_sessions: int
     flexible_pending: bool
-    def __init__(self, model_digest: _Optional[str] = ..., n_layers: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., placement_error: _Optional[str] = ..., active_sessions: _Optional[int] = ..., flexible_pending: _Optional[bool] = ...) -> None: ...
+    spill_held_bytes: int
+    spill_limit_bytes: int
+    def __init__(self, model_digest: _Optional[str] = ..., n_layers: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., placement_error: _Optional[str] = ..., active_sessions: _Optional[int] = ..., flexible_pending: _Optional[bool] = ..., spill_held_bytes: _Optional[int] = ..., spill_limit_bytes: _Optional[int] = ...) -> None: ...

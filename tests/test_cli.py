@@ -256,6 +256,12 @@ def test_requests_are_checked_before_anything_starts(args, match):
     assert_one_line_error(run(*args, *extra), match)
 
 
+def test_a_disk_budget_that_is_not_positive_is_refused_before_anything_starts():
+    done = run("coordinator", "start", "--spill-gb", "0", "--model", "none.gguf")
+    assert done.exit_code == 2 and "'--spill-gb': must be positive, got 0" in done.stderr
+    assert "Traceback" not in done.output
+
+
 def test_port_file_protocol(tmp_path):
     from consortium.coordinator.launcher import LocalProcess, read_port_file, write_port_file
     from consortium.errors import ConsortiumError

@@ -286,7 +286,9 @@ class TokenLoop:
                 kept = self._spill(session).put(r.out)
             rec = StepRecord(step, pos, x, kept, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size, r.nbytes)
             session.history[i].append(rec)
-            x, logits = r.out or x, r.logits
+            if r.out is not None:  # (the coordinator's own logits end the step)
+                x = r.out
+            logits = r.logits
         return StepResult(logits, receipts, pos + rows)
 
     def _spill(self, session: Session) -> SpillFile:

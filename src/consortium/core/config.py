@@ -190,6 +190,8 @@ class CoordinatorConfig:
             raise ConsortiumError("audit-workers must be at least 1")
         if self.audit_memory_bytes is not None and self.audit_memory_bytes <= 0:
             raise ConsortiumError("audit-memory-mb must be positive")
+        if self.spill_bytes is not None and self.spill_bytes <= 0:
+            raise ConsortiumError("spill-gb must be positive")
         own = class_of(self.engine.dtype, self.engine.packed) if self.layers is not None else "strict"
         if own not in admitted_classes(self.tolerance_classes):
             raise ConsortiumError(

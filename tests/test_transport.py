@@ -32,6 +32,7 @@ from consortium.transport.rpc import (
 from consortium.transport.tensors import (
     TensorError,
     WireTensor,
+    check_hidden,
     check_logits,
     decode_hidden,
     decode_logits,
@@ -129,6 +130,15 @@ def test_the_coordinators_own_logits_are_checked_as_a_workers_are():
     ]:
         with pytest.raises(TensorError, match=match):
             check_logits(bad, vocab_size=8, rows=1)
+    hidden = torch.randn(3, 8)
+    assert check_hidden(hidden, dim=8) == WireTensor.from_torch(hidden)  # encoded once, for the next stage
+    for bad, match in [
+        (torch.randn(3, 9), "hidden size 9"),
+        (torch.randn(8), r"float \[S, 8\]"),
+        (torch.tensor([[0.0] * 7 + [float("nan")]]), "NaN or Inf"),
+    ]:
+        with pytest.raises(TensorError, match=match):
+            check_hidden(bad, dim=8)
 
 
 def test_message_size_is_bounded_both_ways():

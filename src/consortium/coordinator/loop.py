@@ -35,7 +35,14 @@ from consortium.model.sampling import sample
 from consortium.model.tokenizer import GGUFTokenizer
 from consortium.transport.proto import consortium_pb2 as pb
 from consortium.transport.rpc import RemoteError
-from consortium.transport.tensors import TensorError, WireTensor, check_logits, decode_hidden, decode_logits
+from consortium.transport.tensors import (
+    TensorError,
+    WireTensor,
+    check_hidden,
+    check_logits,
+    decode_hidden,
+    decode_logits,
+)
 from consortium.verification.ledger import Ledger
 from consortium.verification.receipts import Receipt, ReceiptError, UnsignedError, input_digest
 from consortium.verification.tolerance import WEAKER, class_of, worst_class
@@ -371,11 +378,14 @@ class TokenLoop:
 
     def _own(self, work: Work, rows: int, last: bool) -> tuple[WireTensor | None, Tensor | None]:
         """The coordinator's own stage's rows, checked as a worker's are: logits as computed
-        (they go nowhere but the sampler), other rows encoded for the next stage."""
+        (they go nowhere but the sampler), other rows encoded once for the next stage."""
         assert work.y is not None
         if last:
             return None, check_logits(work.y, self.args.vocab_size, rows=1)
-        return self._decode(pb.WorkResult(output=WireTensor.from_torch(work.y).to_proto()), rows, last)
+        out = check_hidden(work.y, self.args.dim)
+        if out.rows != rows:
+            raise TensorError(f"{out.rows} output rows for {rows} input rows")
+        return out, None
 
     def _decode(self, res: pb.WorkResult, rows: int, last: bool) -> tuple[WireTensor, Tensor | None]:
         """The result's tensor, checked against the order: shape, rows, all finite (TensorError)."""

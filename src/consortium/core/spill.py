@@ -98,10 +98,6 @@ class SpillFile:
         self.reserved = reserved  # bytes the budget granted this file
         self._lock = threading.Lock()
 
-    @property
-    def nbytes(self) -> int:
-        return self._end
-
     def _grow(self, n: int) -> None:
         """Room for n more bytes beyond the grant (SpillError when the budget has none)."""
         if self.budget is None or self._end + n <= self.reserved:

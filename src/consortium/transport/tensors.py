@@ -144,15 +144,31 @@ def decode_tokens(msg: pb.Tensor, vocab_size: int, max_rows: int | None = None) 
 def decode_hidden(msg: pb.Tensor, dim: int, max_rows: int | None = None) -> tuple[WireTensor, Tensor]:
     """Hidden states between stages: float [S, dim] with the model's hidden size, all finite."""
     w = WireTensor.from_proto(msg)
+    _check_hidden_shape(w, dim, max_rows)  # before any copy of the data
+    return w, _finite(w.to_torch(), "hidden states")
+
+
+def check_hidden(t: Tensor, dim: int) -> WireTensor:
+    """Hidden states as a stage computed them, checked as decode_hidden checks them and put on
+    the wire for the next stage."""
+    w = WireTensor.from_torch(t)
+    _check_hidden_shape(w, dim, None)
+    _finite(t, "hidden states")
+    return w
+
+
+def _check_hidden_shape(w: WireTensor, dim: int, max_rows: int | None) -> None:
     if w.dtype not in FLOAT_DTYPES or len(w.shape) != 2:
         raise TensorError(f"hidden states must be a float [S, {dim}] tensor; got {w.dtype} {list(w.shape)}")
     if w.shape[1] != dim:
         raise TensorError(f"hidden size {w.shape[1]} does not match the model's {dim}")
     _check_rows(w, "hidden states", max_rows)
-    t = w.to_torch()
+
+
+def _finite(t: Tensor, what: str) -> Tensor:
     if not all_finite(t):
-        raise TensorError("hidden states contain NaN or Inf")
-    return w, t
+        raise TensorError(f"{what} contain NaN or Inf")
+    return t
 
 
 def decode_logits(msg: pb.Tensor, vocab_size: int, rows: int) -> tuple[WireTensor, Tensor]:
@@ -167,9 +183,7 @@ def check_logits(t: Tensor, vocab_size: int, rows: int) -> Tensor:
     """Logits as a last stage computed them (no wire in between): fp32 [rows, vocab], all finite."""
     if t.dtype != torch.float32 or tuple(t.shape) != (rows, vocab_size):
         raise TensorError(f"expected fp32 logits [{rows}, {vocab_size}]; got {t.dtype} {list(t.shape)}")
-    if not all_finite(t):
-        raise TensorError("logits contain NaN or Inf")
-    return t
+    return _finite(t, "logits")
 
 
 def grpc_message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:

@@ -147,13 +147,15 @@ def test_a_cheat_on_one_session_leaves_the_others_alone(tiny_gguf, monkeypatch):
 
 
 class _Stage:
-    """A batch call that blocks the first call until released, recording every batch."""
+    """A batch call that blocks until released, recording every batch."""
 
-    def __init__(self):
+    def __init__(self, released: bool = False):
         self.batches: list[list[str]] = []
         self.release = threading.Event()
         self.entered = threading.Event()
         self.fail_whole: Exception | None = None
+        if released:
+            self.release.set()
 
     def __call__(self, orders: list[pb.WorkOrder], timeout_s: float):
         self.batches.append([o.session_id for o in orders])
@@ -169,23 +171,31 @@ class _Stage:
         ]
 
 
-def _submit(
-    batcher: Batcher, sid: str, step: int, results: dict, then: Batcher | None = None
-) -> threading.Thread:
-    def run():
-        try:
-            results[sid] = batcher.execute(pb.WorkOrder(session_id=sid, step=step), 5.0, then)
-        except Exception as e:
-            results[sid] = e
+class _Results:
+    """Callbacks that collect each session's result and say when all are in."""
 
-    t = threading.Thread(target=run)
-    t.start()
-    return t
+    def __init__(self, n: int):
+        self.got: dict[str, object] = {}
+        self.threads: set[str] = set()
+        self.n, self.all_in = n, threading.Event()
+
+    def done(self, sid: str):
+        def cb(r) -> None:
+            self.got[sid] = r
+            self.threads.add(threading.current_thread().name)
+            if len(self.got) == self.n:
+                self.all_in.set()
+
+        return cb
+
+
+def _submit(b: Batcher, sid: str, step: int, results: _Results) -> None:
+    b.submit(pb.WorkOrder(session_id=sid, step=step), 5.0, results.done(sid))
 
 
 def _wait_queued(batcher: Batcher, n: int) -> None:
     for _ in range(500):
-        with batcher._lock:
+        with batcher._cond:
             if len(batcher._waiting) == n:
                 return
         threading.Event().wait(0.01)
@@ -193,91 +203,76 @@ def _wait_queued(batcher: Batcher, n: int) -> None:
 
 
 def test_orders_arriving_during_a_call_go_together_in_the_next():
-    stage, results = _Stage(), {}
+    stage, results = _Stage(), _Results(5)
     b = Batcher(stage, BatchPolicy(max_batch=3))
-    first = _submit(b, "a", 1, results)
+    _submit(b, "a", 1, results)
     assert stage.entered.wait(5)
-    threads = [_submit(b, sid, i, results) for i, sid in enumerate(["b", "bad-c", "d", "e"], 2)]
+    for i, sid in enumerate(["b", "bad-c", "d", "e"], 2):
+        _submit(b, sid, i, results)
     _wait_queued(b, 4)
     stage.release.set()
-    for t in [first, *threads]:
-        t.join(10)
+    assert results.all_in.wait(10)
     assert stage.batches == [["a"], ["b", "bad-c", "d"], ["e"]]  # at most max_batch per call
-    assert results["a"].step == 1 and results["d"].step == 4 and results["e"].step == 5
-    assert isinstance(results["bad-c"], ValueError)  # its own error, nobody else's
+    got = results.got
+    assert got["a"].step == 1 and got["d"].step == 4 and got["e"].step == 5
+    assert isinstance(got["bad-c"], ValueError)  # its own error, nobody else's
     assert (b.batches, b.orders) == (3, 5)
+    assert results.threads == {"batch-callbacks"}  # not the stage's dispatcher, nor the caller
 
 
 def test_a_failed_call_fails_every_order_in_it():
-    stage, results = _Stage(), {}
+    stage, results = _Stage(released=True), _Results(2)
     stage.fail_whole = ConnectionError("node down")
-    stage.release.set()
     b = Batcher(stage, BatchPolicy(max_batch=8))
-    for t in [_submit(b, s, 0, results) for s in ("x", "y")]:
-        t.join(10)
-    assert all(isinstance(results[s], ConnectionError) for s in ("x", "y"))
-    assert status_for(results["x"]) == grpc.StatusCode.INTERNAL  # not mistaken for a node's answer
+    for sid in ("x", "y"):
+        _submit(b, sid, 0, results)
+    assert results.all_in.wait(10)
+    assert all(isinstance(results.got[s], ConnectionError) for s in ("x", "y"))
+    assert status_for(results.got["x"]) == grpc.StatusCode.INTERNAL  # not mistaken for a node's answer
+    with pytest.raises(ConnectionError):
+        b.execute(pb.WorkOrder(session_id="z"), 5.0)  # waited for, raised
+
+
+def test_a_batch_moves_to_the_next_stage_as_one():
+    """The orders a batch's callbacks submit reach an idle next stage together, not one by one."""
+    first, second = _Stage(), _Stage(released=True)
+    a, b = Batcher(first, BatchPolicy(16)), Batcher(second, BatchPolicy(16))
+    results = _Results(4)
+
+    def then(sid: str):
+        def cb(r) -> None:
+            threading.Event().wait(0.05)  # the next stage is idle meanwhile: it must not start
+            _submit(b, sid, r.step + 1, results)
+
+        return cb
+
+    a.submit(pb.WorkOrder(session_id="x", step=1), 5.0, then("x"))
+    assert first.entered.wait(5)
+    for sid in ("p", "q", "r"):  # arrive while x is at the first stage: its next batch
+        a.submit(pb.WorkOrder(session_id=sid, step=1), 5.0, then(sid))
+    _wait_queued(a, 3)
+    first.release.set()
+    assert results.all_in.wait(10)
+    assert first.batches == [["x"], ["p", "q", "r"]]
+    assert second.batches == [["x"], ["p", "q", "r"]]
+    assert all(results.got[s].step == 2 for s in ("x", "p", "q", "r"))
+
+
+def test_sessions_split_into_batches_in_flight():
+    """A call carries ceil(sessions / in_flight) of the sessions using the stage."""
+    stage, results = _Stage(), _Results(5)
+    b = Batcher(stage, BatchPolicy(max_batch=16, in_flight=2))
+    _submit(b, "s0", 0, results)
+    assert stage.entered.wait(5)
+    for i in range(1, 5):
+        _submit(b, f"s{i}", 0, results)
+    _wait_queued(b, 4)
+    stage.release.set()
+    assert results.all_in.wait(10)
+    assert [len(x) for x in stage.batches] == [1, 3, 1]  # 5 sessions, two in flight: 3 at most
 
 
 @pytest.mark.parametrize("n", [0, MAX_BATCH + 1])
 def test_max_batch_outside_what_a_node_takes_is_refused(tmp_path, n):
     with pytest.raises(ConsortiumError, match="max-batch must be 1 to 64"):
         CoordinatorConfig(model=tmp_path / "m.gguf", max_batch=n)
-
-
-def test_a_free_stage_waits_for_the_sessions_announced_to_it():
-    """Sessions that left one call together reach the next stage a little apart: the first
-    waits for the others (up to the gathering window) so that they stay one batch."""
-    first, second = _Stage(), _Stage()
-    first.release.set()
-    second.release.set()
-    a = Batcher(first, BatchPolicy(16, gather_s=5.0))
-    b = Batcher(second, BatchPolicy(16, gather_s=5.0))
-    results: dict = {}
-    for t in [_submit(a, s, 1, results, then=b) for s in ("x", "y")]:
-        t.join(10)
-    assert sorted(b._expected) == ["x", "y"]  # announced by the call at the first stage
-    tx = _submit(b, "x", 2, results)
-    _wait_queued(b, 1)
-    threading.Event().wait(0.2)
-    assert second.batches == []  # x waits for y
-    ty = _submit(b, "y", 2, results)
-    for t in (tx, ty):
-        t.join(10)
-    assert [sorted(batch) for batch in second.batches] == [["x", "y"]]
-    assert results["x"].step == 2 and results["y"].step == 2
-
-
-def test_an_announced_session_that_never_comes_delays_a_stage_only_the_gathering_window():
-    stage, results = _Stage(), {}
-    stage.release.set()
-    b = Batcher(stage, BatchPolicy(16, gather_s=0.05))
-    b.expect("gone")
-    t = _submit(b, "x", 1, results)
-    t.join(10)
-    assert stage.batches == [["x"]] and results["x"].step == 1
-    b.expect("ended")
-    b.forget("ended")  # a session that ends says so: no wait at all
-    assert b._expected == {}
-
-
-def test_sessions_split_into_the_batches_in_flight():
-    """With 2 batches in flight, 4 sessions at a stage go 2 by 2 (then the next stage works on
-    one pair while this one works on the other), never more than max_batch."""
-    stage, results = _Stage(), {}
-    b = Batcher(stage, BatchPolicy(max_batch=16, in_flight=2))
-    first = _submit(b, "a", 1, results)
-    assert stage.entered.wait(5)
-    threads = [_submit(b, sid, 1, results) for sid in ("b", "c", "d")]
-    _wait_queued(b, 3)
-    stage.release.set()
-    for t in [first, *threads]:
-        t.join(10)
-    assert [len(batch) for batch in stage.batches] == [1, 2, 1]
-    assert all(results[s].step == 1 for s in "abcd")
-
-
-@pytest.mark.parametrize(("field", "value"), [("batches_in_flight", 0), ("batch_gather_ms", -1.0)])
-def test_batch_policy_outside_its_range_is_refused(tmp_path, field, value):
-    with pytest.raises(ConsortiumError, match=field.replace("_", "-")):
-        CoordinatorConfig(model=tmp_path / "m.gguf", **{field: value})

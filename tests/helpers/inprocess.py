@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from consortium.coordinator.batching import Batcher, BatchPolicy
+from consortium.coordinator.batching import Batcher, BatchPolicy, Done
 from consortium.coordinator.cluster import NoBackupError
 from consortium.coordinator.loop import TokenLoop
 from consortium.coordinator.registry import Node
@@ -119,9 +119,10 @@ class InProcessNode:
         self.audit_calls = 0
         self.failed: grpc.StatusCode | None = None
         self._lock = threading.Lock()
+        # orders of the token loop go one at a time through a real Batcher, to `execute`
         self.batcher = Batcher(
-            lambda orders, _t: self.runner.run_orders(orders), BatchPolicy(max_batch=1)
-        )  # execute: direct
+            lambda orders, t: [self._answer(o, t) for o in orders], BatchPolicy(1), node_id
+        )
 
     def _fail(self, code: grpc.StatusCode, why: str) -> None:
         with self._lock:
@@ -143,7 +144,16 @@ class InProcessNode:
             self.runner.open, pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=lr)
         )
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
+    def submit(self, order: pb.WorkOrder, timeout_s: float, done: Done) -> None:
+        self.batcher.submit(order, timeout_s, done)
+
+    def _answer(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult | Exception:
+        try:
+            return self.execute(order, timeout_s)
+        except Exception as e:
+            return e
+
+    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
         """Each order on its own, at once (an audit blocked on `audit_gate` holds up nothing else)."""
         if self.fault is not None and self.failed is None and self.fault.fault_due(order):
             dead = self.fault.kind == "die-at"

@@ -210,13 +210,6 @@ coordinator_start_options = options(  # fill(CoordinatorConfig, options)
     ),
     config_option(
         CoordinatorConfig,
-        "batch_gather_ms",
-        "--batch-gather-ms",
-        help="How long a free stage waits for the sessions that left their previous call together "
-        "(0: send at once).",
-    ),
-    config_option(
-        CoordinatorConfig,
         "batches_in_flight",
         "--batches-in-flight",
         positive=True,

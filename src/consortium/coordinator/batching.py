@@ -1,149 +1,185 @@
-"""Continuous batching at one stage: the sessions' token loops hand it their work orders, and
+"""Continuous batching at one stage: sessions submit their work orders with a callback, and
 whenever the stage is free the orders waiting go to it in one call.
 
-There is no dispatcher thread and no global lock step. The session thread that finds the
-stage idle leads: it sends what is waiting (its own order included) and hands each session
-its own result or error, while orders that arrive meanwhile wait for the next call. So
-sessions at different stages overlap (the last stage works on A's token while the first
-works on B's).
+Each stage has a dispatcher thread that makes its calls, and one thread in the process runs
+the callbacks with the results (the sessions' bookkeeping: check the receipt, order the next
+stage, or sample and commit). A session thread is not woken per stage: the step moves from
+stage to stage in callbacks, and the session's own thread only hears of tokens and trouble
+(`coordinator/loop.py`). So sessions at different stages overlap (the last stage works on A's
+token while the first works on B's) without a global lock step, and a stage's dispatcher
+sends its next batch while the previous batch's results are still being checked.
 
-Cohorts: the sessions of one call reach their next stage one by one (each checks its result,
-samples, commits), a millisecond or two apart. Sent as they come, the first would go alone
-and the rest after it, so batches would split into ever smaller ones that each cost nearly a
-full pass over the weights. So a call's members are announced to the stage each goes to next
-(`then`), and a free stage waits up to `gather_s` for the announced ones before it sends.
-
-Batches in flight: one batch of every session would move through the pipeline in lock step,
-one stage busy at a time. So a call carries at most 1/`in_flight` of the sessions using the
-stage (and at most `max_batch`): the sessions form that many cohorts, and while one computes
-at a stage the others are at other stages or in the coordinator's hands.
+Cohorts: the orders that a batch's callbacks submit reach the stages they go to together,
+when the last callback of the batch has run (`cohort`), so the sessions of one call stay one
+batch from stage to stage. A call carries at most 1/`in_flight` of the sessions using the stage
+(and at most `max_batch`): the sessions form that many cohorts, and while one computes at a
+stage the others are at other stages or in the coordinator's hands.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from consortium.transport.proto import consortium_pb2 as pb
 
+log = logging.getLogger(__name__)
 MEMBER_IDLE_S = 5.0  # a session that sent no order here for this long no longer counts (it moved)
+DISPATCHER_IDLE_S = 30.0  # a stage's dispatcher thread ends after this long without orders
 R = TypeVar("R")  # a result: a worker's pb.WorkResult, or the coordinator's own stage's runner.Work
 # One call for a batch: each order's result or the exception that failed it, in order.
 BatchCall = Callable[[list[pb.WorkOrder], float], list[R | Exception]]
+Done = Callable[[R | Exception], None]  # an order's callback (run in the callback thread)
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch: int  # orders one call carries at most
-    gather_s: float = 0.0  # how long a free stage waits for sessions announced to it
     in_flight: int = 1  # the batches the stage's sessions split into
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.in_flight < 1:
             raise ValueError(f"max_batch {self.max_batch} and in_flight {self.in_flight} must be at least 1")
-        if self.gather_s < 0:
-            raise ValueError(f"gather_s {self.gather_s} < 0")
 
 
 @dataclass
-class _Waiting(Generic[R]):
+class _Order(Generic[R]):
     order: pb.WorkOrder
     timeout_s: float
-    then: Batcher | None  # where this session goes after this call (announced when it returns)
-    result: R | Exception | None = None
-    done: bool = False
-    ready: threading.Event = field(default_factory=threading.Event)
+    done: Done[R]
+
+
+class _Held(threading.local):
+    """Orders submitted by the callbacks of the batch this thread is finishing, per stage."""
+
+    orders: dict[Batcher, list[_Order]] | None = None
+
+
+_HELD = _Held()
+
+
+@contextmanager
+def cohort() -> Iterator[None]:
+    """Orders submitted in this block reach their stages at its end, each stage's at once."""
+    if _HELD.orders is not None:  # nested: the outer block releases them
+        yield
+        return
+    _HELD.orders = {}
+    try:
+        yield
+    finally:
+        held, _HELD.orders = _HELD.orders, None
+        for batcher, items in held.items():
+            batcher._add(items)
+
+
+class _Callbacks:
+    """The thread that runs every batch's callbacks, a batch at a time (inside `cohort`)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[list[_Order], list]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def put(self, items: list[_Order], results: list) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="batch-callbacks", daemon=True)
+                self._thread.start()
+        self._jobs.put((items, results))
+
+    def _run(self) -> None:
+        while True:
+            items, results = self._jobs.get()
+            with cohort():
+                for item, r in zip(items, results, strict=True):
+                    try:
+                        item.done(r)
+                    except Exception:  # a callback's own bug must not stop everyone's
+                        log.exception("batch callback for session %s failed", item.order.session_id)
+
+
+CALLBACKS = _Callbacks()
 
 
 class Batcher(Generic[R]):
-    def __init__(self, call: BatchCall[R], policy: BatchPolicy):
-        self.call, self.policy = call, policy
-        self._lock = threading.Lock()
-        self._waiting: list[_Waiting[R]] = []
-        self._expected: dict[str, float] = {}  # session -> when a call announced it is coming here
+    def __init__(self, call: BatchCall[R], policy: BatchPolicy, name: str = "stage"):
+        self.call, self.policy, self.name = call, policy, name
+        self._cond = threading.Condition()
+        self._waiting: list[_Order[R]] = []
         self._members: dict[str, float] = {}  # session -> when it last sent an order here
-        self._busy = False
+        self._thread: threading.Thread | None = None
         self.batches = 0  # calls made (with `orders`: the mean batch size)
         self.orders = 0
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> R:
-        me: _Waiting[R] = _Waiting(order, timeout_s, then)
-        with self._lock:
-            self._expected.pop(order.session_id, None)
-            self._members[order.session_id] = time.monotonic()
-            self._waiting.append(me)
-            head = self._waiting[0]
-        if head is not me:  # the head may be gathering: one more of its cohort is here
-            head.ready.set()
-        while not me.done:
-            batch, wait_s = self._lead()
-            if batch is None:  # a call is running (ours is in it or goes in the next), or gathering
-                me.ready.wait(wait_s)
-                me.ready.clear()  # set again when our result is in, or when it is our turn to lead
-            else:
-                self._run(batch)
-        if isinstance(me.result, Exception):
-            raise me.result
-        assert me.result is not None
-        return me.result
+    def submit(self, order: pb.WorkOrder, timeout_s: float, done: Done[R]) -> None:
+        """Queues the order; `done` gets its result or error in the callback thread."""
+        item = _Order(order, timeout_s, done)
+        if _HELD.orders is not None:
+            _HELD.orders.setdefault(self, []).append(item)
+        else:
+            self._add([item])
 
-    def expect(self, session_id: str) -> None:
-        """The session's order is on its way here (its call at the previous stage returned)."""
-        if self.policy.gather_s > 0:
-            with self._lock:
-                self._expected[session_id] = time.monotonic()
+    def execute(self, order: pb.WorkOrder, timeout_s: float) -> R:
+        """The order's result, waited for (audits, replays; never from a callback)."""
+        box: list[R | Exception] = []
+        ready = threading.Event()
+
+        def done(r: R | Exception) -> None:
+            box.append(r)
+            ready.set()
+
+        self._add([_Order(order, timeout_s, done)])
+        ready.wait()  # the call has a deadline, and its dispatcher always answers
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
 
     def forget(self, session_id: str) -> None:
         """The session will not come (it ended, or moved to another node)."""
-        with self._lock:
-            self._expected.pop(session_id, None)
+        with self._cond:
             self._members.pop(session_id, None)
 
-    def _lead(self) -> tuple[list[_Waiting[R]] | None, float | None]:
-        """(the orders to send, None) if the stage is free, which makes this thread the one that
-        sends them; (None, seconds to wait at most) while it gathers announced sessions; (None,
-        None) while another call runs."""
-        with self._lock:
-            if self._busy or not self._waiting:
-                return None, None
+    def _add(self, items: list[_Order[R]]) -> None:
+        with self._cond:
             now = time.monotonic()
-            if self._expected:  # announcements older than the gathering window are stale (it left)
-                self._expected = {k: t for k, t in self._expected.items() if t > now - self.policy.gather_s}
-            size = self._batch_size(now)
-            if len(self._waiting) < size and self._expected:
-                return None, min(self._expected.values()) + self.policy.gather_s - now
-            self._busy = True
-            batch, self._waiting = self._waiting[:size], self._waiting[size:]
-            return batch, None
+            for it in items:
+                self._members[it.order.session_id] = now
+            self._waiting.extend(items)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._dispatch, name=f"batch-{self.name}", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting:
+                    if not self._cond.wait(DISPATCHER_IDLE_S) and not self._waiting:
+                        self._thread = None
+                        return
+                size = self._batch_size(time.monotonic())
+                batch, self._waiting = self._waiting[:size], self._waiting[size:]
+            self._run(batch)
 
     def _batch_size(self, now: float) -> int:
-        """At most max_batch, and 1/in_flight of the sessions that use the stage (lately or next)."""
+        """At most max_batch, and 1/in_flight of the sessions that use the stage lately."""
         self._members = {k: t for k, t in self._members.items() if t > now - MEMBER_IDLE_S}
-        sessions = len(self._members.keys() | self._expected.keys())
-        return max(1, min(self.policy.max_batch, math.ceil(sessions / self.policy.in_flight)))
+        return max(1, min(self.policy.max_batch, math.ceil(len(self._members) / self.policy.in_flight)))
 
-    def _run(self, batch: list[_Waiting[R]]) -> None:
+    def _run(self, batch: list[_Order[R]]) -> None:
         try:
-            try:
-                results = self.call([w.order for w in batch], max(w.timeout_s for w in batch))
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} orders")
-            except Exception as e:  # the whole call failed (the node is down, say): every order did
-                results = [e] * len(batch)
-            self.batches, self.orders = self.batches + 1, self.orders + len(batch)
-            for w, r in zip(batch, results, strict=True):  # announced before anyone wakes
-                if w.then is not None and not isinstance(r, Exception):
-                    w.then.expect(w.order.session_id)
-            for w, r in zip(batch, results, strict=True):
-                w.result, w.done = r, True
-                w.ready.set()
-        finally:
-            with self._lock:
-                self._busy = False
-                nxt = self._waiting[0] if self._waiting else None
-            if nxt is not None:  # wake a waiting session to lead the next call
-                nxt.ready.set()
+            results = self.call([w.order for w in batch], max(w.timeout_s for w in batch))
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} orders")
+        except Exception as e:  # the whole call failed (the node is down, say): every order did
+            results = [e] * len(batch)
+        self.batches, self.orders = self.batches + 1, self.orders + len(batch)
+        CALLBACKS.put(batch, results)

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from torch import Tensor
 
-from consortium.coordinator.batching import Batcher
 from consortium.coordinator.cluster import Cluster
 from consortium.coordinator.recovery import Recovery
-from consortium.coordinator.stages import LocalStage, StageHandle
+from consortium.coordinator.stages import StageHandle
 from consortium.coordinator.verifier import Verifier
 from consortium.core.config import CoordinatorConfig
 from consortium.core.session import CANCELLED, FAILED, FINISHED, RUNNING, Session, StageRef, StepRecord
@@ -71,16 +71,48 @@ class StepResult:
     end: int  # the position after the step (the cache length of every stage)
 
 
+@dataclass(eq=False)
+class _Flight:
+    """One step on its way through the stages (one stage at a time)."""
+
+    number: int
+    pos: int
+    rows: int
+    x: WireTensor  # stage i's input
+    expected_in: bytes  # its digest, as the stage must sign it
+    i: int = 0
+    receipts: list[tuple[Receipt, bytes]] = field(default_factory=list)
+    failovers: int = 0  # at stage i in this step
+    order: pb.WorkOrder | None = None
+    sent: float = 0.0
+
+
 @dataclass(frozen=True)
-class StageResult:
-    out: WireTensor | None  # what goes on (None: the coordinator's own logits, which go nowhere)
-    logits: Tensor | None  # the last stage's
-    nbytes: int  # the output's size
-    receipt: tuple[Receipt, bytes] | None  # with the key that checked it; None: the coordinator's own
-    node_id: str
-    rtt_ms: float
-    compute_ms: float
-    batch_size: int
+class _Failed:
+    flight: _Flight
+    error: RemoteError | Unattributable
+
+
+_PAUSE = object()  # a step ended and the session's thread must look before the next
+
+
+@dataclass(eq=False)
+class _Run:
+    """A session's token loop, shared by its thread and the callbacks that drive its steps: one
+    of them at a time (handed over through `inbox`: tokens, _Failed, _PAUSE or an exception)."""
+
+    session: Session
+    handles: list[StageHandle]
+    step: int  # the next step's number
+    x: WireTensor  # the next step's input
+    inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    t0: float = field(default_factory=time.perf_counter)
+    last: float = 0.0  # when the latest token was sampled
+    first: bool = True
+    eos: bool = False
+
+    def __post_init__(self) -> None:
+        self.last = self.t0
 
 
 class BadResult(Exception):
@@ -174,38 +206,39 @@ class TokenLoop:
                 log.warning("closing session %s on %s: %s", sid, h.node_id, e)
 
     def _generate(self, session: Session, handles: list[StageHandle]) -> Iterator[pb.GenerateEvent]:
-        """The per-token loop: run the stages, accept the result, sample audits, emit."""
+        """The per-token loop: run the stages, accept the result, sample audits, emit. The steps
+        go on in the batches' callback thread (`_advance`) while nothing needs this thread; it
+        streams their tokens and takes over for rollbacks, failovers and the end."""
         stream = self._text_stream(session)
         # A resumed session prefills the prompt and every committed token in its first step.
-        x = WireTensor.from_tokens(session.prompt_ids + session.tokens)
-        t0 = last = time.perf_counter()  # last: when the latest token was sampled
-        step, eos, first = session.first_step, False, True
-        while not self._finished(session, eos):
+        run = _Run(
+            session, handles, session.first_step, WireTensor.from_tokens(session.prompt_ids + session.tokens)
+        )
+        while not self._finished(session, run.eos):
             if session.audits.fraud is not None:
-                ev, x = self.recovery.rollback(session, handles)
+                ev, run.x = self.recovery.rollback(session, handles)
                 yield pb.GenerateEvent(rollback=ev.to_proto())
-                stream, eos = self._text_stream(session), False
+                stream, run.eos = self._text_stream(session), False
                 continue
             if session.cancel.is_set():
                 session.finish(CANCELLED, "cancelled by the client")
                 return
             self._leave_banned(session, handles)
-            result = self._run_stages(session, handles, step, x)
-            step += 1
-            yield from self._unsent_failovers(session)
-            if result is None:  # a bad receipt: the rollback happens at the top of the loop
-                continue
-            token = sample(result.logits[-1], session.request.sampling, position=result.end)
-            last = time.perf_counter()
-            if first:
-                session.time_to_first_token_s, first = last - t0, False
-            eos = token in self.tokenizer.stop_ids
-            self._accept(session, result, None if eos else token)
-            if not eos:
-                yield pb.GenerateEvent(token=pb.TokenEvent(token=token, text=stream.push(token)))
-                x = WireTensor.from_tokens([token])
+            flight = self._begin(run)
+            while flight is not None:  # steps until one needs this thread
+                msg = run.inbox.get()
+                if isinstance(msg, int):
+                    yield pb.GenerateEvent(token=pb.TokenEvent(token=msg, text=stream.push(msg)))
+                elif isinstance(msg, _Failed):  # a stage failed mid-step: a backup takes it, the step goes on
+                    flight = self._fail_over(run, msg)
+                    yield from self._unsent_failovers(session)
+                    self._send(run, flight)
+                elif isinstance(msg, BaseException):
+                    raise msg
+                else:  # paused: a check is due (the end, a fraud, a cancel, a ban) at the top
+                    flight = None
         yield from self._unsent_failovers(session)
-        self._finish(session, eos, last - t0)  # the decode rate, not the wait for the last audits
+        self._finish(session, run.eos, run.last - run.t0)  # the decode rate, not the wait for the last audits
         yield pb.GenerateEvent(done=self.summary(session))
 
     def _leave_banned(self, session: Session, handles: list[StageHandle]) -> None:
@@ -264,74 +297,121 @@ class TokenLoop:
             session.tokens_per_second,
         )
 
-    # --- one step through the stages -----------------------------------------------------------
+    # --- one step through the stages ------------------------------------------------------------
 
-    def _run_stages(
-        self, session: Session, handles: list[StageHandle], step: int, x: WireTensor
-    ) -> StepResult | None:
-        """One position range through every stage, each remote result verified before its
-        output is used. None when a stage's signed result was wrong (the fraud is recorded)."""
-        pos, rows = session.position, x.rows
-        expected_in = input_digest(session.session_id, 0, pos, x)
-        receipts, logits = [], None
-        for i in range(len(handles)):
-            order = self._order(session, i, step, pos, x)
-            r = self._stage(session, handles, i, order, rows, expected_in)
-            if r is None:
-                return None
-            if r.receipt is None:  # the coordinator's own work: it is the verifier
-                if r.out is not None:  # (its logits feed no stage: nothing to bind)
-                    expected_in = self.verifier.output_digest(session, i, pos, r.out)
-            else:
-                receipts.append(r.receipt)
-                expected_in = r.receipt[0].output_digest
-            # Logits are a vocabulary of floats per token (0.5 MB for Llama 3) for the session's
-            # life: the coordinator's own are not kept (nothing audits or replays its work), a
-            # remote stage's go to disk until audits read them.
-            kept: WireTensor | SpilledTensor | None = r.out
-            if r.logits is not None and r.out is not None:
-                kept = self._spill(session).put(r.out)
-            rec = StepRecord(step, pos, x, kept, r.node_id, r.rtt_ms, r.compute_ms, r.batch_size, r.nbytes)
-            session.history[i].append(rec)
-            if r.out is not None:  # (the coordinator's own logits end the step)
-                x = r.out
-            logits = r.logits
-        return StepResult(logits, receipts, pos + rows)
+    def _begin(self, run: _Run) -> _Flight:
+        """Starts the next step: its input goes to the first stage."""
+        session, x = run.session, run.x
+        pos = session.position
+        f = _Flight(run.step, pos, x.rows, x, input_digest(session.session_id, 0, pos, x))
+        run.step += 1
+        self._send(run, f)
+        return f
+
+    def _send(self, run: _Run, f: _Flight) -> None:
+        """Orders stage f.i's part of the step; the result comes back to `_advance`."""
+        f.order = self._order(run.session, f.i, f.number, f.pos, f.x)
+        f.sent = time.perf_counter()
+        deadline = self.deadline(run.session, f.i, f.rows)
+        run.handles[f.i].submit(f.order, deadline, functools.partial(self._on_result, run, f))
+
+    def _on_result(self, run: _Run, f: _Flight, res: pb.WorkResult | Work | Exception) -> None:
+        try:
+            self._advance(run, f, res)
+        except BaseException as e:  # the session's thread raises it (the session fails)
+            run.inbox.put(e)
+
+    def _advance(self, run: _Run, f: _Flight, res: pb.WorkResult | Work | Exception) -> None:
+        """Stage f.i's result, verified before its output is used: on to the next stage, or (after
+        the last) sample, commit and go on to the next step while nothing needs the session's
+        thread. A failed call or a result nothing binds to its node goes to that thread to fail
+        over; a signed wrong result (the fraud recorded) pauses the session for its rollback."""
+        session, i = run.session, f.i
+        rtt_ms, ref = (time.perf_counter() - f.sent) * 1000, session.stages[i]
+        if isinstance(res, RemoteError):
+            run.inbox.put(_Failed(f, res))
+            return
+        if isinstance(res, Exception):
+            raise res
+        try:
+            out, logits, receipt = self._verify(session, i, ref, f.order, res, f.rows, f.expected_in)
+        except Unattributable as e:
+            run.inbox.put(_Failed(f, e))
+            return
+        except BadResult:
+            run.inbox.put(_PAUSE)
+            return
+        if receipt is None:  # the coordinator's own work: it is the verifier
+            if out is not None:  # (its logits feed no stage: nothing to bind)
+                f.expected_in = self.verifier.output_digest(session, i, f.pos, out)
+        else:
+            f.receipts.append(receipt)
+            f.expected_in = receipt[0].output_digest
+        # Logits are a vocabulary of floats per token (0.5 MB for Llama 3) for the session's life:
+        # the coordinator's own are not kept (nothing audits or replays its work), a remote
+        # stage's go to disk until audits read them.
+        kept: WireTensor | SpilledTensor | None = out
+        if logits is not None and out is not None:
+            kept = self._spill(session).put(out)
+        nbytes = out.nbytes if out is not None else logits.nbytes if logits is not None else 0
+        compute_ms, batch = (res.compute_ms, res.batch_size or 1)
+        rec = StepRecord(f.number, f.pos, f.x, kept, ref.node_id, rtt_ms, compute_ms, batch, nbytes)
+        session.history[i].append(rec)
+        if i + 1 < len(run.handles):
+            assert out is not None
+            f.i, f.x, f.failovers = i + 1, out, 0
+            self._send(run, f)
+            return
+        assert logits is not None
+        self._sampled(run, StepResult(logits, f.receipts, f.pos + f.rows))
+
+    def _sampled(self, run: _Run, result: StepResult) -> None:
+        session = run.session
+        token = sample(result.logits[-1], session.request.sampling, position=result.end)
+        run.last = time.perf_counter()
+        if run.first:
+            session.time_to_first_token_s, run.first = run.last - run.t0, False
+        run.eos = token in self.tokenizer.stop_ids
+        self._accept(session, result, None if run.eos else token)
+        if not run.eos:
+            run.inbox.put(token)
+            run.x = WireTensor.from_tokens([token])
+        if self._goes_on(run):
+            self._begin(run)
+        else:
+            run.inbox.put(_PAUSE)
+
+    def _goes_on(self, run: _Run) -> bool:
+        """Whether the next step may start without the session's thread: not the end, no fraud to
+        roll back, not cancelled, no stage on a node banned meanwhile."""
+        session = run.session
+        if run.eos or len(session.tokens) >= session.max_tokens or session.cancel.is_set():
+            return False
+        if session.audits.fraud is not None:
+            return False
+        return not any(not ref.local and self.cluster.is_banned(ref.node_id) for ref in session.stages)
+
+    def _fail_over(self, run: _Run, failed: _Failed) -> _Flight:
+        """Stage i's call failed (dead, hung, refusing) or its result binds nothing to its node:
+        a backup takes the stage and the step goes on there with the same input (earlier stages
+        keep their work). Anything else fails the session."""
+        f, err = failed.flight, failed.error
+        session, i = run.session, failed.flight.i
+        ref = session.stages[i]
+        if isinstance(err, Unattributable):
+            if f.failovers == MAX_FAILOVERS_PER_STEP:
+                raise RemoteError(f"stage {i} ({ref.node_id}): {err}", grpc.StatusCode.UNAVAILABLE) from err
+            err = RemoteError(str(err), grpc.StatusCode.UNAVAILABLE)
+        elif ref.local or err.code not in FAILOVER_CODES or f.failovers == MAX_FAILOVERS_PER_STEP:
+            raise err
+        self.recovery.failover(session, run.handles, i, f.pos, err)
+        f.failovers += 1
+        return f
 
     def _spill(self, session: Session) -> SpillFile:
         if session.spill is None:  # its last stage moved to a remote node: it grows as it goes
             session.spill = self.spills.open(0)
         return session.spill
-
-    def _stage(
-        self,
-        session: Session,
-        handles: list[StageHandle],
-        i: int,
-        order: pb.WorkOrder,
-        rows: int,
-        expected_in: bytes,
-    ) -> StageResult | None:
-        """Stage i's verified result for the order; None if it was a signed wrong result (the
-        fraud is recorded). A result nothing binds to the node (unsigned, malformed) is no
-        evidence: the stage fails over and the replacement redoes the order."""
-        for attempt in range(MAX_FAILOVERS_PER_STEP + 1):
-            res, ref, rtt_ms = self._call(session, handles, i, order, rows)
-            try:
-                out, logits, receipt = self._verify(session, i, ref, order, res, rows, expected_in)
-            except Unattributable as e:
-                if attempt == MAX_FAILOVERS_PER_STEP:
-                    raise RemoteError(f"stage {i} ({ref.node_id}): {e}", grpc.StatusCode.UNAVAILABLE) from e
-                err = RemoteError(str(e), grpc.StatusCode.UNAVAILABLE)
-                self.recovery.failover(session, handles, i, order.start_position, err)
-                continue
-            except BadResult:
-                return None
-            nbytes = out.nbytes if out is not None else logits.nbytes if logits is not None else 0
-            return StageResult(
-                out, logits, nbytes, receipt, ref.node_id, rtt_ms, res.compute_ms, res.batch_size or 1
-            )
-        raise AssertionError("unreachable")
 
     def _order(self, session: Session, i: int, step: int, pos: int, x: WireTensor) -> pb.WorkOrder:
         layers = session.stages[i].layers
@@ -349,32 +429,6 @@ class TokenLoop:
                 f"{self.cfg.max_message_bytes} bytes (raise --max-message-mb on every process)"
             )
         return order
-
-    def _call(
-        self, session: Session, handles: list[StageHandle], i: int, order: pb.WorkOrder, rows: int
-    ) -> tuple[pb.WorkResult | Work, StageRef, float]:
-        """Executes the order on stage i (result, stage, round trip in ms); a dead or hung remote
-        stage fails over and the replacement continues the step with the same input (earlier
-        stages keep their work). The coordinator's own stage returns its rows unencoded."""
-        for attempt in range(MAX_FAILOVERS_PER_STEP + 1):
-            ref, ts, h = session.stages[i], time.perf_counter(), handles[i]
-            try:
-                run = h.compute if isinstance(h, LocalStage) else h.execute
-                res = run(order, self.deadline(session, i, rows), self._next(session, handles, i))
-                return res, ref, (time.perf_counter() - ts) * 1000
-            except RemoteError as e:
-                if ref.local or e.code not in FAILOVER_CODES or attempt == MAX_FAILOVERS_PER_STEP:
-                    raise
-                self.recovery.failover(session, handles, i, order.start_position, e)
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _next(session: Session, handles: list[StageHandle], i: int) -> Batcher | None:
-        """The stage the session's next order goes to after stage i: the next stage, or the first
-        for the next step (None when this step is its last)."""
-        if i + 1 < len(handles):
-            return handles[i + 1].batcher
-        return handles[0].batcher if len(session.tokens) + 1 < session.max_tokens else None
 
     def _own(self, work: Work, rows: int, last: bool) -> tuple[WireTensor | None, Tensor | None]:
         """The coordinator's own stage's rows, checked as a worker's are: logits as computed

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import grpc
 
-from consortium.coordinator.batching import Batcher, BatchPolicy
+from consortium.coordinator.batching import Batcher, BatchPolicy, Done
 from consortium.coordinator.registry import Node
 from consortium.core.config import LayerRange
 from consortium.identity import NodeIdentity
@@ -35,8 +35,13 @@ class StageHandle(Protocol):
 
     def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None: ...
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
-        """The order's result (`then`: the stage the session goes to next, told when it returns)."""
+    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
+        """The order's result, waited for."""
+        ...
+
+    def submit(self, order: pb.WorkOrder, timeout_s: float, done: Done) -> None:
+        """Queues the order for the stage's next batch; `done` gets the result (a LocalStage's:
+        its rows unencoded, runner.Work) or the error, in the batches' callback thread."""
         ...
 
     def close(self, session_id: str, timeout_s: float) -> None: ...
@@ -53,20 +58,20 @@ def _range(layers: LayerRange) -> pb.LayerRange:
 class LocalStage:
     def __init__(self, node_id: str, runner: StageRunner, policy: BatchPolicy):
         self.node_id, self.runner = node_id, runner
-        self.batcher: Batcher[Work] = Batcher(lambda orders, _timeout: runner.compute(orders), policy)
+        self.batcher: Batcher[Work] = Batcher(lambda orders, _timeout: runner.compute(orders), policy, "own")
 
     def open(self, session_id: str, capacity: int, layers: LayerRange, timeout_s: float) -> None:
         self.runner.open(
             pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=_range(layers))
         )
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
-        return self.runner.result(self.compute(order, timeout_s, then))
+    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
+        return self.runner.result(self.batcher.execute(order, timeout_s))
 
-    def compute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> Work:
-        """The order's output rows as computed, not encoded (the token loop's own stage: the
-        logits it samples need no trip through bytes)."""
-        return self.batcher.execute(order, timeout_s, then)
+    def submit(self, order: pb.WorkOrder, timeout_s: float, done: Done[Work]) -> None:
+        """The order's output rows come back as computed, not encoded (the logits the token loop
+        samples need no trip through bytes)."""
+        self.batcher.submit(order, timeout_s, done)
 
     def close(self, session_id: str, timeout_s: float) -> None:
         self.runner.close(pb.CloseSessionRequest(session_id=session_id))
@@ -112,7 +117,7 @@ class RemoteStage:
         self._key_lock = threading.Lock()
         # seconds since the node's last heartbeat: a long call is abandoned when they stop
         self.silent_for, self.hang_after_s = silent_for, hang_after_s
-        self.batcher: Batcher[pb.WorkResult] = Batcher(self._execute_batch, policy)
+        self.batcher: Batcher[pb.WorkResult] = Batcher(self._execute_batch, policy, node.node_id)
 
     @property
     def peer(self) -> str:
@@ -186,9 +191,12 @@ class RemoteStage:
         req = pb.OpenSessionRequest(session_id=session_id, capacity=capacity, layers=_range(layers))
         self._call(self.stub.OpenSession, req, timeout_s)
 
-    def execute(self, order: pb.WorkOrder, timeout_s: float, then: Batcher | None = None) -> pb.WorkResult:
+    def execute(self, order: pb.WorkOrder, timeout_s: float) -> pb.WorkResult:
         """The order's result, sent in one call with the other sessions' orders waiting."""
-        return self.batcher.execute(order, timeout_s, then)
+        return self.batcher.execute(order, timeout_s)
+
+    def submit(self, order: pb.WorkOrder, timeout_s: float, done: Done[pb.WorkResult]) -> None:
+        self.batcher.submit(order, timeout_s, done)
 
     def _execute_batch(self, orders: list[pb.WorkOrder], timeout_s: float) -> list[pb.WorkResult | Exception]:
         reply = self._call(self.stub.ExecuteBatch, pb.WorkBatch(orders=orders), timeout_s)

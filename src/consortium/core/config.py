@@ -121,9 +121,6 @@ class CoordinatorConfig:
     session_idle_timeout_s: float = 600.0
     max_sessions: int = 16  # concurrent sessions
     max_batch: int = 16  # sessions' orders one call to a stage carries (continuous batching; 1: none)
-    # a free stage waits this long at most for the sessions that left one call together (their
-    # next orders arrive a millisecond or two apart), so that they stay one batch (batching.py)
-    batch_gather_ms: float = 20.0
     # the sessions at a stage split into this many batches, so that stages overlap instead of
     # passing one batch of everyone along in lock step (2 measured best on the 2-core demo)
     batches_in_flight: int = 2
@@ -174,7 +171,7 @@ class CoordinatorConfig:
 
     @property
     def batch_policy(self) -> BatchPolicy:
-        return BatchPolicy(self.max_batch, self.batch_gather_ms / 1000, self.batches_in_flight)
+        return BatchPolicy(self.max_batch, self.batches_in_flight)
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -182,8 +179,6 @@ class CoordinatorConfig:
             raise ConsortiumError("max-sessions must be at least 1")
         if not 1 <= self.max_batch <= MAX_BATCH:
             raise ConsortiumError(f"max-batch must be 1 to {MAX_BATCH} (the orders a node takes in one call)")
-        if not 0 <= self.batch_gather_ms <= 1000:
-            raise ConsortiumError("batch-gather-ms must be 0 to 1000")
         if not 1 <= self.batches_in_flight <= MAX_BATCH:
             raise ConsortiumError(f"batches-in-flight must be 1 to {MAX_BATCH}")
         if self.audit_workers < 1:

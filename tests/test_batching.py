@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from consortium.coordinator.batching import Batcher, BatchPolicy
+from consortium.coordinator.batching import Batcher, BatchPolicy, Queued, take
 from consortium.core.config import CoordinatorConfig, EngineConfig, LayerRange
 from consortium.errors import ConsortiumError, InvalidRequestError
 from consortium.identity import NodeIdentity
@@ -276,3 +276,20 @@ def test_sessions_split_into_batches_in_flight():
 def test_max_batch_outside_what_a_node_takes_is_refused(tmp_path, n):
     with pytest.raises(ConsortiumError, match="max-batch must be 1 to 64"):
         CoordinatorConfig(model=tmp_path / "m.gguf", max_batch=n)
+
+
+def _o(sid: str, rows: int) -> Queued:
+    x = WireTensor.from_tokens(list(range(rows)))
+    return Queued(pb.WorkOrder(session_id=sid, input=x.to_proto()), 1.0, lambda r: None)
+
+
+def test_a_call_carries_one_prefill_at_most():
+    """Prefills compute one by one even in a batch: two in one call would only delay each other."""
+    waiting = [_o("p1", 30), _o("d1", 1), _o("p2", 12), _o("d2", 1), _o("d3", 1), _o("p3", 5)]
+    batch, rest = take(waiting, 4)
+    assert [w.order.session_id for w in batch] == ["p1", "d1", "d2", "d3"]
+    assert [w.order.session_id for w in rest] == ["p2", "p3"]  # in arrival order, first next time
+    batch, rest = take(rest, 4)
+    assert [w.order.session_id for w in batch] == ["p2"] and [w.order.session_id for w in rest] == ["p3"]
+    decode = [_o(f"d{i}", 1) for i in range(3)]
+    assert take(decode, 2) == (decode[:2], decode[2:])  # decode rows: the first `size`

@@ -50,16 +50,39 @@ class BatchPolicy:
 
 
 @dataclass
-class _Order(Generic[R]):
+class Queued(Generic[R]):
+    """An order waiting for its stage, with its callback."""
+
     order: pb.WorkOrder
     timeout_s: float
     done: Done[R]
 
 
+def rows(order: pb.WorkOrder) -> int:
+    return order.input.shape[0] if order.input.shape else 0
+
+
+def take(waiting: list[Queued[R]], size: int) -> tuple[list[Queued[R]], list[Queued[R]]]:
+    """The next call's orders and those left waiting: the first `size` in arrival order, but at
+    most one of several rows (a prefill or replay, computed on its own even in a batch), so that
+    the sessions starting together move on one by one instead of each waiting for all of them."""
+    batch: list[Queued[R]] = []
+    rest: list[Queued[R]] = []
+    wide = False
+    for w in waiting:
+        many = rows(w.order) > 1
+        if len(batch) < size and not (many and wide):
+            batch.append(w)
+            wide = wide or many
+        else:
+            rest.append(w)
+    return batch, rest
+
+
 class _Held(threading.local):
     """Orders submitted by the callbacks of the batch this thread is finishing, per stage."""
 
-    orders: dict[Batcher, list[_Order]] | None = None
+    orders: dict[Batcher, list[Queued]] | None = None
 
 
 _HELD = _Held()
@@ -84,11 +107,11 @@ class _Callbacks:
     """The thread that runs every batch's callbacks, a batch at a time (inside `cohort`)."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[list[_Order], list]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[list[Queued], list]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def put(self, items: list[_Order], results: list) -> None:
+    def put(self, items: list[Queued], results: list) -> None:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="batch-callbacks", daemon=True)
@@ -113,7 +136,7 @@ class Batcher(Generic[R]):
     def __init__(self, call: BatchCall[R], policy: BatchPolicy, name: str = "stage"):
         self.call, self.policy, self.name = call, policy, name
         self._cond = threading.Condition()
-        self._waiting: list[_Order[R]] = []
+        self._waiting: list[Queued[R]] = []
         self._members: dict[str, float] = {}  # session -> when it last sent an order here
         self._thread: threading.Thread | None = None
         self.batches = 0  # calls made (with `orders`: the mean batch size)
@@ -121,7 +144,7 @@ class Batcher(Generic[R]):
 
     def submit(self, order: pb.WorkOrder, timeout_s: float, done: Done[R]) -> None:
         """Queues the order; `done` gets its result or error in the callback thread."""
-        item = _Order(order, timeout_s, done)
+        item = Queued(order, timeout_s, done)
         if _HELD.orders is not None:
             _HELD.orders.setdefault(self, []).append(item)
         else:
@@ -136,7 +159,7 @@ class Batcher(Generic[R]):
             box.append(r)
             ready.set()
 
-        self._add([_Order(order, timeout_s, done)])
+        self._add([Queued(order, timeout_s, done)])
         ready.wait()  # the call has a deadline, and its dispatcher always answers
         if isinstance(box[0], Exception):
             raise box[0]
@@ -147,7 +170,7 @@ class Batcher(Generic[R]):
         with self._cond:
             self._members.pop(session_id, None)
 
-    def _add(self, items: list[_Order[R]]) -> None:
+    def _add(self, items: list[Queued[R]]) -> None:
         with self._cond:
             now = time.monotonic()
             for it in items:
@@ -165,8 +188,7 @@ class Batcher(Generic[R]):
                     if not self._cond.wait(DISPATCHER_IDLE_S) and not self._waiting:
                         self._thread = None
                         return
-                size = self._batch_size(time.monotonic())
-                batch, self._waiting = self._waiting[:size], self._waiting[size:]
+                batch, self._waiting = take(self._waiting, self._batch_size(time.monotonic()))
             self._run(batch)
 
     def _batch_size(self, now: float) -> int:
@@ -174,7 +196,7 @@ class Batcher(Generic[R]):
         self._members = {k: t for k, t in self._members.items() if t > now - MEMBER_IDLE_S}
         return max(1, min(self.policy.max_batch, math.ceil(len(self._members) / self.policy.in_flight)))
 
-    def _run(self, batch: list[_Order[R]]) -> None:
+    def _run(self, batch: list[Queued[R]]) -> None:
         try:
             results = self.call([w.order for w in batch], max(w.timeout_s for w in batch))
             if len(results) != len(batch):

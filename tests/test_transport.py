@@ -276,3 +276,9 @@ def test_maps_errors_ends_unary_and_streaming_calls_with_the_mapped_status(error
             assert (e.value.code(), e.value.details()) == (code, details)
             assert dict(e.value.trailing_metadata())[SERVER_ERROR_KEY] == "1"  # marked as the server's own
         assert got == [b"a", b"b"]  # the stream's events before the error arrived
+
+
+def test_token_ids_travel_as_a_tensor_of_them_would():
+    for ids in ([], [7], [0, 49151, 2**40, 3]):
+        assert WireTensor.from_tokens(ids) == WireTensor.from_torch(torch.tensor(ids, dtype=torch.int64))
+        assert WireTensor.from_tokens(ids).to_torch().tolist() == ids

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,8 @@ class WireTensor:
 
     @classmethod
     def from_tokens(cls, ids: list[int]) -> WireTensor:
-        return cls.from_torch(torch.tensor(ids, dtype=torch.int64))
+        """int64 [S], little-endian as a CPU tensor's bytes (packed here: no tensor to make)."""
+        return cls("int64", (len(ids),), struct.pack(f"<{len(ids)}q", *ids))
 
     @classmethod
     def from_proto(cls, msg: pb.Tensor) -> WireTensor:

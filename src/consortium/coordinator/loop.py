@@ -77,8 +77,7 @@ class _Flight:
 
     number: int
     pos: int
-    rows: int
-    x: WireTensor  # stage i's input
+    x: WireTensor  # stage i's input (every stage's has the step's rows)
     expected_in: bytes  # its digest, as the stage must sign it
     i: int = 0
     receipts: list[tuple[Receipt, bytes]] = field(default_factory=list)
@@ -303,7 +302,7 @@ class TokenLoop:
         """Starts the next step: its input goes to the first stage."""
         session, x = run.session, run.x
         pos = session.position
-        f = _Flight(run.step, pos, x.rows, x, input_digest(session.session_id, 0, pos, x))
+        f = _Flight(run.step, pos, x, input_digest(session.session_id, 0, pos, x))
         run.step += 1
         self._send(run, f)
         return f
@@ -312,7 +311,7 @@ class TokenLoop:
         """Orders stage f.i's part of the step; the result comes back to `_advance`."""
         f.order = self._order(run.session, f.i, f.number, f.pos, f.x)
         f.sent = time.perf_counter()
-        deadline = self.deadline(run.session, f.i, f.rows)
+        deadline = self.deadline(run.session, f.i, f.x.rows)
         run.handles[f.i].submit(f.order, deadline, functools.partial(self._on_result, run, f))
 
     def _on_result(self, run: _Run, f: _Flight, res: pb.WorkResult | Work | Exception) -> None:
@@ -334,7 +333,7 @@ class TokenLoop:
         if isinstance(res, Exception):
             raise res
         try:
-            out, logits, receipt = self._verify(session, i, ref, f.order, res, f.rows, f.expected_in)
+            out, logits, receipt = self._verify(session, i, ref, f.order, res, f.x.rows, f.expected_in)
         except Unattributable as e:
             run.inbox.put(_Failed(f, e))
             return
@@ -354,8 +353,9 @@ class TokenLoop:
         if logits is not None and out is not None:
             kept = self._spill(session).put(out)
         nbytes = out.nbytes if out is not None else logits.nbytes if logits is not None else 0
-        compute_ms, batch = (res.compute_ms, res.batch_size or 1)
-        rec = StepRecord(f.number, f.pos, f.x, kept, ref.node_id, rtt_ms, compute_ms, batch, nbytes)
+        rec = StepRecord(
+            f.number, f.pos, f.x, kept, ref.node_id, rtt_ms, res.compute_ms, res.batch_size or 1, nbytes
+        )
         session.history[i].append(rec)
         if i + 1 < len(run.handles):
             assert out is not None
@@ -363,7 +363,7 @@ class TokenLoop:
             self._send(run, f)
             return
         assert logits is not None
-        self._sampled(run, StepResult(logits, f.receipts, f.pos + f.rows))
+        self._sampled(run, StepResult(logits, f.receipts, f.pos + f.x.rows))
 
     def _sampled(self, run: _Run, result: StepResult) -> None:
         session = run.session
@@ -396,7 +396,7 @@ class TokenLoop:
         a backup takes the stage and the step goes on there with the same input (earlier stages
         keep their work). Anything else fails the session."""
         f, err = failed.flight, failed.error
-        session, i = run.session, failed.flight.i
+        session, i = run.session, f.i
         ref = session.stages[i]
         if isinstance(err, Unattributable):
             if f.failovers == MAX_FAILOVERS_PER_STEP:

@@ -139,7 +139,7 @@ class Linear(nn.Module):
 
 def _segment_matmul(s: Int4Segment | QuantSegment, x: Tensor, wide: bool) -> Tensor:
     if isinstance(s, QuantSegment):
-        return s.matmul(x, wide)
+        return s.matmul(x)
     return int4_matmul(x, s.weight, s.sz, s.layout)
 
 

@@ -415,6 +415,28 @@ torch::Tensor decode_block(const torch::Tensor& x, const torch::Tensor& attn_nor
   return h.add_(lin(swiglu(lin(rms_norm(h, ffn_norm, eps), 2)), 3));
 }
 
+// Blocks of a stage for decode rows in one call: decode_block for each, in order, so the GIL is
+// released once for the whole stage (not re-taken between blocks, where another thread holding it
+// would stall the stage). Per block: its norms, eps, weights, segments, heads and scale, and
+// each row's K and V cache of that layer.
+torch::Tensor decode_blocks(torch::Tensor x, const std::vector<torch::Tensor>& attn_norms,
+                            const std::vector<torch::Tensor>& ffn_norms, const std::vector<double>& eps,
+                            const std::vector<std::vector<torch::Tensor>>& w,
+                            const std::vector<std::vector<int64_t>>& segments, const torch::Tensor& rot,
+                            const std::vector<std::vector<torch::Tensor>>& k_caches,
+                            const std::vector<std::vector<torch::Tensor>>& v_caches,
+                            const std::vector<int64_t>& pos, const std::vector<int64_t>& n_heads,
+                            const std::vector<double>& scales) {
+  const size_t n = attn_norms.size();
+  TORCH_CHECK(ffn_norms.size() == n && eps.size() == n && w.size() == n && segments.size() == n &&
+                  k_caches.size() == n && v_caches.size() == n && n_heads.size() == n && scales.size() == n,
+              "decode_blocks: every argument per block");
+  for (size_t i = 0; i < n; ++i)
+    x = decode_block(x, attn_norms[i], ffn_norms[i], eps[i], w[i], segments[i], rot, k_caches[i], v_caches[i],
+                     pos, n_heads[i], scales[i]);
+  return x;
+}
+
 // Every function releases the GIL while it computes (they touch no Python object): in the
 // coordinator, the sessions' threads, gRPC's and the audits' go on while its stage computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -424,5 +446,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows, one pass", nogil);
   m.def("swiglu", &swiglu, "silu(gate) * up of fp32 rows [gate | up]", nogil);
   m.def("attend_decode", &attend_decode, "one session's decode row of attention, RoPE and cache write", nogil);
-  m.def("decode_block", &decode_block, "a transformer block for decode rows of a packed fp32 stage", nogil);
+  m.def("decode_blocks", &decode_blocks, "a stage's blocks for decode rows, one call", nogil);
 }

@@ -195,7 +195,7 @@ def attend_decode(
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """A packed fp32 block's tensors in the order decode_block takes them."""
+    """A packed fp32 block's tensors in the order the kernel's decode_block takes them."""
 
     attn_norm: Tensor
     ffn_norm: Tensor
@@ -229,7 +229,7 @@ def decode_layers(
     caches: list[tuple[list[Tensor], list[Tensor]]],
     pos: list[int],
 ) -> Tensor:
-    """Transformer blocks for decode rows, one per session, one kernel call per block: what
+    """Transformer blocks for decode rows, one per session, in one kernel call: what
     model.Block computes for them op for op (the same bits). x: the fp32 residual rows [N, dim];
     rot: each row's [head_dim / 2, 2] cos/sin; caches: each row's session's per-layer K and V
     (layer i of the stage: index i); pos: each row's position. Checked here, once for all blocks."""
@@ -243,13 +243,22 @@ def decode_layers(
             f"decode_layers: rows {x.dtype} {tuple(x.shape)} (dim {dim}), {len(blocks)} blocks, "
             f"{len(caches)} caches, positions {pos}"
         )
-    x, rot, block = x.contiguous(), rot.contiguous(), kernel().decode_block
-    for i, w in enumerate(blocks):
-        ks, vs = [k[i] for k, _ in caches], [v[i] for _, v in caches]
-        x = block(
-            x, w.attn_norm, w.ffn_norm, w.eps, w.tensors, w.segments, rot, ks, vs, pos, w.n_heads, w.scale
-        )
-    return x
+    # one call for every block: the GIL is released once for the stage, not re-taken per block
+    layers = range(len(blocks))
+    return kernel().decode_blocks(
+        x.contiguous(),
+        [w.attn_norm for w in blocks],
+        [w.ffn_norm for w in blocks],
+        [w.eps for w in blocks],
+        [w.tensors for w in blocks],
+        [w.segments for w in blocks],
+        rot.contiguous(),
+        [[k[i] for k, _ in caches] for i in layers],
+        [[v[i] for _, v in caches] for i in layers],
+        pos,
+        [w.n_heads for w in blocks],
+        [w.scale for w in blocks],
+    )
 
 
 def _layout(kind: str, rows: int, cols: int) -> tuple[tuple[int, int], torch.dtype, int, bool]:

@@ -540,7 +540,7 @@ class Stage(nn.Module):
         freqs = [self.freqs_cis[p : p + S] for p, S in spans]
         rows_cis = freqs[0] if one else torch.cat(freqs)  # every row's rotation
         blocks = [layer.decode for layer in self.layers]
-        if len(spans) == x.shape[0] and blocks and None not in blocks:  # decode rows: a call a block
+        if len(spans) == x.shape[0] and blocks and None not in blocks:  # decode rows: one kernel call
             rot = torch.view_as_real(rows_cis)
             x = decode_layers(x, blocks, rot, [(c.k, c.v) for c in caches], [p for p, _ in spans])
         else:

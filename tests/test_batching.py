@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from consortium.coordinator.batching import Batcher, BatchPolicy, Queued, take
+from consortium.coordinator.batching import Batcher, BatchPolicy, Queued, cohort, later, take
 from consortium.core.config import CoordinatorConfig, EngineConfig, LayerRange
 from consortium.errors import ConsortiumError, InvalidRequestError
 from consortium.identity import NodeIdentity
@@ -256,6 +256,24 @@ def test_a_batch_moves_to_the_next_stage_as_one():
     assert first.batches == [["x"], ["p", "q", "r"]]
     assert second.batches == [["x"], ["p", "q", "r"]]
     assert all(results.got[s].step == 2 for s in ("x", "p", "q", "r"))
+
+
+def test_what_callbacks_leave_for_later_runs_after_their_orders_are_out():
+    """A batch's callbacks wake their sessions' threads only once the cohort's orders are with
+    their stage (a woken thread would compete with the callbacks still to run), in order."""
+    stage = _Stage(released=True)
+    b = Batcher(stage, BatchPolicy(16))
+    seen: list[object] = []
+    add = b._add
+    b._add = lambda items: (add(items), seen.append([q.order.session_id for q in items]))  # type: ignore[method-assign]
+    with cohort():
+        for sid in ("x", "y"):
+            b.submit(pb.WorkOrder(session_id=sid), 5.0, lambda r: None)
+            later(lambda sid=sid: seen.append(sid))
+        assert seen == []  # nothing out before the block ends
+    assert seen == [["x", "y"], "x", "y"]  # the orders out together, then what was left, in order
+    later(lambda: seen.append("now"))  # outside a cohort: at once
+    assert seen[-1] == "now"
 
 
 def test_sessions_split_into_batches_in_flight():

@@ -80,9 +80,11 @@ def take(waiting: list[Queued[R]], size: int) -> tuple[list[Queued[R]], list[Que
 
 
 class _Held(threading.local):
-    """Orders submitted by the callbacks of the batch this thread is finishing, per stage."""
+    """Orders submitted by the callbacks of the batch this thread is finishing, per stage, and
+    what they left for after those orders are out (`later`)."""
 
     orders: dict[Batcher, list[Queued]] | None = None
+    later: list[Callable[[], None]] | None = None
 
 
 _HELD = _Held()
@@ -90,17 +92,33 @@ _HELD = _Held()
 
 @contextmanager
 def cohort() -> Iterator[None]:
-    """Orders submitted in this block reach their stages at its end, each stage's at once."""
+    """Orders submitted in this block reach their stages at its end, each stage's at once; then
+    what the block left for `later` runs, in order."""
     if _HELD.orders is not None:  # nested: the outer block releases them
         yield
         return
-    _HELD.orders = {}
+    _HELD.orders, _HELD.later = {}, []
     try:
         yield
     finally:
-        held, _HELD.orders = _HELD.orders, None
-        for batcher, items in held.items():
-            batcher._add(items)
+        held, after = _HELD.orders, _HELD.later
+        _HELD.orders = _HELD.later = None
+        try:
+            for batcher, items in held.items():
+                batcher._add(items)
+        finally:  # the sessions' threads hear of their tokens and trouble whatever happened
+            for fn in after:
+                fn()
+
+
+def later(fn: Callable[[], None]) -> None:
+    """Runs fn once the current cohort's orders are out (now, outside a cohort): work nothing
+    waits for, such as waking a session's thread with its token, must not delay the next stage
+    (a woken thread competes for the interpreter lock with the callbacks still to run)."""
+    if _HELD.later is None:
+        fn()
+    else:
+        _HELD.later.append(fn)
 
 
 class _Callbacks:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 from torch import Tensor
 
+from consortium.coordinator.batching import later
 from consortium.coordinator.cluster import Cluster
 from consortium.coordinator.recovery import Recovery
 from consortium.coordinator.stages import StageHandle
@@ -112,6 +113,11 @@ class _Run:
 
     def __post_init__(self) -> None:
         self.last = self.t0
+
+    def tell(self, item: object) -> None:
+        """Hands the session's thread a token or trouble, in order, once the callbacks' orders
+        are out (`batching.later`): waking it must not delay the next stage."""
+        later(functools.partial(self.inbox.put, item))
 
 
 class BadResult(Exception):
@@ -318,7 +324,7 @@ class TokenLoop:
         try:
             self._advance(run, f, res)
         except BaseException as e:  # the session's thread raises it (the session fails)
-            run.inbox.put(e)
+            run.tell(e)
 
     def _advance(self, run: _Run, f: _Flight, res: pb.WorkResult | Work | Exception) -> None:
         """Stage f.i's result, verified before its output is used: on to the next stage, or (after
@@ -328,17 +334,17 @@ class TokenLoop:
         session, i = run.session, f.i
         rtt_ms, ref = (time.perf_counter() - f.sent) * 1000, session.stages[i]
         if isinstance(res, RemoteError):
-            run.inbox.put(_Failed(f, res))
+            run.tell(_Failed(f, res))
             return
         if isinstance(res, Exception):
             raise res
         try:
             out, logits, receipt = self._verify(session, i, ref, f.order, res, f.x.rows, f.expected_in)
         except Unattributable as e:
-            run.inbox.put(_Failed(f, e))
+            run.tell(_Failed(f, e))
             return
         except BadResult:
-            run.inbox.put(_PAUSE)
+            run.tell(_PAUSE)
             return
         if receipt is None:  # the coordinator's own work: it is the verifier
             if out is not None:  # (its logits feed no stage: nothing to bind)
@@ -374,12 +380,12 @@ class TokenLoop:
         run.eos = token in self.tokenizer.stop_ids
         self._accept(session, result, None if run.eos else token)
         if not run.eos:
-            run.inbox.put(token)
+            run.tell(token)
             run.x = WireTensor.from_tokens([token])
         if self._goes_on(run):
             self._begin(run)
         else:
-            run.inbox.put(_PAUSE)
+            run.tell(_PAUSE)
 
     def _goes_on(self, run: _Run) -> bool:
         """Whether the next step may start without the session's thread: not the end, no fraud to

@@ -520,8 +520,8 @@ class Stage(nn.Module):
     def _forward(self, xs: list[Tensor], caches: list[KVCache], all_logits: list[bool]) -> list[Tensor]:
         spans = self._spans(xs, caches)
         if len(xs) > 1 and any(S >= WIDE_ROWS for _, S in spans):
-            # a prefill batched with decode rows: computed on its own, as it would be alone
-            # (is_wide), the decode rows together
+            # a prefill batched with decode rows: computed on its own, as it would be alone (fp16's
+            # wide path), and the decode rows together (the packed stage's one-call decode path)
             big = [i for i, (_, S) in enumerate(spans) if S >= WIDE_ROWS]
             out: list[Tensor | None] = [None] * len(xs)
             for i in big:

@@ -128,16 +128,18 @@ class Linear(nn.Module):
         self.weight, self.packed = weight, packed
 
     def forward(self, x: Tensor, wide: bool = False) -> Tensor:
+        """wide (one session's many rows) matters only to dense fp16 on a CPU (_fp16_wide): the
+        packed kernels take any number of rows as they are."""
         if self.packed is None:
             if wide and self.weight.dtype == torch.float16 and self.weight.device.type == "cpu":
                 return _fp16_wide(x, self.weight)
             return F.linear(x, self.weight)
         if len(self.packed) == 1:  # the usual case: no list, no cat
-            return _segment_matmul(self.packed[0], x, wide)
-        return torch.cat([_segment_matmul(s, x, wide) for s in self.packed], dim=-1)
+            return _segment_matmul(self.packed[0], x)
+        return torch.cat([_segment_matmul(s, x) for s in self.packed], dim=-1)
 
 
-def _segment_matmul(s: Int4Segment | QuantSegment, x: Tensor, wide: bool) -> Tensor:
+def _segment_matmul(s: Int4Segment | QuantSegment, x: Tensor) -> Tensor:
     if isinstance(s, QuantSegment):
         return s.matmul(x)
     return int4_matmul(x, s.weight, s.sz, s.layout)

@@ -102,6 +102,7 @@ struct Q8 {
 
 constexpr int64_t kOutTile = 4;  // outputs stored interleaved, sharing each load of x
 constexpr int64_t kRowTile = 4;  // rows sharing each decoded block
+constexpr int64_t kMaxHeadDim = 256;  // attend_decode's accumulators
 
 // The zero terms of output t of a tile: sum_b z[b][t] * xs[b], in order.
 inline float zero_terms(const float* z, int t, const float* xs, int64_t nb) {
@@ -300,7 +301,8 @@ torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& rot, 
                   k_cache.sizes() == v_cache.sizes(),
               "caches must be contiguous float32 [kv_heads, capacity, head_dim]");
   const int64_t kvh = k_cache.size(0), cap = k_cache.size(1), hd = k_cache.size(2);
-  TORCH_CHECK(n_heads % kvh == 0 && hd % 16 == 0 && 0 <= pos && pos < cap, "bad heads or position");
+  TORCH_CHECK(n_heads % kvh == 0 && hd % 16 == 0 && hd <= kMaxHeadDim && 0 <= pos && pos < cap,
+              "bad heads, head size or position");
   TORCH_CHECK(qkv.dtype() == torch::kFloat32 && qkv.is_contiguous() &&
                   qkv.numel() == (n_heads + 2 * kvh) * hd,
               "qkv must be one contiguous float32 row of q|k|v");
@@ -341,12 +343,15 @@ torch::Tensor attend_decode(const torch::Tensor& qkv, const torch::Tensor& rot, 
       }
       float sum = 0.f;
       for (int64_t t = 0; t < T; ++t) sum += (p[t] = std::exp(p[t] - top));
-      float* oh = o + h * hd;
-      for (int64_t i = 0; i < hd; i += 16) {
-        f32x16 acc = {};
-        for (int64_t t = 0; t < T; ++t) acc += (p[t] / sum) * load16(values + t * hd + i);
-        std::memcpy(oh + i, &acc, 64);
+      // each 16 lanes of the output summed over positions in order; the lanes' chains side by
+      // side (one chain at a time waited on each add's latency)
+      f32x16 acc[kMaxHeadDim / 16] = {};
+      const int64_t chunks = hd / 16;
+      for (int64_t t = 0; t < T; ++t) {
+        const float w = p[t] / sum;
+        for (int64_t c = 0; c < chunks; ++c) acc[c] += w * load16(values + t * hd + c * 16);
       }
+      std::memcpy(o + h * hd, acc, hd * sizeof(float));
     }
   });
   return out;

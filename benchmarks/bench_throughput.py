@@ -444,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coordinator-args", default="", help="extra `coordinator start` options (one string)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument(
+        "--no-pin-cpus",
+        action="store_true",
+        help="leave the processes unpinned (the demo pins: core/cpus.py)",
+    )
+    ap.add_argument(
         "--single-modes", default="fp32+packed,fp16", help="our single-node reference modes ('' for none)"
     )
     ap.add_argument("--ref-repeats", type=int, default=2, help="runs of every reference (the best counts)")
@@ -474,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
 
     most = max(a.sessions)
     cluster = demo_cluster(cfg, model)
+    if a.no_pin_cpus:
+        cluster.cpu_plan = []
     cluster.coordinator_args += [
         "--max-sessions",
         str(max(16, most)),
@@ -556,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             "topology": {
                 "coordinator": str(cluster.coordinator_layers),
                 "workers": [str(w) for w in cluster.worker_layers],
+                # each process's CPUs (core/cpus.py's local_plan), coordinator first; [] = unpinned
+                "cpus": [list(c) for c in cluster.cpu_plan],
             },
             "coordinator_args": cluster.coordinator_args,
             "cluster_startup_s": round(startup_s, 1),

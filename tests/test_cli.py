@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from helpers.tiny_model import TinySpec, write_tiny_gguf
 
 from consortium.cli.main import cli
+from consortium.core import cpus
 from consortium.errors import ModelFileError
 from consortium.model.files import ModelSource, pull, sha256_file
 
@@ -254,6 +255,19 @@ def test_requests_are_checked_before_anything_starts(args, match):
     # nothing listens on port 1 and no model file is read: the request is refused first
     extra = ["--coordinator", "127.0.0.1:1"] if args[0] == "session" else []
     assert_one_line_error(run(*args, *extra), match)
+
+
+def test_a_bad_cpu_list_is_refused_before_anything_starts(tiny_gguf):
+    assert_one_line_error(
+        run("worker", "start", "--coordinator", "127.0.0.1:1", "--cpus", "1-x"), "CPU list '1-x'"
+    )
+    if cpus.available() is None:
+        pytest.skip("pinning needs sched_setaffinity (Linux)")
+    # checked before this process is pinned to anything, or any model is read or port bound
+    mine = cpus.available()
+    done = run("coordinator", "start", "--model", str(tiny_gguf), "--port", "0", "--cpus", "4096")
+    assert_one_line_error(done, "--cpus 4096: CPUs 4096 are not available here")
+    assert cpus.available() == mine
 
 
 def test_a_disk_budget_that_is_not_positive_is_refused_before_anything_starts():

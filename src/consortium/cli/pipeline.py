@@ -66,6 +66,12 @@ def _model_path(model: str | None) -> Path:
     return resolve_model(model)
 
 
+def _cpus(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    from consortium.core import cpus
+
+    return cpus.parse(value) if value else None  # a bad list: one line, as every ConsortiumError
+
+
 def node_options(cls: type):
     """Options shared by `coordinator start` and `worker start` (defaults from `cls`)."""
     return options(
@@ -75,6 +81,13 @@ def node_options(cls: type):
             "threads",
             "--threads",
             help="Torch intra-op threads (0 = torch's default; results do not depend on it).",
+        ),
+        click.option(
+            "--cpus",
+            callback=_cpus,
+            default=None,
+            metavar="LIST",
+            help="Run on these CPUs only, e.g. 0-3,6 (Linux; default: any). Local clusters split the machine's.",
         ),
         config_option(
             cls,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from consortium.core import cpus
 from consortium.core.config import ClientConfig, EngineConfig, LayerRange, SessionRequest, default_log_dir
 from consortium.errors import ConsortiumError
 from consortium.identity.tls import CERT_FILE
@@ -144,10 +145,16 @@ class LocalCluster:
     port: int | None = None  # the coordinator's, once it serves
     insecure: bool = False  # plain-text gRPC everywhere (default: TLS, certificates pinned)
     http_port: int | None = None  # its HTTP API's, when coordinator_args has --http-port
+    # each process's CPUs, coordinator first ([]: unpinned); None: cpus.local_plan of engine.cpus,
+    # else of those this process may use, where the platform can pin
+    cpu_plan: list[cpus.CPUs] | None = None
 
     def __post_init__(self) -> None:
         if not self.engine.threads:  # the processes share this machine's cores
             self.engine = replace(self.engine, threads=local_threads(1 + len(self.worker_layers)))
+        if self.cpu_plan is None:
+            mine = self.engine.cpus or cpus.available()
+            self.cpu_plan = cpus.local_plan(mine, len(self.worker_layers)) if mine else []
 
     @property
     def address(self) -> str:
@@ -177,15 +184,17 @@ class LocalCluster:
         trust = {"insecure": self.insecure, "coordinator_cert": cert, "data_dir": self.log_dir / "client"}
         return ClientConfig(self.address, **trust, **kw)
 
-    def _engine_args(self) -> list[str]:
+    def _engine_args(self, process: int) -> list[str]:
+        """Process 0 is the coordinator, i + 1 worker i."""
         e = self.engine
         args = ["--device", e.device, "--dtype", e.dtype, "--packed" if e.packed else "--no-packed"]
         args += [] if e.pack_cache else ["--no-pack-cache"]
+        args += ["--cpus", cpus.to_text(self.cpu_plan[process])] if self.cpu_plan else []
         return args + (["--threads", str(e.threads)] if e.threads else [])
 
     def _coordinator(self) -> LocalProcess:
         args = ["coordinator", "start", "--model", str(self.model), "--host", self.host, "--port", "0"]
-        args += ["--data-dir", str(self.coordinator_dir), *self._engine_args(), *self.coordinator_args]
+        args += ["--data-dir", str(self.coordinator_dir), *self._engine_args(0), *self.coordinator_args]
         if class_of(self.engine.dtype, self.engine.packed) != "strict" and "--tolerance-classes" not in args:
             args += [
                 "--tolerance-classes",
@@ -207,7 +216,7 @@ class LocalCluster:
             "--host",
             self.host,
         ]
-        args += ["--node-id", f"worker-{i}", *self._engine_args(), *self.trust_args()]
+        args += ["--node-id", f"worker-{i}", *self._engine_args(i + 1), *self.trust_args()]
         args += ["--data-dir", str(self.log_dir / f"worker-{i}.identity")]  # each its own Ed25519 key
         if layers is not None:
             args += ["--layers", str(layers)]
@@ -390,10 +399,12 @@ def demo_layout(cluster: LocalCluster) -> list[str]:
     """Which process runs which layers, and where each logs."""
     last, (first, second) = cluster.coordinator_layers, cluster.worker_layers[:2]
     lines = [f"starting: coordinator (layers {last}), workers (layers {first}, {second})"]
-    for name, layers in (("coordinator", last), ("worker-0", first), ("worker-1", second)):
-        lines.append(f"  {name:<12} layers {layers}  log: {cluster.log_dir / name}.log")
-    if len(cluster.worker_layers) > 2:
-        lines.append(f"  {'worker-2':<12} standby     log: {cluster.log_dir / 'worker-2.log'}")
+    plan = cluster.cpu_plan or []
+    for i, name in enumerate(["coordinator", *(f"worker-{i}" for i in range(len(cluster.worker_layers)))]):
+        layers = last if i == 0 else cluster.worker_layers[i - 1]
+        what = f"layers {layers}" if layers is not None else "standby    "
+        where = f"  on CPU{'s' * (len(plan[i]) > 1)} {cpus.to_text(plan[i])}" if plan else ""
+        lines.append(f"  {name:<12} {what}{where}  log: {cluster.log_dir / name}.log")
     return lines
 
 

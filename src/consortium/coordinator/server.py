@@ -47,14 +47,14 @@ from consortium.transport.rpc import PreconditionError, bind, make_server, maps_
 from consortium.verification.audit import LocalAuditor
 from consortium.verification.ledger import Ledger
 from consortium.verification.tolerance import admitted_classes, calibration_report, load_calibration
-from consortium.worker.runner import StageRunner, set_threads
+from consortium.worker.runner import StageRunner, use_cores
 
 log = logging.getLogger(__name__)
 
 
 def build_coordinator(cfg: CoordinatorConfig) -> Coordinator:
     """Loads the model's metadata and tokenizer, opens the ledger, and wires the parts."""
-    set_threads(cfg.engine.threads)
+    use_cores(cfg.engine)
     engine = replace(cfg.engine, device=resolve_device(cfg.engine.device))
     gguf = open_model(cfg.model, engine)
     if cfg.layers is not None:

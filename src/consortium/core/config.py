@@ -92,6 +92,7 @@ class EngineConfig:
     # PyTorch's int4 kernel, the loose class
     packed: bool | None = None
     threads: int = 0  # torch intra-op threads; 0 = torch's default (thread count does not change results)
+    cpus: tuple[int, ...] = ()  # the CPUs this process runs on (Linux, core/cpus.py); () = any
     # packed int4 forms kept on disk (model/pack_cache.py): the next load maps them instead of
     # repacking (an 8B: ~20 s of CPU); identical weights either way
     pack_cache: bool = True

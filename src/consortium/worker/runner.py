@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from consortium.core import cpus
 from consortium.core.config import MAX_BATCH, EngineConfig, LayerRange
 from consortium.errors import InvalidRequestError
 from consortium.identity import NodeIdentity
@@ -292,7 +293,9 @@ class StageRunner:
         return dead
 
 
-def set_threads(threads: int) -> None:
-    """Pins torch's intra-op threads (0 keeps torch's default)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
+def use_cores(engine: EngineConfig) -> None:
+    """This process's share of the machine: its CPUs (--cpus; before any thread of ours starts,
+    which then inherits them) and torch's intra-op threads (0 keeps torch's default)."""
+    cpus.pin(engine.cpus)
+    if engine.threads > 0:
+        torch.set_num_threads(engine.threads)

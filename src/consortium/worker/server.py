@@ -42,7 +42,7 @@ from consortium.transport.rpc import (
 )
 from consortium.verification.misbehave import Misbehaviour, make_runner
 from consortium.worker.capacity import measure_speed_gflops
-from consortium.worker.runner import StageRunner, set_threads
+from consortium.worker.runner import StageRunner, use_cores
 
 log = logging.getLogger(__name__)
 REFUSED = (
@@ -160,7 +160,7 @@ class WorkerNode:
     def start(self) -> None:
         """Loads the model (only its layers), serves, and registers; raises ConsortiumError."""
         cfg = self.cfg
-        set_threads(cfg.engine.threads)
+        use_cores(cfg.engine)
         self.device = resolve_device(cfg.engine.device)
         self.engine = replace(cfg.engine, device=self.device)
         self.gguf = open_model(cfg.model, self.engine)

@@ -56,6 +56,8 @@ def test_local_cluster_passes_each_process_its_cpus(tmp_path):
     c.port = 1  # the workers' arguments name the coordinator's address
     args = [c._coordinator().args, c._worker(0, LayerRange(0, 1)).args, c._worker(1, LayerRange(1, 2)).args]
     assert [a[a.index("--cpus") + 1] for a in args] == ["2-3", "0", "1"]
+    two = LocalCluster(Path("m.gguf"), None, [None], tmp_path, EngineConfig(cpus=(0, 1, 2, 3)))
+    assert two.engine.threads == 2  # threads from the CPUs given, not the machine's
     unpinned = LocalCluster(
         Path("m.gguf"), LayerRange(2, 4), [LayerRange(0, 1)], tmp_path, engine, cpu_plan=[]
     )

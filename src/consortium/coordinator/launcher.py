@@ -150,11 +150,12 @@ class LocalCluster:
     cpu_plan: list[cpus.CPUs] | None = None
 
     def __post_init__(self) -> None:
-        if not self.engine.threads:  # the processes share this machine's cores
-            self.engine = replace(self.engine, threads=local_threads(1 + len(self.worker_layers)))
+        mine = self.engine.cpus or cpus.available() or ()  # () where the platform cannot tell
+        if not self.engine.threads:  # the processes share these cores
+            cores = len(mine) or os.cpu_count() or 1
+            self.engine = replace(self.engine, threads=local_threads(cores, 1 + len(self.worker_layers)))
         if self.cpu_plan is None:
-            mine = self.engine.cpus or cpus.available()
-            self.cpu_plan = cpus.local_plan(mine, len(self.worker_layers)) if mine else []
+            self.cpu_plan = cpus.local_plan(mine, len(self.worker_layers))
 
     @property
     def address(self) -> str:
@@ -303,13 +304,13 @@ def _with_value(args: list[str], flag: str, value: int | None) -> list[str]:
     return [*args[: i + 1], str(value), *args[i + 2 :]]
 
 
-def local_threads(processes: int) -> int:
-    """Torch threads per process when `processes` share this machine: the cores divided
-    among them, at least one. Measured on a shared 2-core machine (the demo, the packed fp32
+def local_threads(cores: int, processes: int) -> int:
+    """Torch threads per process when `processes` share `cores` (those this process may use, not
+    every core of the machine): the cores divided among them, at least one. Measured on a shared 2-core machine (the demo, the packed fp32
     kernel on OpenMP): two threads per process were slower than one, at 1 and 8 sessions (an
     idle process's threads sleep, and waking them costs more than the second thread gives); results do not depend on the thread count (the SmolLM2 equality tests run
     `consortium generate` with torch's default threads against 1-thread stages)."""
-    return max(1, (os.cpu_count() or 1) // processes)
+    return max(1, cores // processes)
 
 
 def thirds(n_layers: int) -> list[LayerRange]:

@@ -306,10 +306,12 @@ def _with_value(args: list[str], flag: str, value: int | None) -> list[str]:
 
 def local_threads(cores: int, processes: int) -> int:
     """Torch threads per process when `processes` share `cores` (those this process may use, not
-    every core of the machine): the cores divided among them, at least one. Measured on a shared 2-core machine (the demo, the packed fp32
-    kernel on OpenMP): two threads per process were slower than one, at 1 and 8 sessions (an
-    idle process's threads sleep, and waking them costs more than the second thread gives); results do not depend on the thread count (the SmolLM2 equality tests run
-    `consortium generate` with torch's default threads against 1-thread stages)."""
+    every core of the machine): the cores divided among them, at least one. Measured on a shared
+    2-core machine (the demo, the packed fp32 kernel on OpenMP): two threads per process were
+    slower than one, at 1 and 8 sessions (an idle process's threads sleep, and waking them costs
+    more than the second thread gives); results do not depend on the thread count (the SmolLM2
+    equality tests run `consortium generate` with torch's default threads against 1-thread
+    stages)."""
     return max(1, cores // processes)
 
 
@@ -401,7 +403,8 @@ def demo_layout(cluster: LocalCluster) -> list[str]:
     last, (first, second) = cluster.coordinator_layers, cluster.worker_layers[:2]
     lines = [f"starting: coordinator (layers {last}), workers (layers {first}, {second})"]
     plan = cluster.cpu_plan or []
-    for i, name in enumerate(["coordinator", *(f"worker-{i}" for i in range(len(cluster.worker_layers)))]):
+    names = ["coordinator", *(f"worker-{k}" for k in range(len(cluster.worker_layers)))]
+    for i, name in enumerate(names):
         layers = last if i == 0 else cluster.worker_layers[i - 1]
         what = f"layers {layers}" if layers is not None else "standby    "
         where = f"  on CPU{'s' * (len(plan[i]) > 1)} {cpus.to_text(plan[i])}" if plan else ""

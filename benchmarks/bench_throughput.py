@@ -1,7 +1,8 @@
 """Throughput benchmark: N concurrent sessions on the demo cluster, against llama.cpp's single stream.
 
-The cluster is the one `consortium demo` starts (launcher.demo_cluster: workers of layers 0-10
-and 10-20, the coordinator 20-30 with the head, three local processes), started once and kept
+The cluster is the one `consortium demo` starts (launcher.demo_cluster: workers of the first and
+middle layers, the coordinator the last with the head, three local processes; on 2 CPUs 0-9, 9-18
+and 18-30, settings.topology says which), started once and kept
 for every measurement. For each concurrency level N (--sessions) and each audit probability
 (--audit-rates; it is per session, in the Generate request, so one cluster serves all rates)
 N threads, each with its own Client (connected beforehand), start the same greedy, seeded

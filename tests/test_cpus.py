@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from consortium.coordinator.launcher import LocalCluster
+from consortium.coordinator.launcher import LocalCluster, demo_ranges
 from consortium.core import cpus
 from consortium.core.config import EngineConfig, LayerRange
 from consortium.errors import ConsortiumError
@@ -62,6 +62,23 @@ def test_local_cluster_passes_each_process_its_cpus(tmp_path):
         Path("m.gguf"), LayerRange(2, 4), [LayerRange(0, 1)], tmp_path, engine, cpu_plan=[]
     )
     assert "--cpus" not in unpinned._coordinator().args
+
+
+def test_the_demo_gives_the_coordinator_more_layers_where_the_workers_share_a_cpu():
+    def split(n, plan):
+        return [str(r) for r in demo_ranges(n, plan)]
+
+    shared, apart = cpus.local_plan((0, 1), 2), cpus.local_plan((0, 1, 2), 2)
+    assert split(30, shared) == ["0-9", "9-18", "18-30"]
+    assert split(30, apart) == split(30, []) == ["0-10", "10-20", "20-30"]
+    assert split(32, shared) == ["0-10", "10-19", "19-32"]
+    for n in range(3, 80):  # three non-empty contiguous ranges covering every layer
+        ranges = demo_ranges(n, shared)
+        assert ranges[0].start == 0 and ranges[-1].end == n
+        assert all(r.start < r.end for r in ranges) and ranges[0].end == ranges[1].start
+        assert ranges[1].end == ranges[2].start
+    with pytest.raises(ConsortiumError, match="at least 3 layers"):
+        demo_ranges(2, shared)
 
 
 @pytest.mark.skipif(not LINUX, reason="pinning needs sched_setaffinity (Linux)")

@@ -150,7 +150,7 @@ class LocalCluster:
     cpu_plan: list[cpus.CPUs] | None = None
 
     def __post_init__(self) -> None:
-        mine = self.engine.cpus or cpus.available() or ()  # () where the platform cannot tell
+        mine = cpus.machine(self.engine.cpus)
         if not self.engine.threads:  # the processes share these cores
             cores = len(mine) or os.cpu_count() or 1
             self.engine = replace(self.engine, threads=local_threads(cores, 1 + len(self.worker_layers)))
@@ -400,7 +400,7 @@ def demo_cluster(cfg: DemoConfig, model: Path) -> LocalCluster:
     from consortium.model.gguf_file import GGUFModel
 
     workers_n = 3 if cfg.standby else 2
-    plan = cpus.local_plan(cfg.engine.cpus or cpus.available() or (), workers_n)
+    plan = cpus.local_plan(cpus.machine(cfg.engine.cpus), workers_n)
     first, second, last = demo_ranges(GGUFModel(model).args.n_layers, plan)
     log_dir = cfg.log_dir or default_log_dir() / time.strftime("demo-%Y%m%d-%H%M%S")
     cheat = ["--misbehave", cfg.misbehave] if cfg.misbehave else []

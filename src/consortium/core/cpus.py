@@ -28,6 +28,12 @@ def available() -> CPUs | None:
     return tuple(sorted(os.sched_getaffinity(0)))
 
 
+def machine(given: CPUs = ()) -> CPUs:
+    """The CPUs a local cluster splits: `given`, else those this process may use; () where the
+    platform cannot tell."""
+    return given or available() or ()
+
+
 def parse(text: str) -> CPUs:
     """'0-3,6' -> (0, 1, 2, 3, 6): taskset's list form; a clear error for anything else."""
     cpus: set[int] = set()
